@@ -1,0 +1,1 @@
+"""API gateway: the suite's single front door."""

@@ -1,0 +1,42 @@
+"""Embedded mode: every installed service (entry point group ``c4c.services``) runs in this
+process on one shared bus, and the gateway reaches each through an ASGI transport — the
+same proxy code path as in distributed mode. The gateway imports no service: it finds them.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import entry_points
+
+import httpx
+from fastapi import FastAPI
+
+from c4c.shared.app import ServiceRuntime
+from c4c.shared.bus import EventBus
+
+log = logging.getLogger("c4c.gateway")
+
+SERVICES_ENTRY_POINT = "c4c.services"
+
+
+def load_services(bus: EventBus) -> list[FastAPI]:
+    apps = []
+    for entry in sorted(entry_points(group=SERVICES_ENTRY_POINT), key=lambda e: e.name):
+        apps.append(entry.load()(bus=bus))
+        log.info("embedded service loaded", extra={"service": entry.name})
+    return apps
+
+
+def in_process_routes(
+    apps: list[FastAPI], timeout: httpx.Timeout
+) -> dict[str, list[httpx.AsyncClient]]:
+    routes: dict[str, list[httpx.AsyncClient]] = {}
+    for app in apps:
+        runtime: ServiceRuntime = app.state.runtime
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        client = httpx.AsyncClient(
+            transport=transport, base_url=f"http://{runtime.service}.embedded", timeout=timeout
+        )
+        for prefix in app.state.prefixes:
+            routes[prefix] = [client]
+    return routes

@@ -1,0 +1,130 @@
+"""Database access: an async SQLAlchemy engine per service, SQLite by default (a WAL file
+under ``data/``) or PostgreSQL by URL (a schema per service), and Alembic migrations applied
+at start-up without an ``env.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import ScriptDirectory
+from fastapi import Depends, Request
+from sqlalchemy import Connection, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase
+
+log = logging.getLogger("c4c.db")
+
+SHARED_MIGRATIONS = "c4c.shared:migrations"
+"""The suite's own tables (outbox, processed events), versioned apart from the service's."""
+
+
+class InfraBase(DeclarativeBase):
+    """Tables every service has, owned by ``c4c.shared``."""
+
+
+class Database:
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        self.url = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self.is_postgres = self.url.get_backend_name() == "postgresql"
+        self.schema = schema if self.is_postgres else None
+        options: dict[str, Any] = {}
+        if self.is_sqlite:
+            database = self.url.database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            options["connect_args"] = {"timeout": 30}
+        elif self.is_postgres:
+            options["pool_pre_ping"] = True
+            if self.schema:
+                options["connect_args"] = {"server_settings": {"search_path": self.schema}}
+        self.engine: AsyncEngine = create_async_engine(self.url, **options)
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_on_connect)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_on_begin)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    async def migrate(self, locations: Sequence[str]) -> None:
+        """Bring the schema to head: the shared tables first, then each of ``locations``
+        (``package:folder`` or a path), each with its own version table."""
+        if self.is_postgres and self.schema:
+            async with self.engine.begin() as conn:
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+        async with self.engine.begin() as conn:
+            if self.is_postgres:
+                # Replicas starting together migrate one at a time.
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                    {"key": f"c4c-migrate:{self.schema}"},
+                )
+            await conn.run_sync(_upgrade, SHARED_MIGRATIONS, "c4c_shared_version", self.schema)
+            for location in locations:
+                await conn.run_sync(_upgrade, location, "alembic_version", self.schema)
+
+    async def ping(self) -> bool:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            log.warning("database unreachable", exc_info=True)
+            return False
+        return True
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _: Any) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (see _sqlite_on_begin).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    # Take the write lock up front: a deferred transaction that upgrades from read to write
+    # fails with SQLITE_BUSY instead of waiting, whatever the busy timeout.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _upgrade(connection: Connection, location: str, version_table: str, schema: str | None) -> None:
+    config = Config()
+    config.set_main_option("script_location", location)
+    script = ScriptDirectory.from_config(config)
+
+    def upgrade(revision: Any, _: Any) -> Any:
+        return script._upgrade_revs("head", revision)
+
+    with EnvironmentContext(config, script, fn=upgrade, destination_rev="head") as env:
+        env.configure(
+            connection=connection, version_table=version_table, version_table_schema=schema
+        )
+        with env.begin_transaction():
+            env.run_migrations()
+    log.info("migrated", extra={"location": location})
+
+
+async def _request_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request; the request commits when its handler returns."""
+    database: Database = request.app.state.runtime.db
+    async with database.sessions() as session, session.begin():
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(_request_session, scope="function")]

@@ -1,0 +1,154 @@
+"""ASGI middleware every service runs: request ids, metrics and access logs, the last-resort
+500 problem, and the request body size limit. Pure ASGI, so bodies stream through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from c4c.shared.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
+from c4c.shared.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS
+from c4c.shared.problems import BodyTooLarge, LengthRequired, problem_response, problem_type
+
+log = logging.getLogger("c4c.http")
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template — never the raw path, which would explode labels."""
+    route = scope.get("route")
+    if isinstance(route, BaseRoute):
+        path = getattr(route, "path", None)
+        if isinstance(path, str):
+            return str(scope.get("root_path", "")) + path
+    return "<unmatched>"
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (the caller's ``X-Request-ID`` when sane), echoes it, logs and
+    measures the request by route template, and turns an uncaught exception into a 500
+    problem document that leaks nothing."""
+
+    def __init__(self, app: ASGIApp, *, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = accept_request_id(_header(scope, b"x-request-id"))
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        in_flight = HTTP_IN_FLIGHT.labels(self.service)
+        in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error", extra={"path": scope.get("path")})
+            if not response_started:
+                response = problem_response(
+                    500,
+                    type_=problem_type("internal-error"),
+                    detail=f"Something went wrong on our side; quote {REQUEST_ID_HEADER} "
+                    f"{request_id} when reporting it.",
+                )
+                await response(scope, receive, send_with_id)
+            status = 500
+        finally:
+            in_flight.dec()
+            elapsed = time.perf_counter() - started
+            route = route_template(scope)
+            method = scope["method"]
+            HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
+            HTTP_DURATION.labels(self.service, method, route).observe(elapsed)
+            log.info(
+                "%s %s %s",
+                method,
+                scope.get("path"),
+                status,
+                extra={
+                    "method": method,
+                    "path": scope.get("path"),
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )
+            request_id_var.reset(token)
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over ``max_bytes``: at once from ``Content-Length``, or while streaming
+    a chunked body. A body-carrying method without either header gets 411."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
+        error: Response | None = None
+        if length is not None:
+            if not length.isdigit():
+                error = problem_response(400, detail="Content-Length is not a number.")
+            elif int(length) > self.max_bytes:
+                error = self._too_large().to_response()
+        elif not chunked and scope["method"] in _BODY_METHODS:
+            error = LengthRequired("Send a Content-Length or a chunked body.").to_response()
+        if error is not None:
+            await error(scope, receive, send)
+            return
+
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except BodyTooLarge as exc:
+            # Raised from receive() where no exception handler caught it (plain ASGI apps).
+            await exc.to_response()(scope, receive, send)
+
+    def _too_large(self) -> BodyTooLarge:
+        return BodyTooLarge(
+            f"The body is larger than the limit of {self.max_bytes} bytes.",
+            limit_bytes=self.max_bytes,
+        )

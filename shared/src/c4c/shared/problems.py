@@ -1,0 +1,167 @@
+"""RFC 9457 problem details: typed errors that carry their status, and the handlers that
+turn every error — ours, FastAPI's validation errors, Starlette's HTTP errors — into an
+``application/problem+json`` response with a stable ``type``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:c4c:problem:"
+
+
+def problem_type(code: str) -> str:
+    """The stable ``type`` URI of a problem code, e.g. ``urn:c4c:problem:validation-error``."""
+    return PROBLEM_TYPE_PREFIX + code
+
+
+class ProblemError(StarletteHTTPException):
+    """An error that answers a request with a problem document.
+
+    Subclass it per error with ``status``, ``code`` and ``title`` as class attributes;
+    raise it with a ``detail`` for this occurrence and any extension members. It is an
+    ``HTTPException`` so that FastAPI passes it through body parsing unchanged.
+    """
+
+    status: int = 500
+    code: str = "internal-error"
+    title: str = "Internal Server Error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(self.status, detail or self.title, dict(headers or {}))
+        self.extensions = extensions
+
+    def to_response(self, instance: str | None = None) -> Response:
+        return problem_response(
+            self.status,
+            type_=problem_type(self.code),
+            title=self.title,
+            detail=self.detail if self.detail != self.title else None,
+            instance=instance,
+            headers=self.headers,
+            **self.extensions,
+        )
+
+
+class BadRequest(ProblemError):
+    status, code, title = 400, "bad-request", "Bad Request"
+
+
+class NotFound(ProblemError):
+    status, code, title = 404, "not-found", "Not Found"
+
+
+class Conflict(ProblemError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class LengthRequired(ProblemError):
+    status, code, title = 411, "length-required", "Length Required"
+
+
+class BodyTooLarge(ProblemError):
+    status, code, title = 413, "body-too-large", "Content Too Large"
+
+
+class ServiceUnavailable(ProblemError):
+    status, code, title = 503, "service-unavailable", "Service Unavailable"
+
+
+def problem_response(
+    status: int,
+    *,
+    type_: str = "about:blank",
+    title: str | None = None,
+    detail: str | None = None,
+    instance: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extensions: Any,
+) -> Response:
+    body: dict[str, Any] = {
+        "type": type_,
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+    }
+    if detail:
+        body["detail"] = detail
+    if instance:
+        body["instance"] = instance
+    body.update(extensions)
+    return JSONResponse(
+        jsonable_encoder(body), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE
+    )
+
+
+def _pointer(location: Sequence[int | str]) -> str:
+    """A JSON Pointer (RFC 6901) to the field, without the leading 'body' segment."""
+    parts = list(location[1:]) if location and location[0] == "body" else list(location)
+    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pydantic/FastAPI error entries as the per-field ``errors`` list of a problem."""
+    out = []
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        out.append(
+            {
+                "field": ".".join(str(p) for p in loc[1:] if loc) or None,
+                "in": str(loc[0]) if loc else None,
+                "pointer": _pointer(loc),
+                "detail": err.get("msg", "invalid"),
+                "code": err.get("type"),
+            }
+        )
+    return out
+
+
+async def _on_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProblemError)
+    return exc.to_response(instance=request.url.path)
+
+
+async def _on_validation(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = validation_errors(exc.errors())
+    fields = ", ".join(e["field"] or e["in"] or "?" for e in errors)
+    return problem_response(
+        422,
+        type_=problem_type("validation-error"),
+        title="Your request is not valid",
+        detail=f"Invalid: {fields}",
+        instance=request.url.path,
+        errors=errors,
+    )
+
+
+async def _on_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if exc.detail != HTTPStatus(exc.status_code).phrase else None
+    return problem_response(
+        exc.status_code,
+        detail=detail,
+        instance=request.url.path,
+        headers=exc.headers,
+    )
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Every handled error answers with a problem document (uncaught ones: see ``http``)."""
+    app.add_exception_handler(ProblemError, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)

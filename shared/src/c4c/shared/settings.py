@@ -1,0 +1,100 @@
+"""Settings every service shares, read from the environment.
+
+Each service subclasses :class:`ServiceSettings` and names itself with ``service_name``.
+A value is looked up first under the service's own section (``C4C_INGEST_DATABASE_URL``),
+then under the suite-wide name (``C4C_DATABASE_URL``), then in ``.env``; the defaults give
+the embedded mode: SQLite files and media under ``./data``, the in-process bus.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class ServiceSettings(BaseSettings):
+    """Suite-wide settings; a service adds its own fields in a subclass."""
+
+    service_name: ClassVar[str] = "c4c"
+
+    model_config = SettingsConfigDict(
+        env_prefix="C4C_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    data_dir: Path = Field(Path("data"), description="Where embedded mode keeps its files.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy async URL; unset = SQLite file <data_dir>/<service>.db.",
+    )
+    database_schema: str | None = Field(
+        None,
+        description="PostgreSQL schema for this service's tables; unset = the service name.",
+    )
+    broker_url: str | None = Field(
+        None, description="AMQP URL of RabbitMQ; unset = the in-process bus."
+    )
+    bus_exchange: str = Field("c4c.events", description="Topic exchange for all events.")
+    bus_prefetch: int = Field(64, ge=1, description="Unacked messages per consumer.")
+    bus_delivery_limit: int = Field(
+        5, ge=1, description="Deliveries of one message before it is dead-lettered."
+    )
+    bus_publish_timeout: float = Field(
+        10.0, gt=0, description="Seconds a publish may wait for the broker's confirm."
+    )
+    bus_retry_backoff: float = Field(
+        0.2, ge=0, description="First retry delay in seconds; doubles per attempt."
+    )
+    outbox_poll_interval: float = Field(
+        1.0, gt=0, description="Seconds between outbox scans when nothing wakes the relay."
+    )
+    media_dir: Path | None = Field(None, description="Media root; unset = <data_dir>/media.")
+    max_body_bytes: int = Field(
+        10 * 1024 * 1024, ge=0, description="Largest request body accepted (413 above)."
+    )
+    shutdown_timeout: float = Field(
+        30.0, gt=0, description="Seconds to drain events and requests on shutdown."
+    )
+    log_level: str = Field("INFO", description="Root log level.")
+    log_format: Literal["json", "text"] = Field("json", description="Log line format.")
+    host: str = Field("127.0.0.1", description="Address a service alone listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port a service alone listens on.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        section = f"C4C_{cls.service_name.upper()}_"
+        return (
+            init_settings,
+            EnvSettingsSource(settings_cls, env_prefix=section),
+            env_settings,
+            dotenv_settings,
+            file_secret_settings,
+        )
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / self.service_name}.db"
+
+    @property
+    def resolved_database_schema(self) -> str:
+        return self.database_schema or self.service_name
+
+    @property
+    def resolved_media_dir(self) -> Path:
+        return self.media_dir or self.data_dir / "media"

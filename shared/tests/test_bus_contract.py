@@ -1,0 +1,336 @@
+"""One contract, two adapters: everything here runs on the in-process bus and on RabbitMQ."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aio_pika
+import pytest
+from sqlalchemy import Integer, String, func, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from c4c.shared.bus import (
+    BusOptions,
+    CloudEvent,
+    DeadLetter,
+    EventBus,
+    InProcessBus,
+    RabbitMQBus,
+    new_event,
+)
+from c4c.shared.bus._rabbitmq import dead_letter_queue
+from c4c.shared.context import request_id_var
+from c4c.shared.db import Database
+from c4c.shared.inbox import ProcessedEvent, idempotent
+from c4c.shared.outbox import Outbox, OutboxRow
+
+MakeBus = Callable[..., Awaitable[EventBus]]
+
+
+@pytest.fixture(params=["inprocess", "rabbitmq"])
+async def make_bus(
+    request: pytest.FixtureRequest, unique_name: Callable[[str], str]
+) -> AsyncIterator[MakeBus]:
+    buses: list[EventBus] = []
+    exchange = unique_name("events")
+    broker = request.getfixturevalue("broker_url") if request.param == "rabbitmq" else None
+
+    async def make(**overrides: object) -> EventBus:
+        options = BusOptions(
+            **{
+                "exchange": exchange,
+                "prefetch": 8,
+                "delivery_limit": 3,
+                "publish_timeout": 5.0,
+                "retry_backoff": 0.01,
+                **overrides,
+            }  # type: ignore[arg-type]
+        )
+        bus: EventBus = RabbitMQBus(broker, options) if broker else InProcessBus(options)
+        buses.append(bus)
+        return bus
+
+    yield make
+    queues = {s.queue for b in buses if isinstance(b, RabbitMQBus) for s in b._subscriptions}
+    for bus in buses:
+        await bus.close(timeout=5)
+    if broker:
+        connection = await aio_pika.connect(broker)
+        async with connection:
+            channel = await connection.channel()
+            for queue in queues:
+                await channel.queue_delete(queue)
+                await channel.queue_delete(dead_letter_queue(queue))
+            await channel.exchange_delete(exchange)
+            await channel.exchange_delete(f"{exchange}.dlx")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        db = Database(url, schema=f"t_{uuid.uuid4().hex[:12]}")
+    else:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path}/contract.db")
+    await db.migrate([])
+    async with db.engine.begin() as conn:
+        await conn.run_sync(_EffectBase.metadata.create_all)
+    yield db
+    if db.is_postgres:
+        async with db.engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{db.schema}" CASCADE'))
+    await db.dispose()
+
+
+class _EffectBase(DeclarativeBase):
+    pass
+
+
+class Effect(_EffectBase):
+    """What a consumer does: one row per event it handled."""
+
+    __tablename__ = "test_effects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+
+
+async def record_effect(session: AsyncSession, event: CloudEvent) -> None:
+    await session.execute(insert(Effect).values(event_id=event.id))
+
+
+async def count(db: Database, what: type[_EffectBase] | type[ProcessedEvent]) -> int:
+    async with db.sessions() as session:
+        return int(await session.scalar(select(func.count()).select_from(what)) or 0)
+
+
+async def test_publish_then_consume(make_bus: MakeBus, unique_name, eventually) -> None:
+    bus = await make_bus()
+    received: list[CloudEvent] = []
+
+    async def handler(event: CloudEvent) -> None:
+        received.append(event)
+
+    await bus.subscribe(unique_name("q"), ["observation.created"], handler)
+    await bus.start()
+    token = request_id_var.set("req-123")
+    try:
+        sent = new_event(
+            "ingest", "observation.created", {"id": "o1", "lat": 41.4}, subject="obs/o1"
+        )
+    finally:
+        request_id_var.reset(token)
+    await bus.publish(sent)
+
+    await eventually(lambda: len(received) == 1)
+    got = received[0]
+    assert (got.id, got.type, got.source, got.subject) == (
+        sent.id,
+        "observation.created",
+        "/c4c/ingest",
+        "obs/o1",
+    )
+    assert got.data == {"id": "o1", "lat": 41.4}
+    assert got.requestid == "req-123"
+    assert got.specversion == "1.0"
+    assert got.time == sent.time
+
+
+async def test_routing_by_pattern(make_bus: MakeBus, unique_name, eventually) -> None:
+    # One consumer per queue, one message at a time: each queue delivers in publish order,
+    # so once the final marker arrives, nothing else is still on its way.
+    bus = await make_bus(prefetch=1)
+    got: dict[str, list[str]] = {"star": [], "hash": [], "deep": []}
+
+    def collector(name: str) -> Callable[[CloudEvent], Awaitable[None]]:
+        async def handle(event: CloudEvent) -> None:
+            got[name].append(event.type)
+
+        return handle
+
+    await bus.subscribe(unique_name("star"), ["observation.*", "end"], collector("star"))
+    await bus.subscribe(unique_name("hash"), ["#.scored", "end"], collector("hash"))
+    await bus.subscribe(unique_name("deep"), ["video.#", "end"], collector("deep"))
+    await bus.start()
+    for event_type in [
+        "observation.created",
+        "observation.scored",
+        "observation.created.extra",
+        "detection.created",
+        "video.job.finished",
+        "video",
+        "end",
+    ]:
+        await bus.publish(new_event("test", event_type, None))
+
+    await eventually(lambda: all(types and types[-1] == "end" for types in got.values()))
+    assert got["star"] == ["observation.created", "observation.scored", "end"]
+    assert got["hash"] == ["observation.scored", "end"]
+    assert got["deep"] == ["video.job.finished", "video", "end"]
+
+
+async def test_failing_handler_is_retried_then_dead_lettered(
+    make_bus: MakeBus, unique_name, eventually
+) -> None:
+    bus = await make_bus(delivery_limit=3)
+    queue = unique_name("q")
+    attempts: Counter[str] = Counter()
+
+    async def always_fails(event: CloudEvent) -> None:
+        attempts[event.id] += 1
+        raise ValueError(f"cannot handle {event.subject}")
+
+    await bus.subscribe(queue, ["poison"], always_fails)
+    await bus.start()
+    poison = new_event("test", "poison", {"n": 1}, subject="bad-one")
+    await bus.publish(poison)
+
+    parked: list[DeadLetter] = []
+
+    async def look() -> bool:
+        parked[:] = await bus.dead_letters(queue)
+        return bool(parked)
+
+    await eventually(look, interval=0.05)
+    assert len(parked) == 1, "the message should sit in the dead-letter queue"
+    assert attempts[poison.id] == 3
+    assert parked[0].event.id == poison.id
+    assert "ValueError: cannot handle bad-one" in parked[0].reason
+    assert parked[0].attempts == 3
+    # Looking does not remove it.
+    await look()
+    assert len(parked) == 1
+
+
+async def test_handler_that_recovers_is_not_dead_lettered(
+    make_bus: MakeBus, unique_name, eventually
+) -> None:
+    bus = await make_bus(delivery_limit=3)
+    queue = unique_name("q")
+    calls: list[int] = []
+
+    async def flaky(event: CloudEvent) -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("downstream not ready")
+
+    await bus.subscribe(queue, ["flaky"], flaky)
+    await bus.start()
+    await bus.publish(new_event("test", "flaky", None))
+    await eventually(lambda: len(calls) == 3)
+    assert await bus.dead_letters(queue) == []
+
+
+async def test_duplicate_delivery_has_its_effect_once(
+    make_bus: MakeBus, database: Database, unique_name, eventually
+) -> None:
+    bus = await make_bus()
+    effect = idempotent(database, "test-consumer", record_effect)
+    deliveries: list[str] = []
+
+    async def handler(event: CloudEvent) -> None:
+        await effect(event)
+        deliveries.append(event.id)
+
+    await bus.subscribe(unique_name("q"), ["observation.scored"], handler)
+    await bus.start()
+    event = new_event("quality", "observation.scored", {"score": 80})
+    await bus.publish(event)
+    await bus.publish(event)  # at-least-once: the same event id again
+
+    await eventually(lambda: len(deliveries) == 2)
+    assert deliveries == [event.id, event.id]
+    assert await count(database, Effect) == 1
+    assert await count(database, ProcessedEvent) == 1
+
+
+class CrashAfterPublish(EventBus):
+    """Publishes through the real bus, then fails as if the relay died before marking."""
+
+    def __init__(self, inner: EventBus, crashes: int) -> None:
+        super().__init__(inner.options)
+        self.inner, self.crashes = inner, crashes
+
+    async def publish(self, event: CloudEvent) -> None:
+        await self.inner.publish(event)
+        if self.crashes:
+            self.crashes -= 1
+            raise RuntimeError("relay crashed after publish, before mark")
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self, timeout: float = 30.0) -> None:
+        await self.inner.close(timeout)
+
+    async def subscribe(self, queue, patterns, handler) -> None:  # type: ignore[no-untyped-def]
+        await self.inner.subscribe(queue, patterns, handler)
+
+    async def ping(self) -> bool:
+        return await self.inner.ping()
+
+    async def dead_letters(self, queue: str):  # type: ignore[no-untyped-def]
+        return await self.inner.dead_letters(queue)
+
+
+async def test_outbox_republishes_after_relay_crash_and_effect_happens_once(
+    make_bus: MakeBus, database: Database, unique_name, eventually
+) -> None:
+    bus = await make_bus()
+    effect = idempotent(database, "downstream", record_effect)
+    deliveries: list[str] = []
+
+    async def handler(event: CloudEvent) -> None:
+        await effect(event)
+        deliveries.append(event.id)
+
+    await bus.subscribe(unique_name("q"), ["observation.created"], handler)
+    await bus.start()
+    outbox = Outbox(database, CrashAfterPublish(bus, crashes=1), service="ingest")
+
+    event = new_event("ingest", "observation.created", {"id": "o7"}, subject="obs/o7")
+    async with database.sessions() as session, session.begin():
+        outbox.add(session, event)
+
+    first = await outbox.relay_once()
+    assert (first.published, first.failed) == (0, 1)  # sent, but the mark never happened
+    second = await outbox.relay_once()
+    assert (second.published, second.failed) == (1, 0)
+    assert (await outbox.relay_once()).published == 0  # nothing left
+
+    await eventually(lambda: len(deliveries) == 2)
+    assert deliveries == [event.id, event.id]
+    assert await count(database, Effect) == 1
+    async with database.sessions() as session:
+        row = (await session.execute(select(OutboxRow))).scalar_one()
+    assert row.published_at is not None
+    assert row.attempts == 1
+    assert "relay crashed" in (row.last_error or "")
+
+
+async def test_outbox_keeps_order_within_an_aggregate(
+    make_bus: MakeBus, database: Database, unique_name, eventually
+) -> None:
+    bus = await make_bus(prefetch=1)
+    seen: list[tuple[str | None, int]] = []
+
+    async def handler(event: CloudEvent) -> None:
+        seen.append((event.subject, event.data["n"]))
+
+    await bus.subscribe(unique_name("q"), ["observation.updated"], handler)
+    await bus.start()
+    outbox = Outbox(database, bus, service="ingest")
+    async with database.sessions() as session, session.begin():
+        for n in range(20):
+            subject = f"obs/{n % 3}"
+            outbox.add(
+                session, new_event("ingest", "observation.updated", {"n": n}, subject=subject)
+            )
+    assert (await outbox.relay_once()).published == 20
+    await eventually(lambda: len(seen) == 20)
+    for subject in ("obs/0", "obs/1", "obs/2"):
+        ns = [n for s, n in seen if s == subject]
+        assert ns == sorted(ns), f"{subject} out of order: {ns}"

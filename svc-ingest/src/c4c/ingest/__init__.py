@@ -1,0 +1,3 @@
+"""Observation ingestion:
+citizen observations with media: idempotent, queryable, exportable, never lost.
+"""

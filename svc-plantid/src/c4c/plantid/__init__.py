@@ -1,0 +1,3 @@
+"""Plant identification:
+pl@ntNet-compatible plant identification over an observatory's own flora.
+"""

@@ -1,0 +1,3 @@
+"""Data-quality scoring:
+an explainable quality score, grade and flags for every observation.
+"""

@@ -1,0 +1,3 @@
+"""Video stream processing:
+camera streams and clips turned into detections, keyframes and clips.
+"""
