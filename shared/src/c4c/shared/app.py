@@ -60,11 +60,15 @@ class ServiceRuntime:
         """A new event from this service, carrying the request id in hand."""
         return new_event(self.service, type, data, subject=subject)
 
-    async def start(self) -> None:
+    async def prepare(self) -> None:
+        """Migrate the database and bind the service's queue; nothing is sent yet."""
         await self.db.migrate(self._migrations)
         consumers = self._consumers(self) if self._consumers else {}
         if consumers:
             await self.bus.subscribe(self.queue, list(consumers), _dispatcher(consumers))
+
+    async def start(self) -> None:
+        await self.prepare()
         if self.owns_bus:
             await self.bus.start()
         await self.outbox.start()
@@ -105,10 +109,13 @@ def _dispatcher(consumers: Consumers) -> Handler:
 async def run_together(
     runtimes: Sequence[ServiceRuntime], bus: EventBus, *, timeout: float = 30.0
 ) -> AsyncIterator[None]:
-    """Run several services on one shared bus (embedded mode)."""
+    """Run several services on one shared bus (embedded mode). Every queue is bound before
+    any relay sends, so no service misses an event published while the others start."""
     for runtime in runtimes:
-        await runtime.start()
+        await runtime.prepare()
     await bus.start()
+    for runtime in runtimes:
+        await runtime.outbox.start()
     try:
         yield
     finally:

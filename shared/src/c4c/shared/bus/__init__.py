@@ -40,4 +40,4 @@ def bus_from_settings(settings: ServiceSettings) -> EventBus:
         return RabbitMQBus(
             settings.broker_url, bus_options(settings), name=f"c4c-{settings.service_name}"
         )
-    return InProcessBus(bus_options(settings))
+    return InProcessBus(bus_options(settings), dead_letter_dir=settings.data_dir / "dead-letters")

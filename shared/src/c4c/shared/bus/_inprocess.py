@@ -1,15 +1,22 @@
 """The in-process bus: the broker's semantics inside one event loop, for embedded mode and
 unit tests. Events are serialised on publish, as on the wire, so a handler never shares
-objects with its publisher. They live in memory: what the outbox relay has handed over is
-delivered before a clean shutdown (``close`` drains), not across a crash of the process.
+objects with its publisher.
+
+Nothing here survives the process, so the "confirm" is later than a broker's: ``publish``
+returns once every bound queue has settled the event — handled, or parked as a dead letter
+in a JSON-lines file under ``dead_letter_dir``. Until then the outbox keeps its row, and a
+crash means the event is relayed again at the next start, never lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -21,10 +28,24 @@ from c4c.shared.metrics import BUS_PUBLISHED
 log = logging.getLogger("c4c.bus")
 
 
+@dataclass(eq=False)  # identity-hashed: the bus keeps the open ones in a set
+class _Receipt:
+    """One publish: settled when each queue it reached has acked or parked it."""
+
+    unsettled: int
+    done: asyncio.Future[None]
+
+    def settle(self) -> None:
+        self.unsettled -= 1
+        if self.unsettled == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
 @dataclass
 class _Delivery:
     body: bytes
     event_type: str
+    receipt: _Receipt
     attempt: int = 1
 
 
@@ -40,9 +61,13 @@ class _Queue:
 
 
 class InProcessBus(EventBus):
-    def __init__(self, options: BusOptions | None = None) -> None:
+    def __init__(
+        self, options: BusOptions | None = None, *, dead_letter_dir: Path | None = None
+    ) -> None:
         super().__init__(options or BusOptions())
+        self._dead_letter_dir = dead_letter_dir
         self._queues: dict[str, _Queue] = {}
+        self._receipts: set[_Receipt] = set()
         self._workers: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._settled = asyncio.Condition()
@@ -59,11 +84,23 @@ class InProcessBus(EventBus):
         if self._closing:
             raise PublishError("the bus is closing")
         body = event.to_json()
-        for queue in self._queues.values():
-            if any(topic_matches(p, event.type) for p in queue.patterns):
-                queue.unsettled += 1
-                queue.ready.put_nowait(_Delivery(body, event.type))
+        targets = [
+            q
+            for q in self._queues.values()
+            if any(topic_matches(p, event.type) for p in q.patterns)
+        ]
         BUS_PUBLISHED.labels(event.source, event.type).inc()
+        if not targets:
+            return  # like an exchange with no binding for it: nobody wants the event
+        receipt = _Receipt(len(targets), asyncio.get_running_loop().create_future())
+        self._receipts.add(receipt)
+        for queue in targets:
+            queue.unsettled += 1
+            queue.ready.put_nowait(_Delivery(body, event.type, receipt))
+        try:
+            await asyncio.shield(receipt.done)
+        finally:
+            self._receipts.discard(receipt)
 
     async def subscribe(self, queue: str, patterns: Sequence[str], handler: Handler) -> None:
         q = self._queues.setdefault(queue, _Queue(queue))
@@ -76,8 +113,19 @@ class InProcessBus(EventBus):
         return self._started and not self._closing
 
     async def dead_letters(self, queue: str) -> list[DeadLetter]:
-        q = self._queues.get(queue)
-        return list(q.dead) if q else []
+        path = self._dead_letter_path(queue)
+        if path is None:
+            q = self._queues.get(queue)
+            return list(q.dead) if q else []
+        if not path.exists():
+            return []
+        text = await asyncio.to_thread(path.read_text, "utf-8")
+        parked = []
+        for line in text.splitlines():
+            entry = json.loads(line)
+            body = entry["event"].encode()
+            parked.append(DeadLetter(queue, body, entry["reason"], entry["attempts"]))
+        return parked
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every published event is settled; False if ``timeout`` ran out."""
@@ -104,6 +152,10 @@ class InProcessBus(EventBus):
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
+        for receipt in self._receipts:
+            if not receipt.done.done():
+                # The publisher keeps the event (its outbox row) and sends it again later.
+                receipt.done.set_exception(PublishError("the bus closed before settling it"))
         self._started = False
 
     def _spawn_workers(self, queue: _Queue, handler: Handler) -> None:
@@ -126,12 +178,14 @@ class InProcessBus(EventBus):
         reason = await self._handle(queue.name, handler, event)
         if reason is None:
             self._count(queue.name, delivery.event_type, "ack")
-            await self._settle(queue)
+            await self._settle(queue, delivery)
         elif delivery.attempt >= self.options.delivery_limit:
             await self._park(queue, delivery, reason, "dead_letter")
         else:
             self._count(queue.name, delivery.event_type, "retry")
-            retry = _Delivery(delivery.body, delivery.event_type, delivery.attempt + 1)
+            retry = _Delivery(
+                delivery.body, delivery.event_type, delivery.receipt, delivery.attempt + 1
+            )
             loop = asyncio.get_running_loop()
             timer: asyncio.TimerHandle
 
@@ -143,11 +197,33 @@ class InProcessBus(EventBus):
             self._timers.add(timer)
 
     async def _park(self, queue: _Queue, delivery: _Delivery, reason: str, outcome: str) -> None:
-        queue.dead.append(DeadLetter(queue.name, delivery.body, reason, delivery.attempt))
+        parked = DeadLetter(queue.name, delivery.body, reason, delivery.attempt)
+        path = self._dead_letter_path(queue.name)
+        if path is None:
+            queue.dead.append(parked)
+        else:
+            await asyncio.to_thread(_append_durably, path, parked)
         self._count(queue.name, delivery.event_type, outcome)
-        await self._settle(queue)
+        await self._settle(queue, delivery)
 
-    async def _settle(self, queue: _Queue) -> None:
+    async def _settle(self, queue: _Queue, delivery: _Delivery) -> None:
+        delivery.receipt.settle()
         async with self._settled:
             queue.unsettled -= 1
             self._settled.notify_all()
+
+    def _dead_letter_path(self, queue: str) -> Path | None:
+        if self._dead_letter_dir is None:
+            return None
+        return self._dead_letter_dir / f"{queue}.jsonl"
+
+
+def _append_durably(path: Path, parked: DeadLetter) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(
+        {"event": parked.body.decode(), "reason": parked.reason, "attempts": parked.attempts}
+    )
+    with path.open("a", encoding="utf-8") as file:
+        file.write(line + "\n")
+        file.flush()
+        os.fsync(file.fileno())
