@@ -7,7 +7,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aio_pika
 import pytest
 from sqlalchemy import Integer, String, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,7 +21,6 @@ from c4c.shared.bus import (
     RabbitMQBus,
     new_event,
 )
-from c4c.shared.bus._rabbitmq import dead_letter_queue
 from c4c.shared.context import request_id_var
 from c4c.shared.db import Database
 from c4c.shared.inbox import ProcessedEvent, idempotent
@@ -38,6 +36,7 @@ async def make_bus(
     buses: list[EventBus] = []
     exchange = unique_name("events")
     broker = request.getfixturevalue("broker_url") if request.param == "rabbitmq" else None
+    remove_from_broker = request.getfixturevalue("remove_from_broker") if broker else None
 
     async def make(**overrides: object) -> EventBus:
         options = BusOptions(
@@ -55,18 +54,11 @@ async def make_bus(
         return bus
 
     yield make
-    queues = {s.queue for b in buses if isinstance(b, RabbitMQBus) for s in b._subscriptions}
     for bus in buses:
-        await bus.close(timeout=5)
-    if broker:
-        connection = await aio_pika.connect(broker)
-        async with connection:
-            channel = await connection.channel()
-            for queue in queues:
-                await channel.queue_delete(queue)
-                await channel.queue_delete(dead_letter_queue(queue))
-            await channel.exchange_delete(exchange)
-            await channel.exchange_delete(f"{exchange}.dlx")
+        if isinstance(bus, RabbitMQBus) and remove_from_broker:
+            await remove_from_broker(bus)
+        else:
+            await bus.close(timeout=5)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -100,6 +92,20 @@ class Effect(_EffectBase):
 
 async def record_effect(session: AsyncSession, event: CloudEvent) -> None:
     await session.execute(insert(Effect).values(event_id=event.id))
+
+
+def counted(
+    db: Database, consumer: str
+) -> tuple[list[str], Callable[[CloudEvent], Awaitable[None]]]:
+    """An idempotent consumer recording its effect, and the list of every delivery it got."""
+    effect = idempotent(db, consumer, record_effect)
+    deliveries: list[str] = []
+
+    async def handler(event: CloudEvent) -> None:
+        await effect(event)
+        deliveries.append(event.id)
+
+    return deliveries, handler
 
 
 async def count(db: Database, what: type[_EffectBase] | type[ProcessedEvent]) -> int:
@@ -228,13 +234,7 @@ async def test_duplicate_delivery_has_its_effect_once(
     make_bus: MakeBus, database: Database, unique_name, eventually
 ) -> None:
     bus = await make_bus()
-    effect = idempotent(database, "test-consumer", record_effect)
-    deliveries: list[str] = []
-
-    async def handler(event: CloudEvent) -> None:
-        await effect(event)
-        deliveries.append(event.id)
-
+    deliveries, handler = counted(database, "test-consumer")
     await bus.subscribe(unique_name("q"), ["observation.scored"], handler)
     await bus.start()
     event = new_event("quality", "observation.scored", {"score": 80})
@@ -280,13 +280,7 @@ async def test_outbox_republishes_after_relay_crash_and_effect_happens_once(
     make_bus: MakeBus, database: Database, unique_name, eventually
 ) -> None:
     bus = await make_bus()
-    effect = idempotent(database, "downstream", record_effect)
-    deliveries: list[str] = []
-
-    async def handler(event: CloudEvent) -> None:
-        await effect(event)
-        deliveries.append(event.id)
-
+    deliveries, handler = counted(database, "downstream")
     await bus.subscribe(unique_name("q"), ["observation.created"], handler)
     await bus.start()
     outbox = Outbox(database, CrashAfterPublish(bus, crashes=1), service="ingest")

@@ -7,11 +7,9 @@ import asyncio
 import shutil
 from collections.abc import AsyncIterator, Callable
 
-import aio_pika
 import pytest
 
 from c4c.shared.bus import BusOptions, CloudEvent, RabbitMQBus, new_event
-from c4c.shared.bus._rabbitmq import dead_letter_queue
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -36,7 +34,9 @@ async def close_all_connections() -> None:
 
 
 @pytest.fixture
-async def bus(broker_url: str, unique_name: Callable[[str], str]) -> AsyncIterator[RabbitMQBus]:
+async def bus(
+    broker_url: str, unique_name: Callable[[str], str], remove_from_broker
+) -> AsyncIterator[RabbitMQBus]:
     exchange = unique_name("events")
     bus = RabbitMQBus(
         broker_url,
@@ -50,16 +50,7 @@ async def bus(broker_url: str, unique_name: Callable[[str], str]) -> AsyncIterat
         name="resilience-test",
     )
     yield bus
-    queues = [s.queue for s in bus._subscriptions]
-    await bus.close(timeout=5)
-    connection = await aio_pika.connect(broker_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in queues:
-            await channel.queue_delete(queue)
-            await channel.queue_delete(dead_letter_queue(queue))
-        await channel.exchange_delete(exchange)
-        await channel.exchange_delete(f"{exchange}.dlx")
+    await remove_from_broker(bus)
 
 
 @pytest.mark.slow
