@@ -4,10 +4,11 @@ the outbox only once every queue has handled or durably parked it."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from c4c.shared.bus import BusOptions, CloudEvent, InProcessBus, PublishError, new_event
 from c4c.shared.db import Database
@@ -106,3 +107,29 @@ async def test_publish_after_close_is_refused() -> None:
     await bus.close(timeout=1)
     with pytest.raises(PublishError):
         await bus.publish(new_event("test", "x", None))
+
+
+async def test_outbox_prunes_only_published_rows_past_retention(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/svc.db")
+    await db.migrate([])
+    bus = InProcessBus(FAST)
+    await bus.start()
+    outbox = Outbox(db, bus, service="ingest", retention=timedelta(days=7))
+    old, recent, unpublished = (new_event("ingest", "x", {"n": n}) for n in range(3))
+    async with db.sessions() as session, session.begin():
+        for event in (old, recent, unpublished):
+            outbox.add(session, event)
+    async with db.sessions() as session, session.begin():
+        now = datetime.now(UTC)
+        for event, published_at in ((old, now - timedelta(days=8)), (recent, now)):
+            await session.execute(
+                update(OutboxRow)
+                .where(OutboxRow.event_id == event.id)
+                .values(published_at=published_at)
+            )
+    assert await outbox.prune() == 1
+    async with db.sessions() as session:
+        left = set((await session.scalars(select(OutboxRow.event_id))).all())
+    assert left == {recent.id, unpublished.id}
+    await bus.close(timeout=1)
+    await db.dispose()

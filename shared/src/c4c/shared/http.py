@@ -120,7 +120,7 @@ class BodyLimitMiddleware:
         chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
         error: Response | None = None
         if length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 error = problem_response(400, detail="Content-Length is not a number.")
             elif int(length) > self.max_bytes:
                 error = self._too_large().to_response()

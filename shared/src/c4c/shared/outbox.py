@@ -10,7 +10,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
     DateTime,
@@ -18,6 +18,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    delete,
     event,
     func,
     select,
@@ -59,12 +60,15 @@ class Outbox:
         service: str,
         poll_interval: float = 1.0,
         batch_size: int = 200,
+        retention: timedelta = timedelta(days=7),
     ) -> None:
         self.db = db
         self.bus = bus
         self.service = service
         self.poll_interval = poll_interval
         self.batch_size = batch_size
+        self.retention = retention
+        self._next_prune = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -163,6 +167,21 @@ class Outbox:
             log.warning("outbox events not published yet", extra={"count": len(failed)})
         return RelayPass(len(published), len(failed))
 
+    async def prune(self) -> int:
+        """Delete published rows older than ``retention``; how many went."""
+        cutoff = datetime.now(UTC) - self.retention
+        async with self.db.sessions() as session, session.begin():
+            result = await session.execute(delete(OutboxRow).where(OutboxRow.published_at < cutoff))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def _prune_now_and_then(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_prune:
+            self._next_prune = now + 3600
+            pruned = await self.prune()
+            if pruned:
+                log.info("outbox pruned", extra={"rows": pruned})
+
     async def start(self) -> None:
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"outbox:{self.service}")
@@ -185,6 +204,7 @@ class Outbox:
             self._wake.clear()
             try:
                 result = await self.relay_once()
+                await self._prune_now_and_then()
             except Exception:
                 log.exception("outbox relay pass failed")
                 result = RelayPass(0, 1)
