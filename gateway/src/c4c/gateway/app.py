@@ -28,10 +28,15 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
         routes = in_process_routes(services, timeout)
     else:
         services = []
-        routes = {
-            prefix: [httpx.AsyncClient(base_url=url, timeout=timeout) for url in urls]
-            for prefix, urls in settings.upstreams.items()
-        }
+        # Prefixes with the same URLs are one service (plantid: /plantid and /v2): one set
+        # of clients, so that it is pooled, balanced and health-checked as one.
+        clients: dict[tuple[str, ...], list[httpx.AsyncClient]] = {}
+        for urls in settings.upstreams.values():
+            if tuple(urls) not in clients:
+                clients[tuple(urls)] = [
+                    httpx.AsyncClient(base_url=url, timeout=timeout) for url in urls
+                ]
+        routes = {prefix: clients[tuple(urls)] for prefix, urls in settings.upstreams.items()}
     app = create_service_app(
         settings,
         title="Cos4Cloud API gateway",

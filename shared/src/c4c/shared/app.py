@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -198,6 +199,9 @@ def serve(app: FastAPI, settings: ServiceSettings) -> None:
     import uvicorn
 
     configure_logging(settings.log_level, settings.log_format)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; as an interrupt
+    # (which uvicorn.run swallows) a graceful stop exits 0, as orchestrators expect.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     uvicorn.run(
         app,
         host=settings.host,
