@@ -133,3 +133,20 @@ async def test_outbox_prunes_only_published_rows_past_retention(tmp_path: Path) 
     assert left == {recent.id, unpublished.id}
     await bus.close(timeout=1)
     await db.dispose()
+
+
+async def test_a_handler_may_publish_to_its_own_queue_without_deadlock() -> None:
+    bus = InProcessBus(BusOptions(prefetch=1))
+    seen: list[int] = []
+
+    async def countdown(event: CloudEvent) -> None:
+        seen.append(event.data["n"])
+        if event.data["n"] > 0:
+            await bus.publish(new_event("test", "tick", {"n": event.data["n"] - 1}))
+
+    await bus.subscribe("q", ["tick"], countdown)
+    await bus.start()
+    await asyncio.wait_for(bus.publish(new_event("test", "tick", {"n": 3})), 5)
+    assert await bus.drain(5)
+    assert seen == [3, 2, 1, 0]
+    await bus.close(timeout=1)

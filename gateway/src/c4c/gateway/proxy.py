@@ -6,7 +6,7 @@ answer streams back. Embedded services are upstreams too, through an ASGI transp
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import httpx
 from starlette.background import BackgroundTask
@@ -70,8 +70,21 @@ class Upstreams:
                 await client.aclose()
 
 
+def _hop_by_hop(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """The fixed hop-by-hop names plus those the ``Connection`` header lists."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return HOP_BY_HOP | named
+
+
 def _forward_headers(request: Request) -> list[tuple[str, str]]:
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+    pairs = request.headers.items()
+    drop = _hop_by_hop(pairs)
+    headers = [(k, v) for k, v in pairs if k.lower() not in drop]
     client = request.client.host if request.client else ""
     prior = request.headers.get("x-forwarded-for")
     headers = [
@@ -90,9 +103,13 @@ def _forward_headers(request: Request) -> list[tuple[str, str]]:
 
 async def forward(request: Request, client: httpx.AsyncClient) -> Response:
     has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
+    # The path as the client sent it: decoding it would turn %2F into a separator.
+    target = request.scope.get("raw_path") or request.url.path.encode()
+    if query := request.scope.get("query_string"):
+        target += b"?" + query
     upstream_request = client.build_request(
         request.method,
-        httpx.URL(path=request.url.path, query=request.url.query.encode("latin-1")),
+        httpx.URL(raw_path=target),
         headers=_forward_headers(request),
         content=request.stream() if has_body else None,
     )
@@ -108,9 +125,9 @@ async def forward(request: Request, client: httpx.AsyncClient) -> Response:
         background=BackgroundTask(upstream.aclose),
     )
     # Raw pairs keep repeated headers (Set-Cookie, Link) apart.
+    answer = upstream.headers.multi_items()
+    drop = _hop_by_hop(answer)
     response.raw_headers = [
-        (k.encode("latin-1"), v.encode("latin-1"))
-        for k, v in upstream.headers.multi_items()
-        if k.lower() not in HOP_BY_HOP
+        (k.encode("latin-1"), v.encode("latin-1")) for k, v in answer if k.lower() not in drop
     ]
     return response

@@ -59,16 +59,16 @@ class Database:
     async def migrate(self, locations: Sequence[str]) -> None:
         """Bring the schema to head: the shared tables first, then each of ``locations``
         (``package:folder`` or a path), each with its own version table."""
-        if self.is_postgres and self.schema:
-            async with self.engine.begin() as conn:
-                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
         async with self.engine.begin() as conn:
             if self.is_postgres:
-                # Replicas starting together migrate one at a time.
+                # Replicas starting together migrate one at a time (schema creation included:
+                # IF NOT EXISTS alone still races on the catalogue's unique index).
                 await conn.execute(
                     text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
                     {"key": f"c4c-migrate:{self.schema}"},
                 )
+                if self.schema:
+                    await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             await conn.run_sync(_upgrade, SHARED_MIGRATIONS, "c4c_shared_version", self.schema)
             for location in locations:
                 await conn.run_sync(_upgrade, location, "alembic_version", self.schema)

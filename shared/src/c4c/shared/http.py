@@ -78,6 +78,7 @@ class RequestContextMiddleware:
                     type_=problem_type("internal-error"),
                     detail=f"Something went wrong on our side; quote {REQUEST_ID_HEADER} "
                     f"{request_id} when reporting it.",
+                    instance=scope.get("path"),
                 )
                 await response(scope, receive, send_with_id)
             status = 500
@@ -121,11 +122,15 @@ class BodyLimitMiddleware:
         error: Response | None = None
         if length is not None:
             if not (length.isascii() and length.isdigit()):
-                error = problem_response(400, detail="Content-Length is not a number.")
+                error = problem_response(
+                    400, detail="Content-Length is not a number.", instance=scope.get("path")
+                )
             elif int(length) > self.max_bytes:
-                error = self._too_large().to_response()
+                error = self._too_large().to_response(instance=scope.get("path"))
         elif not chunked and scope["method"] in _BODY_METHODS:
-            error = LengthRequired("Send a Content-Length or a chunked body.").to_response()
+            error = LengthRequired("Send a Content-Length or a chunked body.").to_response(
+                instance=scope.get("path")
+            )
         if error is not None:
             await error(scope, receive, send)
             return
@@ -145,7 +150,7 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, send)
         except BodyTooLarge as exc:
             # Raised from receive() where no exception handler caught it (plain ASGI apps).
-            await exc.to_response()(scope, receive, send)
+            await exc.to_response(instance=scope.get("path"))(scope, receive, send)
 
     def _too_large(self) -> BodyTooLarge:
         return BodyTooLarge(

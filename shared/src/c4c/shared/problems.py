@@ -118,6 +118,19 @@ def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for err in errors:
         loc = tuple(err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            # Its location is ('body', <character offset>): no field to name.
+            out.append(
+                {
+                    "field": None,
+                    "in": "body",
+                    "pointer": "",
+                    "detail": f"The body is not valid JSON ({err.get('msg', 'invalid')}) "
+                    f"at character {loc[-1] if len(loc) > 1 else '?'}.",
+                    "code": "json_invalid",
+                }
+            )
+            continue
         out.append(
             {
                 "field": ".".join(str(p) for p in loc[1:] if loc) or None,
@@ -139,6 +152,8 @@ async def _on_validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = validation_errors(exc.errors())
     fields = ", ".join(e["field"] or e["in"] or "?" for e in errors)
+    if errors and all(e["code"] == "json_invalid" for e in errors):
+        fields = "the body is not valid JSON"
     return problem_response(
         422,
         type_=problem_type("validation-error"),

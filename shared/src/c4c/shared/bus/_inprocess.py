@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from c4c.shared.bus._topic import topic_matches
 from c4c.shared.metrics import BUS_PUBLISHED
 
 log = logging.getLogger("c4c.bus")
+
+# Set in the bus's own worker tasks (a task's context is its own).
+_handling: ContextVar[bool] = ContextVar("c4c_bus_handling", default=False)
 
 
 @dataclass(eq=False)  # identity-hashed: the bus keeps the open ones in a set
@@ -97,6 +101,12 @@ class InProcessBus(EventBus):
         for queue in targets:
             queue.unsettled += 1
             queue.ready.put_nowait(_Delivery(body, event.type, receipt))
+        if _handling.get():
+            # Published from inside a handler: waiting could deadlock on our own workers. The
+            # event in hand stays unsettled until this handler returns, so a crash replays
+            # that one, and its handler publishes this one again.
+            self._receipts.discard(receipt)
+            return
         try:
             await asyncio.shield(receipt.done)
         finally:
@@ -165,6 +175,7 @@ class InProcessBus(EventBus):
             task.add_done_callback(self._workers.discard)
 
     async def _work(self, queue: _Queue, handler: Handler) -> None:
+        _handling.set(True)
         while True:
             delivery = await queue.ready.get()
             await self._deliver(queue, handler, delivery)

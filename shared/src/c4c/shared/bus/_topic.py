@@ -7,16 +7,16 @@ from functools import lru_cache
 
 @lru_cache(maxsize=4096)
 def topic_matches(pattern: str, routing_key: str) -> bool:
-    return _match(tuple(pattern.split(".")), tuple(routing_key.split(".")))
-
-
-def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        # '#' swallows 0..n words; try each split.
-        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
-    if not words:
-        return False
-    return (head == "*" or head == words[0]) and _match(rest, words[1:])
+    words = routing_key.split(".")
+    # Dynamic programming over (pattern position, word position): O(len(pattern) x len(key)),
+    # where naive backtracking on several '#' is exponential.
+    reachable = {0}
+    for part in pattern.split("."):
+        if part == "#":
+            start = min(reachable, default=len(words) + 1)
+            reachable = set(range(start, len(words) + 1))
+        else:
+            reachable = {i + 1 for i in reachable if i < len(words) and part in ("*", words[i])}
+        if not reachable:
+            return False
+    return len(words) in reachable
