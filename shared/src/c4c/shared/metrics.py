@@ -6,7 +6,11 @@ service (told apart by the ``service`` label), in distributed mode each process 
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -59,6 +63,12 @@ OUTBOX_BACKLOG = Gauge(
     "c4c_outbox_backlog", "Outbox events written but not yet published.", ["service"]
 )
 OUTBOX_RELAYED = Counter("c4c_outbox_relayed", "Outbox events the relay published.", ["service"])
+
+
+@lru_cache(maxsize=4096)
+def labelled(metric: MetricWrapperBase, *values: str) -> Any:
+    """``metric.labels(*values)``, looked up once: the bus calls this for every event."""
+    return metric.labels(*values)
 
 
 async def metrics_endpoint(_: Request) -> Response:

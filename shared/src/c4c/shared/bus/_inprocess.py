@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from c4c.shared.bus._events import CloudEvent
 from c4c.shared.bus._port import BusOptions, DeadLetter, EventBus, Handler, PublishError
 from c4c.shared.bus._topic import topic_matches
-from c4c.shared.metrics import BUS_PUBLISHED
+from c4c.shared.metrics import BUS_PUBLISHED, labelled
 
 log = logging.getLogger("c4c.bus")
 
@@ -93,7 +93,7 @@ class InProcessBus(EventBus):
             for q in self._queues.values()
             if any(topic_matches(p, event.type) for p in q.patterns)
         ]
-        BUS_PUBLISHED.labels(event.source, event.type).inc()
+        labelled(BUS_PUBLISHED, event.source, event.type).inc()
         if not targets:
             return  # like an exchange with no binding for it: nobody wants the event
         receipt = _Receipt(len(targets), asyncio.get_running_loop().create_future())

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from c4c.shared.bus._events import CloudEvent
 from c4c.shared.context import request_id_var
-from c4c.shared.metrics import BUS_CONSUMED, BUS_DEAD_LETTERED, BUS_HANDLER_DURATION
+from c4c.shared.metrics import BUS_CONSUMED, BUS_DEAD_LETTERED, BUS_HANDLER_DURATION, labelled
 
 Handler = Callable[[CloudEvent], Awaitable[None]]
 
@@ -101,12 +101,12 @@ class EventBus(abc.ABC):
             )
             return f"{type(exc).__name__}: {exc}"[:2000]
         finally:
-            BUS_HANDLER_DURATION.labels(queue, event.type).observe(time.perf_counter() - started)
+            labelled(BUS_HANDLER_DURATION, queue, event.type).observe(time.perf_counter() - started)
             request_id_var.reset(token)
         return None
 
     def _count(self, queue: str, event_type: str, outcome: str) -> None:
-        BUS_CONSUMED.labels(queue, event_type, outcome).inc()
+        labelled(BUS_CONSUMED, queue, event_type, outcome).inc()
         if outcome in ("dead_letter", "invalid"):
             BUS_DEAD_LETTERED.labels(queue, event_type).inc()
             log.error("event dead-lettered", extra={"queue": queue, "event_type": event_type})

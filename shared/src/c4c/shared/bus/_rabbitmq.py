@@ -6,6 +6,7 @@ manual acks, and a robust connection that restores channels, queues and consumer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 
 from c4c.shared.bus._events import CLOUDEVENTS_MEDIA_TYPE, CloudEvent
 from c4c.shared.bus._port import BusOptions, DeadLetter, EventBus, Handler, PublishError
-from c4c.shared.metrics import BUS_PUBLISH_FAILURES, BUS_PUBLISHED, BUS_RECONNECTS
+from c4c.shared.metrics import BUS_PUBLISH_FAILURES, BUS_PUBLISHED, BUS_RECONNECTS, labelled
 
 log = logging.getLogger("c4c.bus")
 
@@ -176,7 +177,6 @@ class RabbitMQBus(EventBus):
             message_id=message.message_id,
             content_type=message.content_type,
             type=message.type,
-            correlation_id=message.correlation_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         try:
@@ -200,30 +200,23 @@ class RabbitMQBus(EventBus):
             log.info("ack or nack lost with its channel; the broker will redeliver")
 
     async def publish(self, event: CloudEvent) -> None:
-        assert self._exchange is not None, "bus not started"
-        assert isinstance(self._channel, RobustChannel)
+        exchange, channel = self._exchange, self._channel
+        if exchange is None or not isinstance(channel, RobustChannel):
+            raise PublishError("the bus is not started")
+        # Only what AMQP tools need to route and inspect; the rest is in the CloudEvent body.
         message = aio_pika.Message(
             event.to_json(),
             message_id=event.id,
             content_type=CLOUDEVENTS_MEDIA_TYPE,
             type=event.type,
-            timestamp=event.time,
-            correlation_id=event.requestid,
-            app_id=event.source,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.publish_timeout
         delay = 0.05
         while True:
-            remaining = deadline - loop.time()
             try:
-                if remaining <= 0:
-                    raise TimeoutError
-                # Robust channels reopen in the background; a publish on a dead one fails
-                # fast, so wait for it, then try again until the deadline.
-                await asyncio.wait_for(self._channel.ready(), remaining)
-                await self._exchange.publish(
+                await exchange.publish(
                     message,
                     routing_key=event.type,
                     mandatory=False,
@@ -231,12 +224,16 @@ class RabbitMQBus(EventBus):
                 )
             except (*CONNECTION_EXCEPTIONS, DeliveryError, TimeoutError) as exc:
                 if loop.time() + delay >= deadline:
-                    BUS_PUBLISH_FAILURES.labels(event.source, event.type).inc()
+                    labelled(BUS_PUBLISH_FAILURES, event.source, event.type).inc()
                     raise PublishError(f"event {event.id} not confirmed: {exc!r}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+                # A robust channel reopens in the background; wait for it, within the deadline.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(deadline - loop.time(), 0)):
+                        await channel.ready()
                 continue
-            BUS_PUBLISHED.labels(event.source, event.type).inc()
+            labelled(BUS_PUBLISHED, event.source, event.type).inc()
             return
 
     async def ping(self) -> bool:
@@ -244,7 +241,8 @@ class RabbitMQBus(EventBus):
         return connection is not None and not connection.is_closed and connection.connected.is_set()
 
     async def dead_letters(self, queue: str) -> list[DeadLetter]:
-        assert self._connection is not None
+        if self._connection is None:
+            raise RuntimeError("the bus is not started")
         channel = await self._connection.channel()
         try:
             parked = await channel.declare_queue(dead_letter_queue(queue), passive=True)
