@@ -150,6 +150,7 @@ async def suite(broker_url: str, postgres_url: str, tmp_path: Path) -> AsyncIter
         "C4C_BROKER_URL": broker_url,
         "C4C_DATABASE_URL": postgres_url,
         "C4C_BUS_EXCHANGE": suite.exchange,
+        "C4C_BUS_QUEUE_PREFIX": f"test.{run}",
         "C4C_DATA_DIR": str(tmp_path / "data"),
         "C4C_HOST": "127.0.0.1",
         "C4C_LOG_FORMAT": "text",
@@ -164,6 +165,8 @@ async def suite(broker_url: str, postgres_url: str, tmp_path: Path) -> AsyncIter
         suite.kill()
         await drop_schemas(postgres_url, suite.schemas.values())
         await delete_exchanges(broker_url, [suite.exchange, f"{suite.exchange}.dlx"])
+        queues = [f"test.{run}.{name}" for name in SERVICES]
+        await delete_queues(broker_url, [*queues, *(f"{q}.dlq" for q in queues)])
 
 
 async def drop_schemas(postgres_url: str, schemas: Iterable[str]) -> None:
@@ -185,6 +188,14 @@ async def delete_exchanges(broker_url: str, names: list[str]) -> None:
                 await channel.exchange_delete(name)
             if not channel.is_closed:
                 await channel.close()
+
+
+async def delete_queues(broker_url: str, names: list[str]) -> None:
+    connection = await aio_pika.connect(broker_url)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)  # deleting an absent queue is a no-op
 
 
 async def postgres_schemas(postgres_url: str, run: str) -> set[str]:

@@ -3,57 +3,23 @@ reverse proxy it uses for them and for remote upstreams alike."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import logging
-import os
-import random
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from c4c.gateway.app import create_app
 from c4c.gateway.settings import GatewaySettings
 from c4c.shared.context import request_id_var
-from c4c.shared.problems import PROBLEM_MEDIA_TYPE
 
 SERVICES = {"/ingest": "ingest", "/quality": "quality", "/video": "video"}
 SERVICES |= {"/plantid": "plantid", "/mobis": "mobis"}
 FIVE_MB = 5 * 1024 * 1024
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Embedded services read their own settings from the environment: point every one of
-    them at tmp_path, and let nothing from the outside (C4C_*, a .env) in."""
-    for name in list(os.environ):
-        if name.upper().startswith("C4C_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("C4C_DATA_DIR", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-
-
-def client_for(app: FastAPI) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://gateway.test")
-
-
-def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM_MEDIA_TYPE
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert body["type"]
-    assert body["title"]
-    return body
 
 
 # --- embedded mode -------------------------------------------------------------------------
@@ -62,8 +28,15 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
 @pytest.fixture
 async def embedded(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(GatewaySettings(data_dir=tmp_path))
-    async with app.router.lifespan_context(app), client_for(app) as client:
-        yield client
+    async with app.router.lifespan_context(app):
+        # The first embedded start made a development key with every scope.
+        dev_key = (tmp_path / "dev-api-key").read_text().strip()
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        headers = {"X-API-Key": dev_key}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://gateway.test", headers=headers
+        ) as client:
+            yield client
 
 
 async def test_embedded_health_lists_every_service_ready(
@@ -74,7 +47,13 @@ async def test_embedded_health_lists_every_service_ready(
     body = response.json()
     assert body["status"] == "ready"
     assert set(body["upstreams"]) == set(SERVICES)
-    assert all(probe == {"ready": True, "status": 200} for probe in body["upstreams"].values())
+    for prefix, service in SERVICES.items():
+        assert body["upstreams"][prefix] == {
+            "ready": True,
+            "replicas": {
+                f"http://{service}.embedded": {"ready": True, "status": 200, "breaker": "closed"}
+            },
+        }
     for name in [*SERVICES.values(), "gateway"]:
         assert (tmp_path / f"{name}.db").is_file(), name
 
@@ -99,14 +78,16 @@ async def test_embedded_gateway_serves_its_own_operations(embedded: httpx.AsyncC
     assert openapi.json()["info"]["title"] == "Cos4Cloud API gateway"
 
 
-async def test_embedded_unknown_prefix_is_a_404_problem(embedded: httpx.AsyncClient) -> None:
+async def test_embedded_unknown_prefix_is_a_404_problem(
+    embedded: httpx.AsyncClient, assert_problem: Callable[..., Any]
+) -> None:
     body = assert_problem(await embedded.get("/nowhere/v1/things"), 404)
     assert body["type"] == "urn:c4c:problem:not-found"
     assert "/nowhere/v1/things" in body["detail"]
 
 
 async def test_embedded_unknown_route_of_a_service_is_its_404_problem(
-    embedded: httpx.AsyncClient,
+    embedded: httpx.AsyncClient, assert_problem: Callable[..., Any]
 ) -> None:
     body = assert_problem(await embedded.get("/ingest/no-such-route"), 404)
     assert body["instance"] == "/ingest/no-such-route"
@@ -159,97 +140,10 @@ async def test_embedded_generated_request_id_is_the_services_too(
 # --- the proxy, against a real HTTP upstream ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def big_body() -> bytes:
-    return random.Random(20261123).randbytes(FIVE_MB)
-
-
-def echo_app(big_body: bytes) -> Callable[..., Any]:
-    """An upstream that tells what it received, or streams ``big_body`` back."""
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        assert scope["type"] == "http"
-        if scope["path"] == "/echo/big":
-            size = int(parse_qs(scope["query_string"].decode())["size"][0])
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"application/octet-stream")],
-                }
-            )
-            for start in range(0, size, 64 * 1024):
-                chunk = big_body[start : min(start + 64 * 1024, size)]
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        digest, length = hashlib.sha256(), 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            digest.update(message.get("body", b""))
-            length += len(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        answer = {
-            "method": scope["method"],
-            "path": scope["path"],
-            "raw_path": scope["raw_path"].decode("latin-1"),
-            "query": scope["query_string"].decode("latin-1"),
-            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
-            "body_sha256": digest.hexdigest(),
-            "body_length": length,
-        }
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 418 if scope["path"] == "/echo/teapot" else 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"set-cookie", b"a=1; Path=/"),
-                    (b"set-cookie", b"b=2; Path=/; HttpOnly"),
-                    (b"keep-alive", b"timeout=99"),
-                    (b"x-upstream", b"echo"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
-
-    return app
-
-
 @pytest.fixture
-async def echo_url(big_body: bytes, eventually: Callable[..., Any]) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(echo_app(big_body), lifespan="off", log_config=None, access_log=False)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    await eventually(lambda: server.started or task.done())
-    if task.done():
-        task.result()  # raises why the server did not start
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
-
-
-@pytest.fixture
-async def proxied(tmp_path: Path, echo_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(GatewaySettings(data_dir=tmp_path, upstreams={"/echo": [echo_url]}))
-    async with app.router.lifespan_context(app), client_for(app) as client:
+async def proxied(open_gateway: Callable[..., Any]) -> AsyncIterator[httpx.AsyncClient]:
+    async with open_gateway() as (_, client):
         yield client
-
-
-def received_headers(response: httpx.Response) -> dict[str, list[str]]:
-    headers: dict[str, list[str]] = {}
-    for name, value in response.json()["headers"]:
-        headers.setdefault(name, []).append(value)
-    return headers
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
@@ -309,7 +203,7 @@ async def test_proxy_streams_a_large_response_body_intact(
 
 
 async def test_proxy_drops_hop_by_hop_request_headers(
-    proxied: httpx.AsyncClient, echo_url: str
+    proxied: httpx.AsyncClient, echo_url: str, received_headers: Callable[..., Any]
 ) -> None:
     response = await proxied.get(
         "/echo/headers",
@@ -332,7 +226,9 @@ async def test_proxy_drops_hop_by_hop_request_headers(
     assert received["host"] == [echo_url.removeprefix("http://")]  # the upstream's, not ours
 
 
-async def test_proxy_drops_headers_named_in_connection(proxied: httpx.AsyncClient) -> None:
+async def test_proxy_drops_headers_named_in_connection(
+    proxied: httpx.AsyncClient, received_headers: Callable[..., Any]
+) -> None:
     response = await proxied.get(
         "/echo/headers", headers={"Connection": "X-Hop-Secret", "X-Hop-Secret": "internal"}
     )
@@ -351,7 +247,9 @@ async def test_proxy_keeps_repeated_set_cookie_headers_apart(proxied: httpx.Asyn
     assert set(response.cookies.keys()) == {"a", "b"}
 
 
-async def test_proxy_sets_forwarding_headers(proxied: httpx.AsyncClient) -> None:
+async def test_proxy_sets_forwarding_headers(
+    proxied: httpx.AsyncClient, received_headers: Callable[..., Any]
+) -> None:
     response = await proxied.get("/echo/who")
     received = received_headers(response)
     assert received["x-forwarded-for"] == ["127.0.0.1"]
@@ -359,24 +257,64 @@ async def test_proxy_sets_forwarding_headers(proxied: httpx.AsyncClient) -> None
     assert received["x-forwarded-host"] == ["gateway.test"]
 
 
-async def test_proxy_appends_to_a_forwarded_for_chain(proxied: httpx.AsyncClient) -> None:
+async def test_proxy_ignores_forwarding_headers_of_an_untrusted_caller(
+    proxied: httpx.AsyncClient, received_headers: Callable[..., Any]
+) -> None:
     response = await proxied.get(
         "/echo/who",
-        headers={"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"},
+        headers={
+            "X-Forwarded-For": "203.0.113.7",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "spoofed.example",
+        },
     )
     received = received_headers(response)
-    assert received["x-forwarded-for"] == ["203.0.113.7, 127.0.0.1"]
-    assert received["x-forwarded-proto"] == ["http"]  # the caller cannot claim TLS
+    assert received["x-forwarded-for"] == ["127.0.0.1"]  # the caller cannot pick its address
+    assert received["x-forwarded-proto"] == ["http"]  # nor claim TLS
+    assert received["x-forwarded-host"] == ["gateway.test"]
 
 
-async def test_proxy_passes_the_request_id_to_the_upstream(proxied: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize(
+    ("trusted", "sent", "chain"),
+    [
+        # The peer (127.0.0.1) is a trusted proxy: the hop it saw is the client.
+        (["127.0.0.1/32"], "203.0.113.7", "203.0.113.7, 127.0.0.1"),
+        # Spoofed hops before the first untrusted one are dropped.
+        (["127.0.0.1/32"], "198.51.100.1, 203.0.113.7", "203.0.113.7, 127.0.0.1"),
+        # Two trusted proxies in a row: the walk goes on to the address before them.
+        (
+            ["127.0.0.1/32", "10.0.0.0/8"],
+            "203.0.113.7, 10.1.2.3",
+            "203.0.113.7, 10.1.2.3, 127.0.0.1",
+        ),
+    ],
+)
+async def test_proxy_believes_forwarding_headers_of_trusted_proxies_only(
+    open_gateway: Callable[..., Any],
+    trusted: list[str],
+    sent: str,
+    chain: str,
+    received_headers: Callable[..., Any],
+) -> None:
+    async with open_gateway(trusted_proxies=trusted) as (_, client):
+        response = await client.get(
+            "/echo/who", headers={"X-Forwarded-For": sent, "X-Forwarded-Proto": "https"}
+        )
+    received = received_headers(response)
+    assert received["x-forwarded-for"] == [chain]
+    assert received["x-forwarded-proto"] == ["https"]  # TLS ended at the trusted proxy
+
+
+async def test_proxy_passes_the_request_id_to_the_upstream(
+    proxied: httpx.AsyncClient, received_headers: Callable[..., Any]
+) -> None:
     response = await proxied.get("/echo/id", headers={"X-Request-ID": "trace-through-proxy"})
     assert response.headers.get_list("x-request-id") == ["trace-through-proxy"]
     assert received_headers(response)["x-request-id"] == ["trace-through-proxy"]
 
 
 async def test_proxy_passes_a_generated_request_id_to_the_upstream(
-    proxied: httpx.AsyncClient,
+    proxied: httpx.AsyncClient, received_headers: Callable[..., Any]
 ) -> None:
     response = await proxied.get("/echo/id", headers={"X-Request-ID": "not acceptable"})
     generated = response.headers["x-request-id"]
@@ -393,12 +331,13 @@ async def test_proxy_keeps_encoded_path_characters(
     assert response.json()["raw_path"] == f"/echo/{segment}"
 
 
-async def test_proxy_answers_502_when_the_upstream_is_down(tmp_path: Path) -> None:
+async def test_proxy_answers_502_when_the_upstream_is_down(
+    open_gateway: Callable[..., Any], assert_problem: Callable[..., Any]
+) -> None:
     with socket.socket() as closed:  # bound, never listening: connections are refused
         closed.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{closed.getsockname()[1]}"
-        app = create_app(GatewaySettings(data_dir=tmp_path, upstreams={"/down": [url]}))
-        async with app.router.lifespan_context(app), client_for(app) as client:
+        async with open_gateway(upstreams={"/down": [url]}) as (_, client):
             response = await client.get("/down/anything", headers={"X-Request-ID": "down-1"})
             health = await client.get("/health")
     body = assert_problem(response, 502)
@@ -407,3 +346,56 @@ async def test_proxy_answers_502_when_the_upstream_is_down(tmp_path: Path) -> No
     assert response.headers["x-request-id"] == "down-1"
     assert health.status_code == 503
     assert health.json()["upstreams"]["/down"]["ready"] is False
+
+
+# --- docs, limits, CORS ---------------------------------------------------------------------
+
+
+async def test_embedded_openapi_merges_every_services_document(
+    embedded: httpx.AsyncClient,
+) -> None:
+    merged = (await embedded.get("/openapi.json")).json()
+    assert merged["info"]["title"] == "Cos4Cloud API gateway"
+    assert "x-unavailable-services" not in merged
+    assert set(merged["components"]["securitySchemes"]) == {
+        "ApiKeyHeader",
+        "ApiKeyQuery",
+        "BearerToken",
+    }
+    assert merged["paths"]["/health"]["get"]["security"] == []
+    for prefix in SERVICES:
+        own = (await embedded.get(f"{prefix}/openapi.json")).json()
+        assert set(own["paths"]) <= set(merged["paths"]), prefix
+    docs = await embedded.get("/docs")
+    assert docs.status_code == 200
+    assert "/openapi.json" in docs.text
+
+
+async def test_a_route_may_take_larger_bodies_than_the_default(
+    open_gateway: Callable[..., Any], assert_problem: Callable[..., Any]
+) -> None:
+    routes = {"/echo/big-uploads": {"max_body_bytes": 2 * FIVE_MB}}
+    async with open_gateway(max_body_bytes=1024, routes=routes) as (_, client):
+        small_route = await client.post("/echo/upload", content=b"x" * 2048)
+        big_route = await client.post("/echo/big-uploads/1", content=b"x" * FIVE_MB)
+        unsized = await client.post("/echo/upload", headers={"Content-Length": ""})
+    assert assert_problem(small_route, 413)["limit_bytes"] == 1024
+    assert big_route.status_code == 200, big_route.text
+    assert big_route.json()["body_length"] == FIVE_MB
+    assert unsized.status_code in (400, 411)
+
+
+async def test_cors_allows_the_listed_origins_only(open_gateway: Callable[..., Any]) -> None:
+    async with open_gateway(cors_origins=["https://app.example.org"]) as (_, client):
+        allowed = await client.options(
+            "/echo/x",
+            headers={
+                "Origin": "https://app.example.org",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-api-key",
+            },
+        )
+        other = await client.get("/echo/x", headers={"Origin": "https://evil.example"})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example.org"
+    assert "access-control-allow-origin" not in other.headers

@@ -1,9 +1,8 @@
-"""``python -m c4c.gateway``: the gateway; with no upstreams configured, the whole suite in
-this one process (embedded mode)."""
+"""``python -m c4c.gateway``: the gateway (with no upstreams configured, the whole suite in
+this one process: embedded mode); ``python -m c4c.gateway keys ...`` manages API keys."""
 
-from c4c.gateway.app import create_app
-from c4c.gateway.settings import GatewaySettings
-from c4c.shared.app import serve
+import sys
 
-settings = GatewaySettings()
-serve(create_app(settings), settings)
+from c4c.gateway._cli import main
+
+sys.exit(main())

@@ -1,4 +1,5 @@
-"""The gateway's own routes: the aggregated ``/health``, and everything else proxied."""
+"""The gateway's own routes: the aggregated ``/health``, the suite's merged OpenAPI document
+and its Swagger UI, and everything else proxied."""
 
 from __future__ import annotations
 
@@ -6,34 +7,46 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.responses import Response
 
-from c4c.gateway.proxy import Upstreams, forward
+from c4c.gateway._openapi import merged_openapi
+from c4c.gateway._upstreams import Replica
+from c4c.gateway.proxy import Proxy
 
 router = APIRouter()
 
 _PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-def _upstreams(request: Request) -> Upstreams:
-    upstreams: Upstreams = request.app.state.upstreams
-    return upstreams
+def _proxy(request: Request) -> Proxy:
+    proxy: Proxy = request.app.state.proxy
+    return proxy
 
 
 @router.get("/health", tags=["gateway"], summary="Readiness of every service behind the gateway")
 async def health(request: Request) -> Response:
-    upstreams = _upstreams(request)
+    """Ready when every service has a ready replica; each replica's answer and breaker."""
+    table = _proxy(request).table
 
-    async def probe(prefix: str) -> tuple[str, dict[str, Any]]:
-        _, client = upstreams.pick(prefix)
+    async def probe(prefix: str, replica: Replica) -> dict[str, Any]:
+        state = replica.breaker.state.name.lower().replace("_", "-")
         try:
-            answer = await client.get(f"{prefix}/readyz", timeout=5.0)
+            answer = await replica.client.get(f"{prefix}/readyz", timeout=5.0)
         except Exception as exc:
-            return prefix, {"ready": False, "error": type(exc).__name__}
-        return prefix, {"ready": answer.status_code == 200, "status": answer.status_code}
+            return {"ready": False, "error": type(exc).__name__, "breaker": state}
+        return {"ready": answer.status_code == 200, "status": answer.status_code, "breaker": state}
 
-    results = dict(await asyncio.gather(*(probe(p) for p in upstreams.services)))
+    async def service(prefix: str) -> tuple[str, dict[str, Any]]:
+        replicas = table.services[prefix].replicas
+        probes = await asyncio.gather(*(probe(prefix, r) for r in replicas))
+        return prefix, {
+            "ready": any(p["ready"] for p in probes),
+            "replicas": {r.url: p for r, p in zip(replicas, probes, strict=True)},
+        }
+
+    results = dict(await asyncio.gather(*(service(p) for p in table.services)))
     ready = all(r["ready"] for r in results.values())
     return JSONResponse(
         {"status": "ready" if ready else "degraded", "upstreams": results},
@@ -41,7 +54,18 @@ async def health(request: Request) -> Response:
     )
 
 
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request) -> Response:
+    proxy = _proxy(request)
+    own = request.app.openapi()
+    return JSONResponse(await merged_openapi(own, proxy.table, proxy.identity.is_public))
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} — docs")
+
+
 @router.api_route("/{path:path}", methods=_PROXIED_METHODS, include_in_schema=False)
 async def proxy(request: Request) -> Response:
-    _, client = _upstreams(request).pick(request.url.path)
-    return await forward(request, client)
+    return await _proxy(request).handle(request)

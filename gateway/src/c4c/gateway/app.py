@@ -3,52 +3,141 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
 
 import httpx
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
+from c4c.gateway._identity import Identity
+from c4c.gateway._metrics import RouteMetricsMiddleware
+from c4c.gateway._ratelimit import InMemoryBackend, RateLimiter
+from c4c.gateway._tokens import TokenVerifier
+from c4c.gateway._upstreams import (
+    CircuitBreaker,
+    Replica,
+    Route,
+    RoutingTable,
+    Upstream,
+    UpstreamSpec,
+    remote_upstreams,
+)
 from c4c.gateway.api import router
-from c4c.gateway.embedded import in_process_routes, load_services
-from c4c.gateway.proxy import Upstreams
+from c4c.gateway.embedded import in_process_upstreams, load_services
+from c4c.gateway.proxy import Proxy
+from c4c.gateway.service import ApiKeys
 from c4c.gateway.settings import GatewaySettings
 from c4c.shared.app import ServiceRuntime, create_service_app, run_together
+from c4c.shared.auth import API_KEY_HEADER, ensure_principal_secret
 from c4c.shared.bus import EventBus, bus_from_settings
+
+log = logging.getLogger("c4c.gateway")
+
+MIGRATIONS = "c4c.gateway:migrations"
+DEV_KEY_FILE = "dev-api-key"
+# Many callers share few upstream connections; keep enough alive for a busy gateway.
+_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+
+
+def _network() -> httpx.AsyncHTTPTransport:
+    # No Nagle: a small request must not wait for the ACK of the previous one (which the
+    # upstream delays), the classic 40 ms stall of request/response traffic.
+    nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    return httpx.AsyncHTTPTransport(limits=_LIMITS, socket_options=nodelay)
+
+
+def routing_table(specs: Sequence[UpstreamSpec], settings: GatewaySettings) -> RoutingTable:
+    routes = []
+    for spec in specs:
+        replicas = [
+            Replica(
+                url,
+                httpx.AsyncClient(base_url=url, transport=transport or _network()),
+                CircuitBreaker(
+                    url,
+                    failures=settings.breaker_failures,
+                    open_seconds=settings.breaker_open_seconds,
+                ),
+            )
+            for url, transport in spec.replicas
+        ]
+        upstream = Upstream(spec.name, replicas)
+        for prefix in spec.prefixes:
+            options = settings.routes.get(prefix)
+            timeout = httpx.Timeout(
+                (options and options.read_timeout) or settings.upstream_read_timeout,
+                connect=(options and options.connect_timeout) or settings.upstream_connect_timeout,
+            )
+            routes.append(Route(prefix, upstream, timeout))
+    return RoutingTable(routes)
 
 
 def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    timeout = httpx.Timeout(
-        settings.upstream_read_timeout, connect=settings.upstream_connect_timeout
-    )
     embedded = not settings.upstreams
+    # Before the embedded services first need it: they read the same file.
+    secret = ensure_principal_secret(settings)
     if embedded:
         bus = bus or bus_from_settings(settings)
         services = load_services(bus)
-        routes = in_process_routes(services, timeout)
+        specs = in_process_upstreams(services)
     else:
         services = []
-        # Prefixes with the same URLs are one service (plantid: /plantid and /v2): one set
-        # of clients, so that it is pooled, balanced and health-checked as one.
-        clients: dict[tuple[str, ...], list[httpx.AsyncClient]] = {}
-        for urls in settings.upstreams.values():
-            if tuple(urls) not in clients:
-                clients[tuple(urls)] = [
-                    httpx.AsyncClient(base_url=url, timeout=timeout) for url in urls
-                ]
-        routes = {prefix: clients[tuple(urls)] for prefix, urls in settings.upstreams.items()}
+        specs = remote_upstreams(settings.upstreams)
     app = create_service_app(
         settings,
         title="Cos4Cloud API gateway",
-        description="The single front door of the Cos4Cloud suite.",
+        description="The single front door of the Cos4Cloud suite. Send an API key in the "
+        f"{API_KEY_HEADER} header (or the api-key query parameter), or a MOBIS access token "
+        "as a bearer token.",
         version="0.1.0",
         prefixes=(),
         routers=[router],
         bus=bus,
+        migrations=[MIGRATIONS],
+        body_limits={
+            prefix: options.max_body_bytes
+            for prefix, options in settings.routes.items()
+            if options.max_body_bytes is not None
+        },
+        docs=False,
+        accept_principal=False,
     )
-    upstreams = Upstreams(routes)
-    app.state.upstreams = upstreams
     gateway: ServiceRuntime = app.state.runtime
+    keys = ApiKeys(gateway.db, cache_seconds=settings.api_key_cache_seconds)
+    tokens = None
+    if settings.jwks_url:
+        tokens = TokenVerifier(
+            settings.jwks_url,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            cache_seconds=settings.jwks_cache_seconds,
+        )
+    table = routing_table(specs, settings)
+    app.state.proxy = Proxy(
+        table,
+        Identity(keys, tokens, settings.public_routes),
+        RateLimiter(
+            InMemoryBackend(),
+            per_second=settings.rate_limit_per_second,
+            burst=settings.rate_limit_burst,
+        ),
+        secret=secret,
+        trusted_proxies=settings.trusted_proxies,
+        retries=settings.upstream_retries,
+    )
+    app.add_middleware(RouteMetricsMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "RateLimit", "RateLimit-Policy", "Retry-After"],
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -56,12 +145,34 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
             if embedded:
                 runtimes = [gateway, *(s.state.runtime for s in services)]
                 async with run_together(runtimes, gateway.bus, timeout=settings.shutdown_timeout):
+                    await _first_start(keys, settings)
                     yield
             else:
                 async with gateway.lifespan(app):
                     yield
         finally:
-            await upstreams.aclose()
+            await table.aclose()
+            if tokens is not None:
+                await tokens.aclose()
 
     app.router.lifespan_context = lifespan
     return app
+
+
+async def _first_start(keys: ApiKeys, settings: GatewaySettings) -> None:
+    """A new embedded installation gets a development key with every scope, shown once and
+    kept (mode 600) for its owner."""
+    secret = await keys.create_development_key()
+    if secret is None:
+        return
+    path = settings.data_dir / DEV_KEY_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(secret + "\n")
+    print(
+        f"Development API key (every scope), saved in {path}:\n  {secret}\n"
+        f"Send it as the {API_KEY_HEADER} header, e.g. "
+        f'curl -H "{API_KEY_HEADER}: {secret}" http://{settings.host}:{settings.port}/ingest/...',
+        flush=True,
+    )
+    log.info("development API key created", extra={"path": str(path)})

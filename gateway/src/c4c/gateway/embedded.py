@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 import httpx
 from fastapi import FastAPI
 
+from c4c.gateway._upstreams import UpstreamSpec
 from c4c.shared.app import ServiceRuntime
 from c4c.shared.bus import EventBus
 
@@ -27,16 +28,11 @@ def load_services(bus: EventBus) -> list[FastAPI]:
     return apps
 
 
-def in_process_routes(
-    apps: list[FastAPI], timeout: httpx.Timeout
-) -> dict[str, list[httpx.AsyncClient]]:
-    routes: dict[str, list[httpx.AsyncClient]] = {}
+def in_process_upstreams(apps: list[FastAPI]) -> list[UpstreamSpec]:
+    specs = []
     for app in apps:
         runtime: ServiceRuntime = app.state.runtime
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        client = httpx.AsyncClient(
-            transport=transport, base_url=f"http://{runtime.service}.embedded", timeout=timeout
-        )
-        for prefix in app.state.prefixes:
-            routes[prefix] = [client]
-    return routes
+        url = f"http://{runtime.service}.embedded"
+        specs.append(UpstreamSpec(runtime.service, app.state.prefixes, [(url, transport)]))
+    return specs

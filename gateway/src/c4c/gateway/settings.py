@@ -1,10 +1,28 @@
 """Settings of the gateway: ``C4C_GATEWAY_*``, else ``C4C_*``."""
 
+from ipaddress import IPv4Network, IPv6Network
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from c4c.shared.settings import ServiceSettings
+
+PUBLIC_ROUTES = [
+    "/*/healthz",
+    "/*/readyz",
+    "/*/openapi.json",
+    "/mobis/v1/auth/register",
+    "/mobis/v1/auth/login",
+    "/mobis/v1/auth/refresh",
+]
+
+
+class RouteOptions(BaseModel):
+    """Overrides for the requests under one path prefix."""
+
+    connect_timeout: float | None = Field(None, gt=0)
+    read_timeout: float | None = Field(None, gt=0)
+    max_body_bytes: int | None = Field(None, ge=0)
 
 
 class GatewaySettings(ServiceSettings):
@@ -17,5 +35,53 @@ class GatewaySettings(ServiceSettings):
         '["http://127.0.0.1:8001"]}. Empty = embedded mode: every installed service runs '
         "in this process.",
     )
+    routes: dict[str, RouteOptions] = Field(
+        default_factory=dict,
+        description='Per-prefix overrides, as JSON, e.g. {"/video": {"max_body_bytes": '
+        '2147483648, "read_timeout": 300}}: connect_timeout, read_timeout, max_body_bytes.',
+    )
     upstream_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect.")
     upstream_read_timeout: float = Field(60.0, gt=0, description="Seconds between bytes.")
+    upstream_retries: int = Field(
+        2,
+        ge=0,
+        description="Further attempts, on another replica, after a connection error; only for "
+        "idempotent methods and requests with an Idempotency-Key.",
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failures (errors, timeouts) that open a breaker."
+    )
+    breaker_open_seconds: float = Field(
+        10.0, gt=0, description="Seconds an open breaker refuses calls before one probe."
+    )
+    trusted_proxies: list[IPv4Network | IPv6Network] = Field(
+        default_factory=list,
+        description="Networks of proxies in front of the gateway whose X-Forwarded-* "
+        'headers are believed, as JSON, e.g. ["10.0.0.0/8"].',
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins browsers may call from (CORS); none = off."
+    )
+    public_routes: list[str] = Field(
+        default_factory=lambda: list(PUBLIC_ROUTES),
+        description="Proxied paths served without credentials; * matches one segment.",
+    )
+    jwks_url: str | None = Field(
+        None, description="MOBIS' published keys (JWKS); unset = bearer tokens are refused."
+    )
+    jwt_audience: str = Field("c4c", description="The audience every token must name.")
+    jwt_issuer: str | None = Field(None, description="The issuer tokens must name, if set.")
+    jwks_cache_seconds: float = Field(300.0, gt=0, description="Seconds a JWKS is reused.")
+    api_key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds a looked-up API key is reused; a revocation takes effect after "
+        "at most this long.",
+    )
+    api_key_daily_quota: int | None = Field(
+        None, ge=1, description="Requests a day for new keys unless given; unset = no quota."
+    )
+    rate_limit_per_second: float = Field(
+        20.0, ge=0, description="Sustained requests/s per key, user or IP; 0 = no limit."
+    )
+    rate_limit_burst: int = Field(100, ge=1, description="Requests a caller may burst.")

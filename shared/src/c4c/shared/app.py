@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -20,6 +20,7 @@ from fastapi.middleware import Middleware
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from c4c.shared.auth import PrincipalMiddleware
 from c4c.shared.bus import CloudEvent, EventBus, Handler, bus_from_settings, new_event
 from c4c.shared.bus._topic import topic_matches
 from c4c.shared.db import Database
@@ -32,6 +33,7 @@ from c4c.shared.settings import ServiceSettings
 
 log = logging.getLogger("c4c.app")
 
+Lifecycle = Callable[[], Awaitable[object]]
 Consumers = Mapping[str, Handler]
 """Event-type pattern → handler; all of a service's patterns feed its one queue."""
 
@@ -53,9 +55,20 @@ class ServiceRuntime:
         self.outbox = Outbox(
             self.db, self.bus, service=self.service, poll_interval=settings.outbox_poll_interval
         )
-        self.queue = f"c4c.{self.service}"
+        self.queue = f"{settings.bus_queue_prefix}.{self.service}"
         self._migrations = migrations
         self._consumers = consumers
+        self._background: list[tuple[Lifecycle, Lifecycle | None]] = []
+        self._closers: list[Lifecycle] = []
+
+    def add_background(self, start: Lifecycle, stop: Lifecycle | None = None) -> None:
+        """Work the service runs besides requests and events (workers, resumed jobs): started
+        once the service is up, stopped before the outbox's last flush and the bus drain."""
+        self._background.append((start, stop))
+
+    def add_closer(self, close: Lifecycle) -> None:
+        """A resource handlers use (a model, an HTTP client): closed after the bus drained."""
+        self._closers.append(close)
 
     def event(self, type: str, data: Any, *, subject: str | None = None) -> CloudEvent:
         """A new event from this service, carrying the request id in hand."""
@@ -73,14 +86,24 @@ class ServiceRuntime:
         if self.owns_bus:
             await self.bus.start()
         await self.outbox.start()
+        await self.start_background()
         log.info("service started", extra={"service": self.service})
 
+    async def start_background(self) -> None:
+        for start, _ in self._background:
+            await start()
+
     async def stop_producing(self) -> None:
+        for _, stop in reversed(self._background):
+            if stop is not None:
+                await stop()
         await self.outbox.stop(self.settings.shutdown_timeout / 3)
 
     async def close(self) -> None:
         if self.owns_bus:
             await self.bus.close(self.settings.shutdown_timeout)
+        for close in reversed(self._closers):
+            await close()
         await self.db.dispose()
 
     async def ready(self) -> dict[str, bool]:
@@ -117,6 +140,8 @@ async def run_together(
     await bus.start()
     for runtime in runtimes:
         await runtime.outbox.start()
+    for runtime in runtimes:
+        await runtime.start_background()
     try:
         yield
     finally:
@@ -138,21 +163,35 @@ def create_service_app(
     bus: EventBus | None = None,
     migrations: Sequence[str] = (),
     consumers: Callable[[ServiceRuntime], Consumers] | None = None,
+    body_limits: Mapping[str, int] | None = None,
+    docs: bool = True,
+    accept_principal: bool = True,
 ) -> FastAPI:
     """A service's FastAPI app: its routers, under ``prefixes`` by convention, plus
     ``/healthz``, ``/readyz``, ``/metrics`` and the OpenAPI document at the root and under
     the first prefix (so the gateway reaches them), problem documents for every error,
-    request ids, metrics, structured access logs and a body size limit."""
+    request ids, metrics, structured access logs, a body size limit (``body_limits``: other
+    limits by path prefix) and the principal the gateway vouches for (see ``auth``).
+
+    The gateway itself passes ``docs=False`` (it serves the merged documents) and
+    ``accept_principal=False`` (it makes principals, it does not receive them)."""
     runtime = ServiceRuntime(settings, bus=bus, migrations=migrations, consumers=consumers)
+    middleware = [Middleware(RequestContextMiddleware, service=settings.service_name)]
+    if accept_principal:
+        operations = ["/healthz", "/readyz", "/metrics", "/openapi.json"]
+        public = [*operations, "/docs", "/docs/oauth2-redirect", "/redoc"]
+        public += [prefix + path for prefix in prefixes[:1] for path in operations]
+        middleware.append(Middleware(PrincipalMiddleware, settings=settings, public_paths=public))
+    middleware.append(
+        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, per_prefix=body_limits)
+    )
     app = FastAPI(
         title=title,
         description=description,
         version=version,
         lifespan=runtime.lifespan,
-        middleware=[
-            Middleware(RequestContextMiddleware, service=settings.service_name),
-            Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
-        ],
+        middleware=middleware,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.runtime = runtime
     app.state.prefixes = tuple(prefixes)
@@ -160,6 +199,7 @@ def create_service_app(
     app.include_router(operations_router(runtime))
     if prefixes:
         app.include_router(operations_router(runtime), prefix=prefixes[0])
+    if prefixes and docs:
         app.add_api_route(
             f"{prefixes[0]}/openapi.json", app.openapi, methods=["GET"], include_in_schema=False
         )
@@ -194,8 +234,10 @@ def operations_router(runtime: ServiceRuntime) -> APIRouter:
     return router
 
 
-def serve(app: FastAPI, settings: ServiceSettings) -> None:
-    """Run ``app`` alone with uvicorn, logging as configured."""
+def serve(app: FastAPI, settings: ServiceSettings, *, proxy_headers: bool = True) -> None:
+    """Run ``app`` alone with uvicorn, logging as configured. ``proxy_headers=False`` keeps
+    uvicorn from taking the client address from ``X-Forwarded-*`` (the gateway decides
+    itself which proxies it trusts)."""
     import uvicorn
 
     configure_logging(settings.log_level, settings.log_format)
@@ -208,4 +250,5 @@ def serve(app: FastAPI, settings: ServiceSettings) -> None:
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        proxy_headers=proxy_headers,
     )

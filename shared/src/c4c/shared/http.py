@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from starlette.responses import Response
 from starlette.routing import BaseRoute
@@ -107,16 +108,29 @@ class RequestContextMiddleware:
 
 class BodyLimitMiddleware:
     """Refuses bodies over ``max_bytes``: at once from ``Content-Length``, or while streaming
-    a chunked body. A body-carrying method without either header gets 411."""
+    a chunked body. A body-carrying method without either header gets 411. ``per_prefix``
+    sets other limits under path prefixes (the longest matching prefix wins)."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, per_prefix: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_prefix = sorted(
+            (per_prefix or {}).items(), key=lambda item: len(item[0]), reverse=True
+        )
+
+    def _limit(self, path: str) -> int:
+        for prefix, limit in self.per_prefix:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return limit
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self._limit(scope["path"])
         length = _header(scope, b"content-length")
         chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
         error: Response | None = None
@@ -125,8 +139,8 @@ class BodyLimitMiddleware:
                 error = problem_response(
                     400, detail="Content-Length is not a number.", instance=scope.get("path")
                 )
-            elif int(length) > self.max_bytes:
-                error = self._too_large().to_response(instance=scope.get("path"))
+            elif int(length) > max_bytes:
+                error = _too_large(max_bytes).to_response(instance=scope.get("path"))
         elif not chunked and scope["method"] in _BODY_METHODS:
             error = LengthRequired("Send a Content-Length or a chunked body.").to_response(
                 instance=scope.get("path")
@@ -142,8 +156,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
+                if received > max_bytes:
+                    raise _too_large(max_bytes)
             return message
 
         try:
@@ -152,8 +166,8 @@ class BodyLimitMiddleware:
             # Raised from receive() where no exception handler caught it (plain ASGI apps).
             await exc.to_response(instance=scope.get("path"))(scope, receive, send)
 
-    def _too_large(self) -> BodyTooLarge:
-        return BodyTooLarge(
-            f"The body is larger than the limit of {self.max_bytes} bytes.",
-            limit_bytes=self.max_bytes,
-        )
+
+def _too_large(max_bytes: int) -> BodyTooLarge:
+    return BodyTooLarge(
+        f"The body is larger than the limit of {max_bytes} bytes.", limit_bytes=max_bytes
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -42,6 +42,9 @@ class ServiceSettings(BaseSettings):
         None, description="AMQP URL of RabbitMQ; unset = the in-process bus."
     )
     bus_exchange: str = Field("c4c.events", description="Topic exchange for all events.")
+    bus_queue_prefix: str = Field(
+        "c4c", description="A service consumes from queue <prefix>.<service> (+ .dlq)."
+    )
     bus_prefetch: int = Field(64, ge=1, description="Unacked messages per consumer.")
     bus_delivery_limit: int = Field(
         5, ge=1, description="Deliveries of one message before it is dead-lettered."
@@ -66,6 +69,17 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
     host: str = Field("127.0.0.1", description="Address a service alone listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port a service alone listens on.")
+    principal_secret: SecretStr | None = Field(
+        None,
+        description="Secret the gateway signs the caller's identity (X-C4C-Principal) with and "
+        "services verify it with; unset = the file <data_dir>/principal-secret, which the "
+        "gateway creates.",
+    )
+    require_principal: bool = Field(
+        False,
+        description="Refuse calls that did not come through the gateway (no valid "
+        "X-C4C-Principal), except health, metrics and docs.",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,94 @@
+"""``python -m c4c.gateway [keys ...]``: with no command, serve (the whole suite in embedded
+mode); ``keys create|list|revoke`` manage API keys in the gateway's database, configured by
+the same settings as the server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from c4c.gateway.app import MIGRATIONS, create_app
+from c4c.gateway.service import ApiKeys, InvalidScope, KeyRecord
+from c4c.gateway.settings import GatewaySettings
+from c4c.shared.app import serve
+from c4c.shared.db import Database
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m c4c.gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="action", required=True
+    )
+    create = keys.add_parser("create", help="make a key; its secret is printed once")
+    create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument(
+        "--scopes",
+        required=True,
+        nargs="+",
+        help="services the key may call (ingest quality video plantid mobis), or '*'",
+    )
+    create.add_argument(
+        "--daily-quota", type=int, help="requests a day (default: the api_key_daily_quota setting)"
+    )
+    listing = keys.add_parser("list", help="every key, revoked ones included (no secrets)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    revoke = keys.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("id")
+    return parser
+
+
+def _row(key: KeyRecord) -> dict[str, object]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "scopes": sorted(key.scopes),
+        "daily_quota": key.daily_quota,
+        "created_at": key.created_at.isoformat(),
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
+
+
+async def _keys(args: argparse.Namespace, settings: GatewaySettings) -> int:
+    db = Database(settings.resolved_database_url, schema=settings.resolved_database_schema)
+    try:
+        await db.migrate([MIGRATIONS])
+        keys = ApiKeys(db)
+        if args.action == "create":
+            quota = args.daily_quota or settings.api_key_daily_quota
+            try:
+                record, secret = await keys.create(args.name, args.scopes, daily_quota=quota)
+            except InvalidScope as exc:
+                print(f"error: {exc.detail}", file=sys.stderr)
+                return 2
+            scopes = " ".join(sorted(record.scopes))
+            print(f"created key {record.id} ({record.name}; scopes: {scopes})", file=sys.stderr)
+            print(secret)  # alone on stdout: KEY=$(python -m c4c.gateway keys create ...)
+        elif args.action == "list":
+            for key in await keys.list():
+                if args.json:
+                    print(json.dumps(_row(key)))
+                    continue
+                state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+                scopes = " ".join(sorted(key.scopes))
+                print(f"{key.id}  {key.name}  [{scopes}]  quota {key.daily_quota or '-'}  {state}")
+        elif not await keys.revoke(args.id):
+            print(f"error: no active key {args.id}", file=sys.stderr)
+            return 1
+        else:
+            print(f"revoked key {args.id}", file=sys.stderr)
+        return 0
+    finally:
+        await db.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = GatewaySettings()
+    if args.command == "keys":
+        return asyncio.run(_keys(args, settings))
+    serve(create_app(settings), settings, proxy_headers=False)
+    return 0

@@ -1,0 +1,137 @@
+"""Rate limits: a token bucket per caller (key, user or IP) and a daily quota per API key,
+kept by a small backend interface (in memory by default; a shared store such as Redis fits
+the same two methods when several gateway replicas must share counts).
+
+Answers carry the IETF ``RateLimit-Policy`` and ``RateLimit`` fields
+(draft-ietf-httpapi-ratelimit-headers): ``"burst";q=100;w=5`` is a bucket of 100 refilled
+over 5 s, ``"daily";q=1000;w=86400`` a quota per UTC day; ``r`` is what remains, ``t`` the
+seconds until it is whole again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+DAY = 86400
+_MAX_BUCKETS = 100_000
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    quota: int
+    window: float  # seconds
+
+    def field(self) -> str:
+        return f'"{self.name}";q={self.quota};w={max(1, round(self.window))}'
+
+
+@dataclass(frozen=True)
+class Decision:
+    policy: Policy
+    allowed: bool
+    remaining: int
+    reset: int  # seconds until the quota is whole again
+    retry_after: int  # seconds until a refused caller may try again; 0 when allowed
+
+    def field(self) -> str:
+        return f'"{self.policy.name}";r={self.remaining};t={self.reset}'
+
+
+class RateLimitBackend(Protocol):
+    async def take(self, key: str, policy: Policy, now: float) -> Decision:
+        """One token from ``key``'s bucket (``quota`` tokens refilled over ``window``)."""
+        ...
+
+    async def count(self, key: str, policy: Policy, now: float) -> Decision:
+        """One request in ``key``'s current fixed window of ``window`` seconds (UTC-aligned)."""
+        ...
+
+
+class InMemoryBackend:
+    """This process's memory: exact for one gateway, per replica for several."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, at)
+        self._windows: dict[str, tuple[int, int]] = {}  # key → (window start, count)
+
+    async def take(self, key: str, policy: Policy, now: float) -> Decision:
+        rate = policy.quota / policy.window
+        tokens, at = self._buckets.get(key, (float(policy.quota), now))
+        tokens = min(float(policy.quota), tokens + max(0.0, now - at) * rate)
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        if len(self._buckets) >= _MAX_BUCKETS and key not in self._buckets:
+            self._prune(now)
+        self._buckets[key] = (tokens, now)
+        return Decision(
+            policy,
+            allowed,
+            remaining=int(tokens),
+            reset=math.ceil((policy.quota - tokens) / rate),
+            retry_after=0 if allowed else max(1, math.ceil((1 - tokens) / rate)),
+        )
+
+    def _prune(self, now: float) -> None:
+        """Forget buckets idle long enough to be full again: they are as good as new."""
+        for key, (_, at) in list(self._buckets.items()):
+            if now - at > DAY:
+                del self._buckets[key]
+        if len(self._buckets) >= _MAX_BUCKETS:
+            self._buckets.clear()
+
+    async def count(self, key: str, policy: Policy, now: float) -> Decision:
+        start = int(now // policy.window * policy.window)
+        window_start, used = self._windows.get(key, (start, 0))
+        if window_start != start:
+            used = 0
+        allowed = used < policy.quota
+        if allowed:
+            used += 1
+        self._windows[key] = (start, used)
+        reset = max(1, math.ceil(start + policy.window - now))
+        return Decision(
+            policy,
+            allowed,
+            remaining=policy.quota - used,
+            reset=reset,
+            retry_after=0 if allowed else reset,
+        )
+
+
+class RateLimiter:
+    def __init__(self, backend: RateLimitBackend, *, per_second: float, burst: int) -> None:
+        self.backend = backend
+        # The bucket as an IETF policy: ``burst`` requests refilled over ``burst/rate`` s.
+        self.burst = Policy("burst", burst, burst / per_second) if per_second else None
+
+    async def check(self, caller: str, *, daily_quota: int | None, now: float) -> list[Decision]:
+        """The caller's bucket, then (only for what it lets through) the daily quota."""
+        decisions: list[Decision] = []
+        if self.burst is not None:
+            decisions.append(await self.backend.take(f"bucket:{caller}", self.burst, now))
+            if not decisions[-1].allowed:
+                return decisions
+        if daily_quota is not None:
+            daily = Policy("daily", daily_quota, DAY)
+            decisions.append(await self.backend.count(f"daily:{caller}", daily, now))
+        return decisions
+
+
+def headers(decisions: list[Decision]) -> dict[str, str]:
+    """``RateLimit-Policy`` with every policy; ``RateLimit`` with the tightest one (and
+    ``Retry-After`` when a request was refused)."""
+    if not decisions:
+        return {}
+    refused = [d for d in decisions if not d.allowed]
+    tightest = refused[0] if refused else min(decisions, key=lambda d: d.remaining)
+    fields = {
+        "RateLimit-Policy": ", ".join(d.policy.field() for d in decisions),
+        "RateLimit": tightest.field(),
+    }
+    if refused:
+        fields["Retry-After"] = str(tightest.retry_after)
+    return fields
