@@ -1,5 +1,403 @@
-"""HTTP routes of the ingest service (thin: they call ``service``)."""
+"""HTTP routes of the ingest service (thin: they parse, call ``service``, shape the answer)."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter(prefix="/ingest/v1", tags=["ingest"])
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.types import Message
+
+from c4c.ingest.exports import csv_stream, dwca_stream, geojson_stream
+from c4c.ingest.schemas import (
+    BatchResult,
+    ExportQuery,
+    Identification,
+    IdentificationOut,
+    ListQuery,
+    MediaOut,
+    Observation,
+    ObservationCreate,
+    ObservationFilter,
+    ObservationPage,
+)
+from c4c.ingest.service import BatchItem, IngestService, invalid_item
+from c4c.ingest.settings import IngestSettings
+from c4c.ingest.wiring import Parts
+from c4c.shared.db import SessionDep
+from c4c.shared.problems import BadRequest, BodyTooLarge, ProblemError
+
+PREFIX = "/ingest/v1"
+MEDIA_OVERHEAD = 1 << 20  # multipart framing and form fields around a media file
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-seq")
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+IfMatch = Annotated[str | None, Header(alias="If-Match", max_length=1000)]
+
+
+class UnsupportedBody(ProblemError):
+    status, code, title = 415, "unsupported-media-type", "Unsupported content type"
+
+
+class TooManyItems(BodyTooLarge):
+    code, title = "batch-too-large", "Too many items in one batch"
+
+
+class InvalidCursor(BadRequest):
+    code, title = "invalid-cursor", "The cursor is not valid for this listing"
+
+
+def _parts(request: Request) -> Parts:
+    parts: Parts = request.app.state.parts
+    return parts
+
+
+def _service(request: Request, session: SessionDep) -> IngestService:
+    return _parts(request).service(session)
+
+
+def _location(observation_id: str) -> str:
+    return f"{PREFIX}/observations/{observation_id}"
+
+
+def encode_cursor(sort: str, value: datetime, seq: int) -> str:
+    raw = json.dumps([sort, value.isoformat(), seq]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, sort: str) -> tuple[datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        cursor_sort, value, seq = json.loads(raw)
+        if cursor_sort != sort or not isinstance(seq, int):
+            raise ValueError(sort)
+        return datetime.fromisoformat(value), seq
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
+        raise InvalidCursor(
+            "Use the cursor from the previous page, with the same sort.", cursor=cursor[:100]
+        ) from exc
+
+
+def limited_route(max_bytes: int) -> type[APIRoute]:
+    """Routes that refuse bodies over ``max_bytes`` with a 413 problem, from Content-Length
+    at once or while a chunked body streams in. (FastAPI's own ``max_body_size`` answers
+    in plain text; the app-wide limit is raised for media uploads, see ``app``.)"""
+
+    class LimitedRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def limited(request: Request) -> Response:
+                length = request.headers.get("content-length", "")
+                if length.isdigit() and int(length) > max_bytes:
+                    raise _too_large(max_bytes)
+                received = 0
+
+                async def counting() -> Message:
+                    nonlocal received
+                    message = await request.receive()
+                    received += len(message.get("body", b""))
+                    if received > max_bytes:
+                        raise _too_large(max_bytes)
+                    return message
+
+                return await handler(Request(request.scope, counting))
+
+            return limited
+
+    return LimitedRoute
+
+
+def _too_large(max_bytes: int) -> BodyTooLarge:
+    return BodyTooLarge(
+        f"The body is larger than the limit of {max_bytes} bytes.", limit_bytes=max_bytes
+    )
+
+
+def build_router(settings: IngestSettings) -> APIRouter:
+    router = APIRouter(prefix=PREFIX, tags=["ingest"])
+    json_routes = APIRouter(route_class=limited_route(settings.max_body_bytes))
+    batch_routes = APIRouter(route_class=limited_route(settings.batch_max_bytes))
+
+    @json_routes.post(
+        "/observations",
+        status_code=201,
+        response_model=Observation,
+        summary="Create an observation (idempotent with a client id or Idempotency-Key)",
+        responses={409: {"description": "The id or key was used with a different body."}},
+    )
+    async def create_observation(
+        observation: ObservationCreate,
+        request: Request,
+        session: SessionDep,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response:
+        result = await _service(request, session).create(observation, idempotency_key)
+        headers = {"Location": _location(result.observation["id"]), "ETag": result.etag}
+        if not result.created:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(result.observation, status_code=201, headers=headers)
+
+    @batch_routes.post(
+        "/observations:batch",
+        response_model=BatchResult,
+        summary="Create many observations: a JSON array or NDJSON, one outcome per item",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/json": {"schema": {"type": "array", "items": {}}},
+                    "application/x-ndjson": {"schema": {"type": "string"}},
+                }
+            }
+        },
+    )
+    async def create_batch(request: Request, session: SessionDep) -> Response:
+        items = await _read_batch(request, settings.batch_max_items)
+        outcomes = await _service(request, session).create_batch(items)
+        counts = {
+            s: sum(1 for o in outcomes if o["status"] == s)
+            for s in ("created", "duplicate", "error")
+        }
+        body = {
+            "created": counts["created"],
+            "duplicates": counts["duplicate"],
+            "errors": counts["error"],
+            "items": outcomes,
+        }
+        return JSONResponse(body)
+
+    @router.get("/observations", response_model=ObservationPage, summary="List observations")
+    async def list_observations(
+        query: Annotated[ListQuery, Query()], request: Request, session: SessionDep
+    ) -> Response:
+        after = decode_cursor(query.cursor, query.sort) if query.cursor else None
+        items, last = await _service(request, session).page(query, after)
+        headers, next_cursor = {}, None
+        if last is not None:
+            next_cursor = encode_cursor(query.sort, *last)
+            url = request.url.include_query_params(cursor=next_cursor)
+            headers["Link"] = f'<{url}>; rel="next"'
+        return JSONResponse({"items": items, "next": next_cursor}, headers=headers)
+
+    @router.get(
+        "/observations:export",
+        summary="Export observations (CSV, GeoJSON, Darwin Core Archive), streamed",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/csv": {}, "application/geo+json": {}, "application/zip": {}}}
+        },
+    )
+    async def export_observations(
+        query: Annotated[ExportQuery, Query()], request: Request
+    ) -> StreamingResponse:
+        parts = _parts(request)
+        async with parts.runtime.db.sessions() as session:
+            horizon = await parts.service(session).export_horizon()
+        batches = _export_batches(parts, query, horizon)
+        if query.format == "csv":
+            return StreamingResponse(
+                csv_stream(batches),
+                media_type="text/csv; charset=utf-8",
+                headers={"Content-Disposition": 'attachment; filename="observations.csv"'},
+            )
+        if query.format == "geojson":
+            return StreamingResponse(
+                geojson_stream(batches),
+                media_type="application/geo+json",
+                headers={"Content-Disposition": 'attachment; filename="observations.geojson"'},
+            )
+        return StreamingResponse(
+            dwca_stream(batches, "Cos4Cloud observations"),
+            media_type="application/zip",
+            headers={"Content-Disposition": 'attachment; filename="observations-dwca.zip"'},
+        )
+
+    @router.get("/observations/{observation_id}", response_model=Observation)
+    async def get_observation(
+        observation_id: str, request: Request, session: SessionDep
+    ) -> Response:
+        observation, tag = await _service(request, session).view(observation_id)
+        if request.headers.get("if-none-match") == tag:
+            return Response(status_code=304, headers={"ETag": tag})
+        return JSONResponse(observation, headers={"ETag": tag})
+
+    @json_routes.patch(
+        "/observations/{observation_id}",
+        response_model=Observation,
+        summary="Change an observation: a JSON merge patch, with If-Match",
+    )
+    async def patch_observation(
+        observation_id: str,
+        patch: Annotated[dict[str, Any], Body(media_type="application/merge-patch+json")],
+        request: Request,
+        session: SessionDep,
+        if_match: IfMatch = None,
+    ) -> Response:
+        observation, tag = await _service(request, session).patch(observation_id, if_match, patch)
+        return JSONResponse(observation, headers={"ETag": tag})
+
+    @router.delete("/observations/{observation_id}", status_code=204, summary="Delete (soft)")
+    async def delete_observation(
+        observation_id: str, request: Request, session: SessionDep, if_match: IfMatch = None
+    ) -> Response:
+        await _service(request, session).delete(observation_id, if_match)
+        return Response(status_code=204)
+
+    @json_routes.post(
+        "/observations/{observation_id}/identifications",
+        status_code=201,
+        response_model=IdentificationOut,
+        summary="Add a community identification",
+    )
+    async def add_identification(
+        observation_id: str, identification: Identification, request: Request, session: SessionDep
+    ) -> Response:
+        out = await _service(request, session).identify(observation_id, identification)
+        return JSONResponse(out, status_code=201)
+
+    @router.post(
+        "/observations/{observation_id}/media",
+        status_code=201,
+        response_model=MediaOut,
+        summary="Upload a photo, video or sound: multipart (field 'file') or the raw body",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                        }
+                    },
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    )
+    async def upload_media(
+        observation_id: str,
+        request: Request,
+        session: SessionDep,
+        media_id: Annotated[
+            str | None, Query(alias="mediaId", pattern=r"^[0-9a-fA-F-]{36}$")
+        ] = None,
+    ) -> Response:
+        service = _service(request, session)
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            async with request.form(max_files=1, max_fields=5) as form:
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile):
+                    raise BadRequest("Send the media in a multipart field named 'file'.")
+                media, created = await service.add_media(
+                    observation_id,
+                    media_id and media_id.lower(),
+                    _read(upload),
+                    upload.content_type,
+                )
+        else:
+            media, created = await service.add_media(
+                observation_id,
+                media_id and media_id.lower(),
+                request.stream(),
+                content_type or None,
+            )
+        headers = {"Location": f"{PREFIX}/media/{media['id']}"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(media, status_code=201 if created else 200, headers=headers)
+
+    @router.get(
+        "/media/{media_id}",
+        summary="A media file (public copy), with ETag and Range",
+        response_class=FileResponse,
+    )
+    async def get_media(media_id: str, request: Request, session: SessionDep) -> Response:
+        media = await _service(request, session).media_file(media_id)
+        if media.external_url:
+            return RedirectResponse(media.external_url, status_code=307)
+        tag = f'"{media.public_sha256}"'
+        headers = {"ETag": tag, "Cache-Control": "public, max-age=86400"}
+        if request.headers.get("if-none-match") in (tag, "*"):
+            return Response(status_code=304, headers=headers)
+        path = _parts(request).storage.local_path(media.public_key or "")
+        assert path is not None  # the local disk adapter always has one
+        return FileResponse(path, media_type=media.media_type, headers=headers)
+
+    router.include_router(json_routes)
+    router.include_router(batch_routes)
+    return router
+
+
+async def _read(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(1 << 16):
+        yield chunk
+
+
+async def _read_batch(request: Request, max_items: int) -> list[BatchItem]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    items: list[BatchItem] = []
+
+    def add(index: int, parsed: Any | None, raw: bytes | None) -> None:
+        if index >= max_items:
+            raise TooManyItems(
+                f"A batch holds at most {max_items} observations.", max_items=max_items
+            )
+        try:
+            model = (
+                ObservationCreate.model_validate_json(raw)
+                if raw is not None
+                else ObservationCreate.model_validate(parsed)
+            )
+        except ValidationError as exc:
+            items.append(invalid_item(index, exc))
+        else:
+            items.append(BatchItem(index, model))
+
+    if content_type in NDJSON_TYPES:
+        pending = b""
+        index = 0
+        async for chunk in request.stream():
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    add(index, None, line)
+                    index += 1
+        if pending.strip():
+            add(index, None, pending)
+        return items
+    if content_type not in ("application/json", ""):
+        raise UnsupportedBody(
+            "Send a JSON array (application/json) or NDJSON (application/x-ndjson)."
+        )
+    body = await request.body()
+    try:
+        parsed = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, list):
+        raise BadRequest("The body must be a JSON array of observations.")
+    for index, item in enumerate(parsed):
+        add(index, item, None)
+    return items
+
+
+async def _export_batches(
+    parts: Parts, query: ObservationFilter, horizon: int
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """The export's batches, one short transaction each (a long read would hold SQLite's
+    lock, and the response outlives the request's session)."""
+    after: int | None = 0
+    while after is not None:
+        async with parts.runtime.db.sessions() as session, session.begin():
+            items, after = await parts.service(session).export_batch(query, after, horizon)
+        if items:
+            yield items

@@ -1,0 +1,272 @@
+"""Observation ingestion: single ``POST /ingest/v1/observations`` (rate, p50, p99) and
+``POST /observations:batch`` (observations/s), on SQLite and on PostgreSQL, against a bare
+FastAPI endpoint that only parses the same pydantic model, measured in the same run.
+
+Every variant is driven the same way: in process through httpx's ASGI transport (no
+sockets, so the figures are the service's own cost), ``CONCURRENCY`` requests in flight.
+The service runs whole: request ids, metrics, problem handlers, the database transaction
+and the outbox row per observation, with the relay publishing to the in-process bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from bench._core import Context, Result, ServiceUnavailable, median
+from c4c.ingest.app import create_app
+from c4c.ingest.schemas import ObservationCreate
+from c4c.ingest.settings import IngestSettings
+
+SUITE = "ingest"
+CONCURRENCY = 16
+SINGLE, SINGLE_QUICK = 2000, 200
+BATCHES, BATCHES_QUICK = 20, 3
+BATCH_SIZE = 1000
+ROUNDS, ROUNDS_QUICK = 3, 1
+SINGLE_TARGET = 0.5  # of the bare FastAPI rate
+BATCH_TARGET = 20_000.0  # observations/s on PostgreSQL
+POSTGRES_URL = os.environ.get(
+    "C4C_BENCH_POSTGRES_URL",
+    os.environ.get("C4C_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"),
+)
+BARE = "bare FastAPI"
+
+log = logging.getLogger("bench.ingest")
+
+
+def body(i: int) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "datasetID": "bench",
+        "recordedBy": f"user-{i % 50}",
+        "eventDate": "2024-05-03T10:15:00+02:00",
+        "decimalLatitude": 41.38 + i * 1e-6,
+        "decimalLongitude": 2.17 - i * 1e-6,
+        "coordinateUncertaintyInMeters": 10.0,
+        "countryCode": "ES",
+        "scientificName": "Quercus ilex",
+        "taxonRank": "species",
+        "license": "CC-BY",
+        "measurements": [
+            {"measurementType": "height", "measurementValue": 3.5, "measurementUnit": "m"}
+        ],
+    }
+
+
+def bare_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/ingest/v1/observations", status_code=201)
+    async def create(observation: ObservationCreate) -> dict[str, str]:
+        return {"id": str(observation.id)}
+
+    @app.post("/ingest/v1/observations:batch")
+    async def batch(observations: list[ObservationCreate]) -> dict[str, int]:
+        return {"created": len(observations)}
+
+    return app
+
+
+async def _drive(
+    app: Any, calls: int, one: Callable[[httpx.AsyncClient, int], Awaitable[None]]
+) -> tuple[float, list[float]]:
+    """(calls/s, latencies in s) with ``CONCURRENCY`` calls in flight."""
+    transport = httpx.ASGITransport(app=app)
+    latencies: list[float] = []
+    async with httpx.AsyncClient(transport=transport, base_url="http://bench.test") as client:
+        items = iter(range(calls))
+
+        async def worker() -> None:
+            for i in items:
+                started = time.perf_counter()
+                await one(client, i)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        elapsed = time.perf_counter() - started
+    return calls / elapsed, latencies
+
+
+async def single_round(app: Any, calls: int) -> tuple[float, list[float]]:
+    bodies = [body(i) for i in range(calls)]
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        response = await client.post("/ingest/v1/observations", json=bodies[i])
+        if response.status_code != 201:
+            raise RuntimeError(response.text)
+
+    return await _drive(app, calls, one)
+
+
+async def batch_round(app: Any, batches: int) -> float:
+    payloads = [[body(b * BATCH_SIZE + i) for i in range(BATCH_SIZE)] for b in range(batches)]
+    encoded = [httpx.Request("POST", "/", json=p).content for p in payloads]
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        response = await client.post(
+            "/ingest/v1/observations:batch",
+            content=encoded[i],
+            headers={"content-type": "application/json"},
+        )
+        if response.status_code != 200 or response.json()["created"] != BATCH_SIZE:
+            raise RuntimeError(response.text[:500])
+
+    rate, _ = await _drive(app, batches, one)
+    return rate * BATCH_SIZE
+
+
+class Service:
+    """The ingest app on one database, started and stopped around the rounds."""
+
+    def __init__(self, name: str, data_dir: Path, database: dict[str, str]) -> None:
+        self.name = name
+        settings = IngestSettings(data_dir=data_dir, **database)
+        self.app = create_app(settings)
+
+    async def __aenter__(self) -> Any:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        return self.app
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._lifespan.__aexit__(None, None, None)
+
+
+async def check_postgres() -> None:
+    engine = create_async_engine(POSTGRES_URL)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except (OSError, Exception) as exc:
+        raise ServiceUnavailable(f"PostgreSQL at {POSTGRES_URL} unreachable ({exc!r})") from exc
+    finally:
+        await engine.dispose()
+
+
+async def drop_schema(schema: str) -> None:
+    engine = create_async_engine(POSTGRES_URL)
+    async with engine.begin() as conn:
+        await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    await engine.dispose()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run(ctx: Context) -> list[Result]:
+    await check_postgres()
+    logging.getLogger("c4c").setLevel(logging.WARNING)  # no access log per request
+    calls, batches, rounds = (
+        (SINGLE_QUICK, BATCHES_QUICK, ROUNDS_QUICK) if ctx.quick else (SINGLE, BATCHES, ROUNDS)
+    )
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    single: dict[str, list[tuple[float, list[float]]]] = {BARE: [], "sqlite": [], "postgres": []}
+    batch: dict[str, list[float]] = {BARE: [], "sqlite": [], "postgres": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        services = {
+            "sqlite": Service("sqlite", Path(tmp) / "sqlite", {}),
+            "postgres": Service(
+                "postgres",
+                Path(tmp) / "postgres",
+                {"database_url": POSTGRES_URL, "database_schema": schema},
+            ),
+        }
+        try:
+            async with services["sqlite"] as sqlite_app, services["postgres"] as postgres_app:
+                apps = {BARE: bare_app(), "sqlite": sqlite_app, "postgres": postgres_app}
+                for app in apps.values():  # warm-up: imports, prepared statements, caches
+                    await single_round(app, 50)
+                    await batch_round(app, 1)
+                for r in range(rounds):
+                    order = list(apps) if r % 2 == 0 else list(reversed(apps))
+                    for name in order:
+                        single[name].append(await single_round(apps[name], calls))
+                        batch[name].append(await batch_round(apps[name], batches))
+                        log.info(
+                            "round %d %s: %.0f req/s single, %.0f obs/s batch",
+                            r + 1,
+                            name,
+                            single[name][-1][0],
+                            batch[name][-1],
+                        )
+        finally:
+            await drop_schema(schema)
+
+    shape = f"median of {rounds} round(s); {CONCURRENCY} in flight"
+    bare_rate = median([s[0] for s in single[BARE]])
+    bare_batch = median(batch[BARE])
+    results = [
+        Result(
+            SUITE,
+            f"{BARE} single req/s",
+            bare_rate,
+            "req/s",
+            detail=f"{shape}; {calls} requests; parse only",
+        ),
+        Result(
+            SUITE,
+            f"{BARE} batch obs/s",
+            bare_batch,
+            "obs/s",
+            detail=f"{shape}; {batches} x {BATCH_SIZE}; parse only",
+        ),
+    ]
+    for name in ("sqlite", "postgres"):
+        rates = [s[0] for s in single[name]]
+        latencies = [x for s in single[name] for x in s[1]]
+        results.append(
+            Result.against(
+                SUITE,
+                f"{name} single req/s",
+                median(rates),
+                "req/s",
+                baseline=bare_rate,
+                baseline_name=BARE,
+                min_ratio=SINGLE_TARGET,
+                detail=f"{shape}; rounds: " + ", ".join(f"{x:,.0f}" for x in rates),
+            )
+        )
+        for q, label in ((0.5, "p50"), (0.99, "p99")):
+            bare_q = pct([x for s in single[BARE] for x in s[1]], q) * 1000
+            results.append(
+                Result.against(
+                    SUITE,
+                    f"{name} single {label}",
+                    pct(latencies, q) * 1000,
+                    "ms",
+                    baseline=bare_q,
+                    baseline_name=BARE,
+                    detail=f"{shape}; informational, lower is better",
+                )
+            )
+        batch_rate = median(batch[name])
+        results.append(
+            Result(
+                SUITE,
+                f"{name} batch obs/s",
+                batch_rate,
+                "obs/s",
+                baseline=bare_batch,
+                target=f">= {BATCH_TARGET:,.0f} obs/s" if name == "postgres" else None,
+                met=batch_rate >= BATCH_TARGET if name == "postgres" else None,
+                detail=f"{shape}; {batches} x {BATCH_SIZE} per round; rounds: "
+                + ", ".join(f"{x:,.0f}" for x in batch[name]),
+            )
+        )
+    return results

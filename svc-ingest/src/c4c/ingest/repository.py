@@ -1,0 +1,235 @@
+"""Every query of the ingest service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, insert, or_, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from c4c.ingest.models import IdentificationRow, MediaRow, ObservationRow
+from c4c.ingest.schemas import ObservationFilter
+
+IN_CHUNK = 500  # ids per IN (...) list: well under every driver's parameter limit
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything stored is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Known:
+    """What is stored under a client's id or key: enough to tell a retry from a conflict."""
+
+    id: str
+    body_hash: str
+    deleted: bool
+
+
+SORT_COLUMNS = {
+    "created": ObservationRow.created_at,
+    "eventDate": ObservationRow.event_start,
+    "updated": ObservationRow.updated_at,
+}
+
+
+class Repository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    # --- observations ----------------------------------------------------------------------
+
+    async def get(self, observation_id: str, *, for_update: bool = False) -> ObservationRow | None:
+        query = select(ObservationRow).where(ObservationRow.id == observation_id)
+        if for_update:
+            query = query.with_for_update()
+        return (await self.session.execute(query)).scalar_one_or_none()
+
+    async def known(
+        self, *, ids: Iterable[str] = (), idempotency_key: str | None = None
+    ) -> dict[str, Known]:
+        """Stored observations by id, and the one under ``idempotency_key`` (keyed ``key:``)."""
+        columns = (
+            ObservationRow.id,
+            ObservationRow.body_hash,
+            ObservationRow.deleted_at,
+            ObservationRow.idempotency_key,
+        )
+        found: dict[str, Known] = {}
+        wanted = list(dict.fromkeys(ids))
+        for start in range(0, len(wanted), IN_CHUNK):
+            chunk = wanted[start : start + IN_CHUNK]
+            rows = await self.session.execute(select(*columns).where(ObservationRow.id.in_(chunk)))
+            for row_id, body_hash, deleted_at, _ in rows:
+                found[row_id] = Known(row_id, body_hash, deleted_at is not None)
+        if idempotency_key is not None:
+            rows = await self.session.execute(
+                select(*columns).where(ObservationRow.idempotency_key == idempotency_key)
+            )
+            for row_id, body_hash, deleted_at, key in rows:
+                found[f"key:{key}"] = Known(row_id, body_hash, deleted_at is not None)
+        return found
+
+    async def insert_one(self, values: dict[str, Any]) -> bool:
+        """Insert; False when a concurrent request took the same id or key first."""
+        try:
+            async with self.session.begin_nested():
+                await self.session.execute(insert(ObservationRow), [values])
+        except IntegrityError:
+            return False
+        return True
+
+    async def insert_many(self, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            await self.session.execute(insert(ObservationRow), list(rows))
+
+    async def update(self, observation_id: str, values: dict[str, Any]) -> None:
+        await self.session.execute(
+            update(ObservationRow).where(ObservationRow.id == observation_id).values(**values)
+        )
+
+    # --- media and identifications ---------------------------------------------------------
+
+    async def media_of(self, ids: Sequence[str]) -> dict[str, list[MediaRow]]:
+        out: dict[str, list[MediaRow]] = {i: [] for i in ids}
+        for start in range(0, len(ids), IN_CHUNK):
+            query = (
+                select(MediaRow)
+                .where(MediaRow.observation_id.in_(ids[start : start + IN_CHUNK]))
+                .order_by(MediaRow.created_at, MediaRow.id)
+            )
+            for row in (await self.session.execute(query)).scalars():
+                out[row.observation_id].append(row)
+        return out
+
+    async def identifications_of(self, ids: Sequence[str]) -> dict[str, list[IdentificationRow]]:
+        out: dict[str, list[IdentificationRow]] = {i: [] for i in ids}
+        for start in range(0, len(ids), IN_CHUNK):
+            query = (
+                select(IdentificationRow)
+                .where(IdentificationRow.observation_id.in_(ids[start : start + IN_CHUNK]))
+                .order_by(IdentificationRow.date_identified, IdentificationRow.id)
+            )
+            for row in (await self.session.execute(query)).scalars():
+                out[row.observation_id].append(row)
+        return out
+
+    async def get_media(self, media_id: str) -> MediaRow | None:
+        return await self.session.get(MediaRow, media_id)
+
+    async def add_media(self, row: MediaRow) -> bool:
+        """Insert; False when the same media id was stored concurrently."""
+        try:
+            async with self.session.begin_nested():
+                self.session.add(row)
+                await self.session.flush()
+        except IntegrityError:
+            return False
+        await self.session.execute(
+            update(ObservationRow)
+            .where(ObservationRow.id == row.observation_id)
+            .values(media_count=ObservationRow.media_count + 1)
+        )
+        return True
+
+    async def set_public_copy(self, media_id: str, key: str | None, sha256: str | None) -> None:
+        await self.session.execute(
+            update(MediaRow)
+            .where(MediaRow.id == media_id)
+            .values(public_key=key, public_sha256=sha256)
+        )
+
+    async def key_in_use(self, key: str) -> bool:
+        query = select(func.count()).where(
+            or_(MediaRow.storage_key == key, MediaRow.public_key == key)
+        )
+        return bool(await self.session.scalar(query))
+
+    async def add_identification(self, row: IdentificationRow) -> None:
+        self.session.add(row)
+        await self.session.flush()
+
+    # --- listing and exports ---------------------------------------------------------------
+
+    def _conditions(self, f: ObservationFilter) -> list[ColumnElement[bool]]:
+        o = ObservationRow
+        where: list[ColumnElement[bool]] = []
+        if not f.includeDeleted:
+            where.append(o.deleted_at.is_(None))
+        if f.project is not None:
+            where.append(o.dataset_id == f.project)
+        if f.recordedBy is not None:
+            where.append(o.recorded_by == f.recordedBy)
+        if f.name is not None:
+            prefix = f.name.lower()
+            where.append(
+                or_(
+                    o.scientific_name_lower.startswith(prefix, autoescape=True),
+                    o.vernacular_name_lower.startswith(prefix, autoescape=True),
+                )
+            )
+        box = f.box()
+        if box is not None:
+            where.append(o.latitude.between(box.min_lat, box.max_lat))
+            if box.min_lon <= box.max_lon:
+                where.append(o.longitude.between(box.min_lon, box.max_lon))
+            else:  # across the antimeridian
+                where.append(or_(o.longitude >= box.min_lon, o.longitude <= box.max_lon))
+        start, end = f.date_range()
+        if start is not None:
+            where.append(o.event_start >= start)
+        if end is not None:
+            where.append(o.event_end <= end)
+        if f.qualityGrade is not None:
+            where.append(o.quality_grade == f.qualityGrade)
+        if f.hasMedia is not None:
+            where.append(o.media_count > 0 if f.hasMedia else o.media_count == 0)
+        if f.updatedSince is not None:
+            where.append(o.updated_at >= f.updatedSince)
+        return where
+
+    async def page(
+        self,
+        f: ObservationFilter,
+        *,
+        sort: str,
+        after: tuple[datetime, int] | None,
+        limit: int,
+        max_seq: int | None = None,
+    ) -> list[ObservationRow]:
+        """Keyset page: rows strictly after ``after`` = (sort value, seq) in ``sort`` order."""
+        descending = sort.startswith("-")
+        column = SORT_COLUMNS[sort.lstrip("-")]
+        where = self._conditions(f)
+        if max_seq is not None:
+            where.append(ObservationRow.seq <= max_seq)
+        if after is not None:
+            key = tuple_(column, ObservationRow.seq)
+            bound = tuple_(*after)
+            where.append(key < bound if descending else key > bound)
+        order = (
+            (column.desc(), ObservationRow.seq.desc())
+            if descending
+            else (column, ObservationRow.seq)
+        )
+        query = select(ObservationRow).where(*where).order_by(*order).limit(limit)
+        return list((await self.session.execute(query)).scalars())
+
+    async def max_seq(self) -> int:
+        return int(await self.session.scalar(select(func.max(ObservationRow.seq))) or 0)
+
+    async def after_seq(
+        self, f: ObservationFilter, *, after: int, max_seq: int, limit: int
+    ) -> list[ObservationRow]:
+        """Matching rows with ``after < seq <= max_seq``, in seq order (exports: keyset
+        reads, so memory stays flat whatever the result size)."""
+        where = [*self._conditions(f), ObservationRow.seq > after, ObservationRow.seq <= max_seq]
+        query = select(ObservationRow).where(*where).order_by(ObservationRow.seq).limit(limit)
+        return list((await self.session.execute(query)).scalars())

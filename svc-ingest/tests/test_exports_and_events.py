@@ -1,0 +1,209 @@
+"""Exports read back by third-party tools (python-dwca-reader, geojson-pydantic) equal to the
+API's own view; write-backs from quality, plant identification and video, applied once."""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from dwca.read import DwCAReader
+from geojson_pydantic import FeatureCollection
+
+from c4c.ingest.exports import CORE
+from c4c.shared.bus import CloudEvent, new_event
+
+API = "/ingest/v1"
+Body = Callable[..., dict[str, Any]]
+DWC = "http://rs.tdwg.org/dwc/terms/"
+
+
+async def populate(
+    client: httpx.AsyncClient, observation: Body, test_data: Path
+) -> list[dict[str, Any]]:
+    bodies = [
+        observation(
+            scientificName="Quercus ilex", occurrenceRemarks='tricky, "quoted"\nand multi-line'
+        ),
+        observation(
+            scientificName="Bellis perennis",
+            eventDate="2024-05",
+            locationObscured=True,
+            measurements=[
+                {
+                    "measurementType": "odour intensity",
+                    "measurementValue": 3,
+                    "measurementUnit": "level",
+                },
+                {"measurementType": "hedonic tone", "measurementValue": "unpleasant"},
+            ],
+        ),
+        observation(datasetID="other", scientificName=None, vernacularName=None, license="CC0"),
+    ]
+    ids = [(await client.post(f"{API}/observations", json=b)).json()["id"] for b in bodies]
+    photo = test_data / "plants" / "Crocus_sp"
+    for path in sorted(photo.glob("*.jpg"))[:2]:
+        response = await client.post(
+            f"{API}/observations/{ids[0]}/media", content=path.read_bytes()
+        )
+        assert response.status_code == 201
+    return [(await client.get(f"{API}/observations/{i}")).json() for i in ids]
+
+
+async def test_darwin_core_archive_reads_back_equal(
+    client: httpx.AsyncClient, observation: Body, test_data: Path, tmp_path: Path
+) -> None:
+    stored = {o["id"]: o for o in await populate(client, observation, test_data)}
+    response = await client.get(f"{API}/observations:export?format=dwca")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/zip"
+    archive = tmp_path / "export.zip"
+    archive.write_bytes(response.content)
+
+    with DwCAReader(str(archive)) as dwca:
+        assert dwca.metadata is not None  # eml.xml parsed
+        rows = list(dwca)
+        assert {r.id for r in rows} == set(stored)
+        for row in rows:
+            o = stored[row.id]
+            for name, term, get in CORE:
+                value = get(o)
+                expected = "" if value is None else str(value)
+                assert row.data[term] == expected, (name, row.data[term], expected)
+            media = [e for e in row.extensions if e.rowtype.endswith("Multimedia")]
+            assert sorted(m.data["http://purl.org/dc/terms/identifier"] for m in media) == sorted(
+                m["url"] for m in o["media"]
+            )
+            facts = [e for e in row.extensions if e.rowtype.endswith("MeasurementOrFact")]
+            assert [
+                (f.data[DWC + "measurementType"], f.data[DWC + "measurementValue"]) for f in facts
+            ] == [(m["measurementType"], str(m["measurementValue"])) for m in o["measurements"]]
+
+
+async def test_geojson_is_valid_rfc7946(
+    client: httpx.AsyncClient, observation: Body, test_data: Path
+) -> None:
+    stored = {o["id"]: o for o in await populate(client, observation, test_data)}
+    response = await client.get(f"{API}/observations:export?format=geojson")
+    assert response.headers["content-type"] == "application/geo+json"
+    collection = FeatureCollection.model_validate_json(response.content)
+    assert {f.id for f in collection.features} == set(stored)
+    for feature in collection.features:
+        o = stored[str(feature.id)]
+        assert feature.geometry is not None
+        assert list(feature.geometry.coordinates) == [o["decimalLongitude"], o["decimalLatitude"]]
+        assert feature.properties is not None
+        assert feature.properties["scientificName"] == o["scientificName"]
+
+
+async def test_csv_export_uses_the_same_filters(
+    client: httpx.AsyncClient, observation: Body, test_data: Path
+) -> None:
+    stored = await populate(client, observation, test_data)
+    response = await client.get(
+        f"{API}/observations:export?format=csv&project=natusfera&hasMedia=true"
+    )
+    assert response.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert [r["id"] for r in rows] == [stored[0]["id"]]
+    assert rows[0]["occurrenceRemarks"] == stored[0]["occurrenceRemarks"]
+    assert rows[0]["mediaCount"] == "2"
+    everything = list(
+        csv.DictReader(io.StringIO((await client.get(f"{API}/observations:export")).text))
+    )
+    assert len(everything) == 3
+    bad = await client.get(f"{API}/observations:export?format=xls")
+    assert bad.status_code == 422
+
+
+async def test_export_streams_many_batches(
+    client: httpx.AsyncClient, observation: Body, app: Any
+) -> None:
+    app.state.parts.settings.export_batch = 7
+    body = [observation(id=str(uuid.uuid4())) for _ in range(30)]
+    assert (await client.post(f"{API}/observations:batch", json=body)).json()["created"] == 30
+    rows = list(csv.DictReader(io.StringIO((await client.get(f"{API}/observations:export")).text)))
+    assert sorted(r["id"] for r in rows) == sorted(b["id"] for b in body)
+
+
+# --- consumed events --------------------------------------------------------------------------
+
+
+async def test_scores_and_identifications_are_written_back_once(
+    client: httpx.AsyncClient, observation: Body, app: Any, eventually: Any
+) -> None:
+    obs_id = (await client.post(f"{API}/observations", json=observation())).json()["id"]
+    bus = app.state.runtime.bus
+    scored = new_event(
+        "quality",
+        "observation.scored",
+        {"observation_id": obs_id, "score": 0.7, "grade": "needs_id", "flags": ["blurry"]},
+    )
+    identified = new_event(
+        "plantid",
+        "observation.identified",
+        {
+            "observation_id": obs_id,
+            "model_version": "effnet-2026.1",
+            "candidates": [
+                {"scientificName": "Quercus ilex", "score": 0.91, "taxonRank": "species"},
+                {"scientificName": "Quercus suber", "score": 0.05},
+            ],
+        },
+    )
+    for event in (scored, identified, identified, scored):  # redeliveries
+        await bus.publish(event)
+
+    async def written() -> bool:
+        o = (await client.get(f"{API}/observations/{obs_id}")).json()
+        return o["quality"]["grade"] == "needs_id" and o["bestMachineIdentification"] is not None
+
+    await eventually(written)
+    await bus.drain(10)
+    o = (await client.get(f"{API}/observations/{obs_id}")).json()
+    assert o["quality"]["score"] == 0.7
+    assert o["quality"]["flags"] == ["blurry"]
+    assert o["bestMachineIdentification"]["scientificName"] == "Quercus ilex"
+    assert o["bestMachineIdentification"]["modelVersion"] == "effnet-2026.1"
+    machine = [i for i in o["identifications"] if i["kind"] == "machine"]
+    assert len(machine) == 1  # the redelivered event had no second effect
+
+
+async def test_a_detection_becomes_a_machine_observation(
+    client: httpx.AsyncClient, app: Any, events: list[CloudEvent], eventually: Any
+) -> None:
+    detection = new_event(
+        "video",
+        "detection.created",
+        {
+            "detection_id": "det-42",
+            "stream_id": "cam-3",
+            "project": "birdcams",
+            "start": "2024-05-03T10:15:00Z",
+            "end": "2024-05-03T10:15:04Z",
+            "label": "Cacatua galerita",
+            "score": 0.88,
+            "latitude": -33.86,
+            "longitude": 151.2,
+            "snapshot_url": "http://suite.test/video/v1/snapshots/det-42.jpg",
+        },
+    )
+    bus = app.state.runtime.bus
+    await bus.publish(detection)
+    await bus.publish(detection)
+    await eventually(lambda: any(e.type == "observation.created" for e in events))
+    await bus.drain(10)
+    listing = (await client.get(f"{API}/observations?project=birdcams")).json()["items"]
+    assert len(listing) == 1
+    [o] = listing
+    assert o["basisOfRecord"] == "MachineObservation"
+    assert o["scientificName"] == "Cacatua galerita"
+    assert o["eventDate"] == "2024-05-03T10:15:00Z/2024-05-03T10:15:04Z"
+    assert [m["url"] for m in o["media"]] == ["http://suite.test/video/v1/snapshots/det-42.jpg"]
+    redirect = await client.get(f"{API}/media/{o['media'][0]['id']}")
+    assert redirect.status_code == 307
+    assert len([e for e in events if e.type == "observation.created"]) == 1

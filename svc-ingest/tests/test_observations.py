@@ -1,0 +1,460 @@
+"""Observations over HTTP, on SQLite and PostgreSQL: create, idempotent retries and
+conflicts, validation, batches, changes with If-Match, deletion, identifications, filters and
+cursor paging under concurrent inserts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from c4c.shared.bus import CloudEvent
+
+API = "/ingest/v1"
+Body = Callable[..., dict[str, Any]]
+
+
+def problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    return body
+
+
+def created_ids(events: list[CloudEvent], type_: str = "observation.created") -> list[str]:
+    return [e.data["id"] for e in events if e.type == type_]
+
+
+# --- create, retry, conflict -----------------------------------------------------------------
+
+
+async def test_create_answers_201_with_location_and_darwin_core_fields(
+    client: httpx.AsyncClient, observation: Body, events: list[CloudEvent], eventually: Any
+) -> None:
+    response = await client.post(f"{API}/observations", json=observation())
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert response.headers["location"] == f"{API}/observations/{body['id']}"
+    assert body["occurrenceID"] == f"urn:uuid:{body['id']}"
+    assert body["scientificName"] == "Quercus ilex"
+    assert body["geodeticDatum"] == "WGS84"
+    assert body["basisOfRecord"] == "HumanObservation"
+    assert body["version"] == 1
+
+    fetched = await client.get(response.headers["location"])
+    assert fetched.status_code == 200
+    assert fetched.json() == body
+    assert fetched.headers["etag"] == response.headers["etag"]
+
+    await eventually(lambda: created_ids(events) == [body["id"]])
+    [event] = events
+    assert event.subject == f"observation/{body['id']}"
+    assert event.data == body
+
+
+async def test_retry_with_same_id_and_body_returns_the_original(
+    client: httpx.AsyncClient, observation: Body, events: list[CloudEvent], eventually: Any
+) -> None:
+    obs_id = str(uuid.uuid4())
+    first = await client.post(f"{API}/observations", json=observation(id=obs_id))
+    # Same content, different formatting and key order: still the same request.
+    raw = json.dumps(dict(reversed(list(observation(id=obs_id).items()))), indent=2)
+    retry = await client.post(
+        f"{API}/observations", content=raw, headers={"content-type": "application/json"}
+    )
+    assert first.status_code == retry.status_code == 201
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert retry.json() == first.json()
+    assert retry.json()["id"] == obs_id
+    await eventually(lambda: len(events) >= 1)
+    listing = await client.get(f"{API}/observations")
+    assert [o["id"] for o in listing.json()["items"]] == [obs_id]
+    assert created_ids(events) == [obs_id]
+
+
+async def test_same_id_with_another_body_is_a_409(
+    client: httpx.AsyncClient, observation: Body
+) -> None:
+    obs_id = str(uuid.uuid4())
+    assert (
+        await client.post(f"{API}/observations", json=observation(id=obs_id))
+    ).status_code == 201
+    again = await client.post(
+        f"{API}/observations", json=observation(id=obs_id, scientificName="Quercus suber")
+    )
+    body = problem(again, 409)
+    assert body["type"] == "urn:c4c:problem:idempotency-conflict"
+    assert body["observation_id"] == obs_id
+    stored = await client.get(f"{API}/observations/{obs_id}")
+    assert stored.json()["scientificName"] == "Quercus ilex"
+
+
+async def test_idempotency_key_makes_a_retry_safe(
+    client: httpx.AsyncClient, observation: Body
+) -> None:
+    key = {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+    first = await client.post(f"{API}/observations", json=observation(), headers=key)
+    retry = await client.post(f"{API}/observations", json=observation(), headers=key)
+    other = await client.post(
+        f"{API}/observations", json=observation(individualCount=3), headers=key
+    )
+    assert first.status_code == retry.status_code == 201
+    assert retry.json()["id"] == first.json()["id"]
+    problem(other, 409)
+    without_key = await client.post(f"{API}/observations", json=observation())
+    assert without_key.json()["id"] != first.json()["id"]
+
+
+async def test_concurrent_retries_create_one_observation(
+    client: httpx.AsyncClient, observation: Body
+) -> None:
+    obs_id = str(uuid.uuid4())
+    answers = await asyncio.gather(
+        *(client.post(f"{API}/observations", json=observation(id=obs_id)) for _ in range(5))
+    )
+    assert [a.status_code for a in answers] == [201] * 5
+    assert sum("idempotent-replayed" not in a.headers for a in answers) == 1
+    assert {a.json()["id"] for a in answers} == {obs_id}
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"decimalLatitude": 91}, "decimalLatitude"),
+        ({"decimalLongitude": -180.5}, "decimalLongitude"),
+        ({"license": "GPL"}, "license"),
+        ({"eventDate": "2999-01-01T00:00:00Z"}, "eventDate"),
+        ({"eventDate": "2024-05-03T10:15:00"}, "eventDate"),  # no offset
+        ({"eventDate": "2024-13"}, "eventDate"),
+        ({"eventDate": "2024-05-10/2024-05-01"}, "eventDate"),
+        ({"basisOfRecord": "Guess"}, "basisOfRecord"),
+        ({"countryCode": "ESP"}, "countryCode"),
+        ({"surprise": 1}, "surprise"),
+        ({"measurements": [{"measurementType": "pm2.5"}]}, "measurements.0.measurementValue"),
+    ],
+)
+async def test_invalid_fields_are_named_in_a_422(
+    client: httpx.AsyncClient, observation: Body, override: dict[str, Any], field: str
+) -> None:
+    body = problem(await client.post(f"{API}/observations", json=observation(**override)), 422)
+    assert field in [e["field"] for e in body["errors"]]
+
+
+async def test_missing_licence_is_a_422(client: httpx.AsyncClient, observation: Body) -> None:
+    body = observation()
+    del body["license"]
+    errors = problem(await client.post(f"{API}/observations", json=body), 422)["errors"]
+    assert [e["field"] for e in errors] == ["license"]
+
+
+@pytest.mark.parametrize(
+    "event_date",
+    ["2024", "2024-05", "2024-05-03", "2024-05-03T08:15:00Z", "2024-05-01/2024-05-15"],
+)
+async def test_partial_dates_and_intervals_are_stored_as_written(
+    client: httpx.AsyncClient, observation: Body, event_date: str
+) -> None:
+    response = await client.post(f"{API}/observations", json=observation(eventDate=event_date))
+    assert response.status_code == 201, response.text
+    assert response.json()["eventDate"] == event_date
+
+
+async def test_hostile_bodies_get_4xx(client: httpx.AsyncClient) -> None:
+    bad_json = await client.post(
+        f"{API}/observations",
+        content=b'{"datasetID": ',
+        headers={"content-type": "application/json"},
+    )
+    problem(bad_json, 422)
+    not_object = await client.post(f"{API}/observations", json=[1, 2])
+    problem(not_object, 422)
+    huge = await client.post(
+        f"{API}/observations",
+        content=b'{"x": "' + b"a" * (11 * 1024 * 1024) + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    problem(huge, 413)
+
+
+# --- batch -----------------------------------------------------------------------------------
+
+
+async def test_batch_keeps_good_items_whatever_the_bad_ones(
+    client: httpx.AsyncClient, observation: Body, events: list[CloudEvent], eventually: Any
+) -> None:
+    existing = str(uuid.uuid4())
+    await client.post(f"{API}/observations", json=observation(id=existing))
+    good = [observation(id=str(uuid.uuid4()), individualCount=i) for i in range(3)]
+    items = [
+        good[0],
+        observation(decimalLatitude=123),  # invalid
+        observation(id=existing),  # retry of a stored one
+        good[1],
+        observation(id=existing, scientificName="Other"),  # conflict
+        "not an object",
+        good[2],
+        good[2],  # the same id twice in one batch: the second is a duplicate
+    ]
+    response = await client.post(f"{API}/observations:batch", json=items)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    statuses = [o["status"] for o in result["items"]]
+    assert statuses == [
+        "created",
+        "error",
+        "duplicate",
+        "created",
+        "error",
+        "error",
+        "created",
+        "duplicate",
+    ]
+    assert (result["created"], result["duplicates"], result["errors"]) == (3, 2, 3)
+    assert result["items"][1]["problem"]["errors"][0]["field"] == "decimalLatitude"
+    assert result["items"][4]["problem"]["status"] == 409
+    for outcome, item in zip([result["items"][i] for i in (0, 3, 6)], good, strict=True):
+        assert outcome["id"] == item["id"]
+        stored = await client.get(outcome["location"])
+        assert stored.json()["individualCount"] == item["individualCount"]
+    want = {existing, *(g["id"] for g in good)}
+    await eventually(lambda: set(created_ids(events)) == want)
+    assert len(created_ids(events)) == 4
+
+
+async def test_ndjson_batch_is_parsed_line_by_line(
+    client: httpx.AsyncClient, observation: Body
+) -> None:
+    lines = [json.dumps(observation(id=str(uuid.uuid4()), individualCount=i)) for i in range(50)]
+    lines.insert(10, "{not json")
+
+    async def chunks() -> Any:
+        data = ("\n".join(lines) + "\n").encode()
+        for start in range(0, len(data), 1000):  # lines split across chunks
+            yield data[start : start + 1000]
+
+    response = await client.post(
+        f"{API}/observations:batch",
+        content=chunks(),
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["created"] == 50
+    assert result["errors"] == 1
+    assert result["items"][10]["status"] == "error"
+    assert result["items"][10]["problem"]["errors"][0]["code"] == "json_invalid"
+
+
+async def test_batch_over_the_item_limit_stores_nothing(
+    client: httpx.AsyncClient, observation: Body, app: Any
+) -> None:
+    app.state.parts.settings.batch_max_items = 5
+    response = await client.post(f"{API}/observations:batch", json=[observation()] * 6)
+    assert problem(response, 413)["type"] == "urn:c4c:problem:batch-too-large"
+    assert (await client.get(f"{API}/observations")).json()["items"] == []
+
+
+async def test_batch_must_be_an_array(client: httpx.AsyncClient, observation: Body) -> None:
+    problem(await client.post(f"{API}/observations:batch", json=observation()), 400)
+    problem(
+        await client.post(
+            f"{API}/observations:batch", content=b"x", headers={"content-type": "text/plain"}
+        ),
+        415,
+    )
+
+
+# --- change, delete, identify ----------------------------------------------------------------
+
+
+async def test_patch_needs_the_current_etag(
+    client: httpx.AsyncClient, observation: Body, events: list[CloudEvent], eventually: Any
+) -> None:
+    created = await client.post(f"{API}/observations", json=observation())
+    url, tag = created.headers["location"], created.headers["etag"]
+    patch = {"individualCount": 4, "vernacularName": None}
+    problem(await client.patch(url, json=patch), 428)
+
+    changed = await client.patch(url, json=patch, headers={"If-Match": tag})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["individualCount"] == 4
+    assert changed.json()["vernacularName"] is None
+    assert changed.json()["version"] == 2
+    assert changed.headers["etag"] != tag
+
+    stale = await client.patch(url, json={"individualCount": 9}, headers={"If-Match": tag})
+    assert problem(stale, 412)["current_etag"] == changed.headers["etag"]
+    invalid = await client.patch(
+        url, json={"decimalLatitude": 100}, headers={"If-Match": changed.headers["etag"]}
+    )
+    assert problem(invalid, 422)["errors"][0]["field"] == "decimalLatitude"
+
+    await eventually(lambda: any(e.type == "observation.updated" for e in events))
+    [update] = [e for e in events if e.type == "observation.updated"]
+    assert update.data["changed"] == {"individualCount": 4, "vernacularName": None}
+
+
+async def test_delete_is_soft_with_a_tombstone_event(
+    client: httpx.AsyncClient, observation: Body, events: list[CloudEvent], eventually: Any
+) -> None:
+    created = await client.post(f"{API}/observations", json=observation())
+    obs_id = created.json()["id"]
+    assert (await client.delete(created.headers["location"])).status_code == 204
+    problem(await client.get(created.headers["location"]), 410)
+    problem(await client.delete(created.headers["location"]), 410)
+    assert (await client.get(f"{API}/observations")).json()["items"] == []
+    tombstones = (await client.get(f"{API}/observations?includeDeleted=true")).json()["items"]
+    assert [(t["id"], t["deleted"]) for t in tombstones] == [(obs_id, True)]
+    await eventually(lambda: any(e.type == "observation.deleted" for e in events))
+    [tombstone] = [e for e in events if e.type == "observation.deleted"]
+    assert tombstone.data["id"] == obs_id
+
+
+async def test_unknown_observation_is_a_404(client: httpx.AsyncClient) -> None:
+    problem(await client.get(f"{API}/observations/{uuid.uuid4()}"), 404)
+    problem(await client.patch(f"{API}/observations/x", json={}, headers={"If-Match": "*"}), 404)
+
+
+async def test_community_identifications_are_listed_and_announced(
+    client: httpx.AsyncClient, observation: Body, events: list[CloudEvent], eventually: Any
+) -> None:
+    created = await client.post(f"{API}/observations", json=observation())
+    url = created.headers["location"]
+    ident = {
+        "identifiedBy": "expert-7",
+        "scientificName": "Quercus rotundifolia",
+        "taxonRank": "species",
+    }
+    answer = await client.post(f"{url}/identifications", json=ident)
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["kind"] == "human"
+    stored = (await client.get(url)).json()
+    assert [i["scientificName"] for i in stored["identifications"]] == ["Quercus rotundifolia"]
+    await eventually(lambda: any(e.type == "observation.updated" for e in events))
+    problem(await client.post(f"{url}/identifications", json={"identifiedBy": "x"}), 422)
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+async def test_filters(client: httpx.AsyncClient, observation: Body) -> None:
+    made = {
+        "oak": observation(scientificName="Quercus ilex", datasetID="a", recordedBy="u1"),
+        "cork": observation(
+            scientificName="Quercus suber", vernacularName="Cork oak", datasetID="b"
+        ),
+        "daisy": observation(
+            scientificName="Bellis perennis",
+            vernacularName="Daisy",
+            eventDate="2023-06",
+            decimalLatitude=-33.9,
+            decimalLongitude=151.2,
+        ),
+        "fiji": observation(
+            scientificName="Cocos nucifera", decimalLatitude=-17.7, decimalLongitude=179.9
+        ),
+        "year": observation(scientificName="Taraxacum officinale", eventDate="2024"),
+    }
+    ids = {}
+    for name, body in made.items():
+        ids[(await client.post(f"{API}/observations", json=body)).json()["id"]] = name
+
+    async def names(query: str) -> set[str]:
+        response = await client.get(f"{API}/observations?{query}")
+        assert response.status_code == 200, response.text
+        return {ids[o["id"]] for o in response.json()["items"]}
+
+    assert await names("name=quercus") == {"oak", "cork"}
+    assert await names("name=CORK") == {"cork"}
+    assert await names("name=quercus%20s") == {"cork"}
+    assert await names("name=%25") == set()  # a LIKE wildcard is a plain character
+    assert await names("project=b") == {"cork"}
+    assert await names("recordedBy=u1") == {"oak"}
+    assert await names("bbox=150,-35,152,-33") == {"daisy"}
+    assert await names("bbox=179,-18,-179,-17") == {"fiji"}  # across the antimeridian
+    assert await names("eventDateFrom=2024-05-01&eventDateTo=2024-05-31") == {"oak", "cork", "fiji"}
+    assert await names("eventDateFrom=2023-01-01&eventDateTo=2023-12-31") == {"daisy"}
+    assert await names("eventDateFrom=2024-01-01&eventDateTo=2024-12-31") == {
+        "oak",
+        "cork",
+        "fiji",
+        "year",
+    }
+    assert await names("hasMedia=false") == set(made)
+    assert await names("hasMedia=true") == set()
+    later = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    assert await names(f"updatedSince={later.replace('+', '%2B')}") == set()
+    for bad in (
+        "bbox=1,2,3",
+        "bbox=0,50,1,40",
+        "limit=0",
+        "sort=name",
+        "unknown=1",
+        "updatedSince=2024-01-01T00:00:00",
+    ):
+        problem(await client.get(f"{API}/observations?{bad}"), 422)
+    problem(await client.get(f"{API}/observations?cursor=garbage"), 400)
+
+
+async def test_quality_grade_filter_after_scoring(
+    client: httpx.AsyncClient, observation: Body, app: Any, eventually: Any
+) -> None:
+    obs_id = (await client.post(f"{API}/observations", json=observation())).json()["id"]
+    bus = app.state.runtime.bus
+    from c4c.shared.bus import new_event
+
+    await bus.publish(
+        new_event(
+            "quality",
+            "observation.scored",
+            {"observation_id": obs_id, "score": 0.9, "grade": "research", "flags": ["ok"]},
+        )
+    )
+
+    async def graded() -> bool:
+        items = (await client.get(f"{API}/observations?qualityGrade=research")).json()["items"]
+        return [o["id"] for o in items] == [obs_id]
+
+    await eventually(graded)
+
+
+@pytest.mark.parametrize("sort", ["-created", "created", "eventDate", "-updated"])
+async def test_cursor_paging_is_stable_under_concurrent_inserts(
+    client: httpx.AsyncClient, observation: Body, sort: str
+) -> None:
+    before = []
+    for i in range(23):
+        body = observation(eventDate=f"2024-05-{i % 9 + 1:02d}", individualCount=i)
+        before.append((await client.post(f"{API}/observations", json=body)).json()["id"])
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        query = f"sort={sort}&limit=5" + (f"&cursor={cursor}" if cursor else "")
+        page = (await client.get(f"{API}/observations?{query}")).json()
+        seen += [o["id"] for o in page["items"]]
+        pages += 1
+        # Others keep writing while we page.
+        await asyncio.gather(
+            *(
+                client.post(f"{API}/observations", json=observation(eventDate="2024-05-05"))
+                for _ in range(3)
+            )
+        )
+        cursor = page["next"]
+        if cursor is None:
+            break
+        assert pages < 100
+    assert len(seen) == len(set(seen)), "an observation was listed twice"
+    assert set(before) <= set(seen), "an observation that existed before paging was skipped"
