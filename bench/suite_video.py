@@ -1,0 +1,221 @@
+"""Video analysis throughput, against plain OpenCV decoding of the same clip in the same run.
+
+- ``analysis fps <clip>``: the whole clip pipeline (decode thread + downscale, background
+  subtraction, morphology, blobs, tracking, keyframes, event clips) at full frame rate
+  (every frame analysed), against ``VideoCapture.read()`` of every frame and nothing else.
+  Target: >= 0.7 x decode-only.
+- ``720p 20 fps streams held``: how many live streams the stream workers keep up with in
+  real time (each a 1280x720, 20 fps source paced by the clock: cockatoo.mp4, looped), with
+  the service's default settings (analysis at 10 fps, frame skipping by ``grab``). A stream
+  is held when it receives >= 95 % of its frames and drops < 5 % of the due ones for lateness.
+  Baseline: the same count for plain paced ``read()`` loops. Target: >= 4 streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from bench._core import Context, Result, ServiceUnavailable, median
+from c4c.video.analysis.pipeline import AnalysisParams
+from c4c.video.analysis.sources import StreamWorker, analyse_file
+
+SUITE = "video"
+CLIPS = ("vtest.avi", "cockatoo.mp4", "cityCC0.mpg", "empty_scene_synthetic.avi")
+QUICK_CLIPS = ("cockatoo.mp4",)
+TARGET_RATIO = 0.7
+STREAM_TARGET = 4
+STREAM_FPS = 20.0
+MAX_STREAMS = 10
+BUFFER_SECONDS = 1.0  # what a network stream's socket buffers hold, roughly
+
+log = logging.getLogger("bench.video")
+
+
+def data_dir() -> Path:
+    root = Path(__file__).resolve().parent.parent
+    path = Path(os.environ.get("C4C_TEST_DATA", root.parent / "shared" / "data")) / "video"
+    if not path.is_dir():
+        raise ServiceUnavailable(f"test clips missing at {path} (set C4C_TEST_DATA)")
+    return path
+
+
+def decode_only(path: Path) -> float:
+    capture = cv2.VideoCapture(str(path))
+    started, frames = time.perf_counter(), 0
+    while True:
+        ok, _ = capture.read()
+        if not ok:
+            break
+        frames += 1
+    capture.release()
+    return frames / (time.perf_counter() - started)
+
+
+def analysed(path: Path) -> float:
+    with tempfile.TemporaryDirectory() as clips:
+        started = time.perf_counter()
+        summary = analyse_file(
+            path, AnalysisParams(analysis_fps=0), sink=lambda _: None, clip_dir=Path(clips)
+        )
+        return summary.frames_analysed / (time.perf_counter() - started)
+
+
+class PacedLoop:
+    """A live camera stand-in: a clip replayed in a loop at ``fps``, by the clock. ``grab``
+    waits for the next frame's time. Like a network stream, it buffers: a reader up to
+    ``BUFFER_SECONDS`` late still gets every frame; later than that, frames are lost."""
+
+    def __init__(self, path: Path, fps: float, seconds: float) -> None:
+        self.path, self.fps = path, fps
+        self.capture = cv2.VideoCapture(str(path))
+        self.started = time.monotonic()
+        self.deadline = self.started + seconds
+        self.sent = 0
+        self.missed = 0
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return bool(self.capture.isOpened())
+
+    def get(self, prop: int) -> float:
+        return self.fps if prop == cv2.CAP_PROP_FPS else float(self.capture.get(prop))
+
+    def grab(self) -> bool:
+        now = time.monotonic()
+        due = self.started + (self.sent + self.missed) / self.fps
+        if now > due + BUFFER_SECONDS:  # the buffer overflowed: those frames are gone
+            self.missed += int((now - due) * self.fps)
+        elif now < due:
+            time.sleep(due - now)
+        if time.monotonic() >= self.deadline:
+            return False
+        if not self.capture.grab():
+            self.capture.release()
+            self.capture = cv2.VideoCapture(str(self.path))
+            if not self.capture.grab():
+                return False
+        self.sent += 1
+        return True
+
+    def retrieve(self) -> tuple[bool, Any]:
+        return self.capture.retrieve()  # type: ignore[no-any-return]
+
+    def release(self) -> None:
+        self.capture.release()
+
+
+def held(sources: list[PacedLoop], seconds: float, dropped: list[int], due: list[int]) -> bool:
+    expected = STREAM_FPS * seconds
+    for source, late, analysed_or_due in zip(sources, dropped, due, strict=True):
+        if source.sent < 0.95 * expected:
+            return False
+        if analysed_or_due and late / analysed_or_due > 0.05:
+            return False
+    return True
+
+
+def run_streams(path: Path, n: int, seconds: float, analyse: bool) -> bool:
+    sources: list[PacedLoop] = []
+
+    def opener(_: str) -> PacedLoop:
+        source = PacedLoop(path, STREAM_FPS, seconds)
+        sources.append(source)
+        return source
+
+    if not analyse:  # the baseline: plain paced read() of every frame, one thread each
+        readers = [PacedLoop(path, STREAM_FPS, seconds) for _ in range(n)]
+
+        def read(source: PacedLoop) -> None:
+            while source.grab():
+                source.retrieve()
+
+        threads = [threading.Thread(target=read, args=(r,)) for r in readers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return held(readers, seconds, [0] * n, [0] * n)
+
+    with tempfile.TemporaryDirectory() as clips:
+        workers = [
+            StreamWorker(
+                f"bench-{i}",
+                "bench://paced",
+                AnalysisParams(),
+                sink=lambda _: None,
+                clip_dir=Path(clips),
+                on_status=lambda *_: None,
+                opener=opener,
+            )
+            for i in range(n)
+        ]
+        for worker in workers:
+            worker.start()
+        time.sleep(seconds + 0.5)
+        for worker in workers:
+            worker.stop()
+        dropped = [w.stats.dropped_late for w in workers]
+        due = [w.stats.analysed + w.stats.dropped_late for w in workers]
+        # Only each worker's first connection counts (a source ends after ``seconds``).
+        return held(sources[:n], seconds, dropped, due)
+
+
+def capacity(path: Path, seconds: float, analyse: bool) -> int:
+    best = 0
+    for n in range(1, MAX_STREAMS + 1):
+        if not run_streams(path, n, seconds, analyse):
+            break
+        best = n
+        log.info("  %d stream(s) held (%s)", n, "analysis" if analyse else "decode only")
+    return best
+
+
+async def run(ctx: Context) -> list[Result]:
+    data = data_dir()  # absent: the suite is skipped (a failure under C4C_REQUIRE_SERVICES)
+    rounds = 1 if ctx.quick else 3
+    results: list[Result] = []
+    for name in QUICK_CLIPS if ctx.quick else CLIPS:
+        path = data / name
+        decode, analysis = [], []
+        for _ in range(rounds):
+            decode.append(await asyncio.to_thread(decode_only, path))
+            analysis.append(await asyncio.to_thread(analysed, path))
+        results.append(
+            Result.against(
+                SUITE,
+                f"analysis fps {name}",
+                median(analysis),
+                "frames/s",
+                baseline=median(decode),
+                baseline_name="OpenCV decode-only fps",
+                min_ratio=TARGET_RATIO,
+                detail=f"every frame analysed; {rounds} round(s), median",
+            )
+        )
+        log.info("%s: analysis %.0f fps, decode %.0f fps", name, median(analysis), median(decode))
+    seconds = 4.0 if ctx.quick else 10.0
+    stream = data / "cockatoo.mp4"
+    decode_streams = await asyncio.to_thread(capacity, stream, seconds, False)
+    analysis_streams = await asyncio.to_thread(capacity, stream, seconds, True)
+    results.append(
+        Result(
+            SUITE,
+            "720p 20 fps streams held in real time",
+            analysis_streams,
+            "streams",
+            baseline=decode_streams,
+            target=f">= {STREAM_TARGET} streams",
+            met=analysis_streams >= STREAM_TARGET,
+            detail=f"baseline: paced OpenCV read() loops; {seconds:g} s per step, "
+            f"up to {MAX_STREAMS}; analysis at 10 fps (default)",
+        )
+    )
+    return results

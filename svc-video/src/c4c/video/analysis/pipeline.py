@@ -1,0 +1,312 @@
+"""The per-frame analysis: downscale → background subtraction → morphology → blobs →
+tracking → events with a keyframe and a short clip. Synchronous and CPU-bound: it runs in a
+worker thread (OpenCV releases the GIL in its heavy calls), never on the event loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+from numpy.typing import NDArray
+
+from c4c.video.analysis.counting import Counters
+from c4c.video.analysis.events import Event, EventBuilder, EventParams, keyframe_score
+from c4c.video.analysis.tracking import Box, Observation, Track, Tracker, TrackerParams
+
+log = logging.getLogger("c4c.video.pipeline")
+
+Frame = NDArray[Any]  # uint8 BGR (or grey) pixels
+
+# opencv-python-headless writes MPEG-4 Part 2 (mp4v) and MJPG but no H.264 encoder; mp4v is
+# as cheap to encode as MJPG and five times smaller.
+CLIP_FOURCC = "mp4v"
+CLIP_SUFFIX = ".mp4"
+CLIP_CONTENT_TYPE = "video/mp4"
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisParams:
+    analysis_fps: float = 10.0  # frames analysed per second of video; 0 = every frame
+    analysis_width: int = 320  # frames are downscaled to this width for analysis
+    subtractor: Literal["mog2", "knn"] = "mog2"
+    learning_rate: float = -1.0  # background model; -1 = OpenCV's automatic rate
+    history: int = 200
+    var_threshold: float = 25.0  # MOG2: squared Mahalanobis distance; KNN: squared distance
+    detect_shadows: bool = False
+    warmup_frames: int = 10  # analysed frames the background model learns before detecting
+    min_area: float = 0.001  # a blob smaller than this fraction of the frame is noise
+    max_foreground: float = 0.4  # more foreground than this: camera moved or light changed
+    open_kernel: int = 3
+    close_kernel: int = 5  # merges the parts of one body
+    tracker: TrackerParams = field(default_factory=TrackerParams)
+    events: EventParams = field(default_factory=EventParams)
+    clip_width: int = 480
+    clip_preroll: float = 1.0
+    clip_postroll: float = 1.0
+    clip_max_seconds: float = 15.0
+    jpeg_quality: int = 90
+
+
+@dataclass(frozen=True, slots=True)
+class DetectedEvent:
+    """An event ready to be stored: times are seconds from the source's start."""
+
+    track_id: int
+    start: float
+    end: float
+    start_frame: int
+    end_frame: int
+    boxes: list[Observation]
+    keyframe_box: Box
+    keyframe_time: float
+    keyframe_jpeg: bytes
+    clip_path: Path | None  # the finished clip (in ``clip_dir``), shared by overlapping events
+    frame_size: tuple[int, int]
+
+
+EventSink = Callable[[DetectedEvent], None]
+
+
+class ForegroundDetector:
+    """Moving blobs of one frame, as boxes in source pixels."""
+
+    def __init__(self, params: AnalysisParams, frame_size: tuple[int, int]) -> None:
+        self.params = params
+        width, height = frame_size
+        self.scale = min(1.0, params.analysis_width / width) if width else 1.0
+        self.size = (max(1, round(width * self.scale)), max(1, round(height * self.scale)))
+        if params.subtractor == "knn":
+            self.model: cv2.BackgroundSubtractor = cv2.createBackgroundSubtractorKNN(
+                history=params.history,
+                dist2Threshold=params.var_threshold * 16,
+                detectShadows=params.detect_shadows,
+            )
+        else:
+            self.model = cv2.createBackgroundSubtractorMOG2(
+                history=params.history,
+                varThreshold=params.var_threshold,
+                detectShadows=params.detect_shadows,
+            )
+        self.open = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (params.open_kernel,) * 2)
+        self.close = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (params.close_kernel,) * 2)
+        self.min_pixels = params.min_area * self.size[0] * self.size[1]
+        self.frames = 0
+
+    def downscale(self, frame: Frame) -> Frame:
+        if self.scale >= 1.0:
+            return frame
+        resized: Frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_LINEAR)
+        return resized
+
+    def detect(self, small: Frame) -> list[Box]:
+        mask = self.model.apply(small, learningRate=self.params.learning_rate)
+        self.frames += 1
+        if self.frames <= self.params.warmup_frames:
+            return []
+        if self.params.detect_shadows:  # shadows are 127, foreground 255
+            _, mask = cv2.threshold(mask, 200, 255, cv2.THRESH_BINARY)
+        if cv2.countNonZero(mask) > self.params.max_foreground * mask.size:
+            return []
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, self.open)
+        if not cv2.countNonZero(mask):  # the usual case of a quiet scene: skip labelling
+            return []
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, self.close)
+        count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        inverse = 1.0 / self.scale
+        return [
+            Box(float(x) * inverse, float(y) * inverse, float(w) * inverse, float(h) * inverse)
+            for x, y, w, h, area in stats[1:count].tolist()
+            if area >= self.min_pixels
+        ]
+
+
+def sharpness(small: Frame, box: Box, scale: float) -> float:
+    """Variance of the Laplacian inside the box: high when edges are crisp."""
+    x0, y0 = max(0, int(box.x * scale)), max(0, int(box.y * scale))
+    x1, y1 = int((box.x + box.w) * scale) + 1, int((box.y + box.h) * scale) + 1
+    roi = small[y0:y1, x0:x1]
+    if roi.size == 0:
+        return 0.0
+    gray = cv2.cvtColor(roi, cv2.COLOR_BGR2GRAY) if roi.ndim == 3 else roi
+    return float(cv2.Laplacian(gray, cv2.CV_32F).var())
+
+
+class _Segment:
+    """One clip file recorded while something moves; every event inside it shares it."""
+
+    def __init__(self, path: Path, fps: float, size: tuple[int, int], start: float) -> None:
+        self.path = path
+        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*CLIP_FOURCC), fps, size)
+        self.start = start
+        self.last_t = -math.inf
+        self.events: list[Event[Frame]] = []
+
+    def write(self, t: float, frame: Frame) -> None:
+        if t > self.last_t:
+            self.writer.write(frame)
+            self.last_t = t
+
+    def close(self) -> Path:
+        self.writer.release()
+        return self.path
+
+
+class Analyzer:
+    """Feeds frames through the pipeline and hands each finished event to ``sink``.
+
+    Clips: while a confirmed event is on screen one segment is recorded (pre-roll from a ring
+    of recent frames, post-roll after the last event, at most ``clip_max_seconds``); events
+    that overlap share it, so a busy scene encodes each frame once, not once per event. An
+    event goes to the sink when its segment is complete."""
+
+    def __init__(
+        self,
+        params: AnalysisParams,
+        *,
+        frame_size: tuple[int, int],
+        fps: float,
+        sink: EventSink,
+        clip_dir: Path | None,
+        counters: Counters | None = None,
+    ) -> None:
+        self.params = params
+        self.frame_size = frame_size
+        self.sink = sink
+        self.clip_dir = clip_dir
+        self.counters = counters or Counters()
+        self.detector = ForegroundDetector(params, frame_size)
+        self.tracker = Tracker(params.tracker)
+        self.events: EventBuilder[Frame] = EventBuilder(params.events)
+        rate = params.analysis_fps if params.analysis_fps > 0 else fps
+        self.clip_fps = max(1.0, min(rate, fps) if fps > 0 else rate)
+        width, height = frame_size
+        scale = min(1.0, params.clip_width / width) if width else 1.0
+        self.clip_size = (
+            max(2, round(width * scale) // 2 * 2),
+            max(2, round(height * scale) // 2 * 2),
+        )
+        span = params.clip_preroll + params.events.min_seconds + 1.0
+        self.recent: deque[tuple[float, Frame]] = deque(maxlen=max(2, int(span * self.clip_fps)))
+        self.segment: _Segment | None = None
+        self.active_until = -math.inf  # the open segment records at least until then
+        self.detections = 0
+
+    def process(self, index: int, t: float, frame: Frame) -> int:
+        """Analyse one frame; returns how many blobs it had."""
+        small = self.detector.downscale(frame)
+        boxes = self.detector.detect(small)
+        update = self.tracker.update(index, t, boxes)
+        width, height = self.frame_size
+        confirmed_from = math.inf
+        for track in update.active:
+            observation = track.last
+            box = observation.box
+            cx, cy = box.centre
+            self.counters.observe(track.id, (cx / width, cy / height))
+            if self.events.worth_scoring(track.id, box):
+                score = keyframe_score(
+                    box, sharpness(small, box, self.detector.scale), self.frame_size
+                )
+                self.events.offer(track.id, observation, score, frame)
+            if self.events.is_event(track):
+                confirmed_from = min(confirmed_from, track.first.t)
+            long_event = self.events.cut_if_long(track)
+            if long_event is not None:
+                self._attach(long_event)
+        ended = [e for e in map(self._end_track, update.ended) if e is not None]
+        if self.clip_dir is not None:
+            self._record(t, small, frame, confirmed_from)
+        for event in ended:
+            self._attach(event)
+        return len(boxes)
+
+    def flush(self) -> None:
+        """The source ended or dropped: every open track ends and every event goes out."""
+        for track in self.tracker.flush():
+            event = self._end_track(track)
+            if event is not None:
+                self._attach(event)
+        self._close_segment()
+
+    def _end_track(self, track: Track) -> Event[Frame] | None:
+        self.counters.forget(track.id)
+        return self.events.end(track)
+
+    def _record(self, t: float, small: Frame, frame: Frame, confirmed_from: float) -> None:
+        clip_frame = small if small.shape[1] == self.clip_size[0] else self._clip_frame(frame)
+        self.recent.append((t, clip_frame))
+        if confirmed_from < math.inf:
+            self.active_until = t + self.params.clip_postroll
+        segment = self.segment
+        if segment is not None and (
+            t > self.active_until or t - segment.start >= self.params.clip_max_seconds
+        ):
+            self._close_segment()
+            segment = None
+        if segment is None and confirmed_from < math.inf:
+            assert self.clip_dir is not None
+            start = max(
+                confirmed_from - self.params.clip_preroll, t - self.params.clip_max_seconds / 2
+            )
+            segment = _Segment(
+                self.clip_dir / f"clip-{uuid.uuid4().hex}{CLIP_SUFFIX}",
+                self.clip_fps,
+                self.clip_size,
+                start,
+            )
+            for past_t, past in self.recent:
+                if past_t >= start:
+                    segment.write(past_t, past)
+            self.segment = segment
+        elif segment is not None:
+            segment.write(t, clip_frame)
+
+    def _clip_frame(self, frame: Frame) -> Frame:
+        if (frame.shape[1], frame.shape[0]) == self.clip_size:
+            return frame
+        resized: Frame = cv2.resize(frame, self.clip_size, interpolation=cv2.INTER_LINEAR)
+        return resized
+
+    def _attach(self, event: Event[Frame]) -> None:
+        if self.segment is not None:
+            self.segment.events.append(event)
+        else:
+            self._emit(event, None)
+
+    def _close_segment(self) -> None:
+        segment, self.segment = self.segment, None
+        if segment is None:
+            return
+        path = segment.close()
+        for event in segment.events:
+            self._emit(event, path)
+
+    def _emit(self, event: Event[Frame], clip_path: Path | None) -> None:
+        ok, jpeg = cv2.imencode(
+            ".jpg", event.keyframe.image, [cv2.IMWRITE_JPEG_QUALITY, self.params.jpeg_quality]
+        )
+        if not ok:  # pragma: no cover - OpenCV encodes any uint8 BGR frame
+            raise RuntimeError("could not encode a keyframe")
+        self.detections += 1
+        self.sink(
+            DetectedEvent(
+                track_id=event.track_id,
+                start=event.start.t,
+                end=event.end.t,
+                start_frame=event.start.frame,
+                end_frame=event.end.frame,
+                boxes=event.observations,
+                keyframe_box=event.keyframe.observation.box,
+                keyframe_time=event.keyframe.observation.t,
+                keyframe_jpeg=jpeg.tobytes(),
+                clip_path=clip_path,
+                frame_size=self.frame_size,
+            )
+        )

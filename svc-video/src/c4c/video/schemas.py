@@ -1,0 +1,142 @@
+"""Requests and answers of the video API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Coordinate = float
+
+
+class Line(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100)
+    points: list[tuple[Coordinate, Coordinate]] = Field(
+        min_length=2, max_length=2, description="Two points, as fractions (0..1) of the frame."
+    )
+
+    @field_validator("points")
+    @classmethod
+    def _in_frame(cls, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        return _in_unit_square(points)
+
+
+class Zone(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100)
+    polygon: list[tuple[Coordinate, Coordinate]] = Field(
+        min_length=3, max_length=64, description="Vertices, as fractions (0..1) of the frame."
+    )
+
+    @field_validator("polygon")
+    @classmethod
+    def _in_frame(cls, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        return _in_unit_square(points)
+
+
+def _in_unit_square(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    for x, y in points:
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise ValueError("coordinates are fractions of the frame, between 0 and 1")
+    return points
+
+
+class StreamIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    url: str = Field(min_length=1, max_length=2000)
+    lines: list[Line] = Field(default_factory=list, max_length=16)
+    zones: list[Zone] = Field(default_factory=list, max_length=16)
+    start: bool = Field(True, description="Start processing at once.")
+
+
+class StreamPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=200)
+    url: str | None = Field(None, min_length=1, max_length=2000)
+    lines: list[Line] | None = Field(None, max_length=16)
+    zones: list[Zone] | None = Field(None, max_length=16)
+
+
+class StreamStatus(BaseModel):
+    status: str = Field(description="starting, running, paused, reconnecting, failed, stopped")
+    desired: Literal["running", "paused", "stopped"]
+    reason: str | None
+    stats: dict[str, Any]
+    counts: dict[str, Any]
+    updated_at: datetime
+
+
+class StreamOut(StreamStatus):
+    id: str
+    name: str
+    url: str
+    lines: list[Line]
+    zones: list[Zone]
+    created_at: datetime
+
+
+class JobOut(BaseModel):
+    id: str
+    filename: str | None
+    size_bytes: int
+    status: Literal["queued", "running", "succeeded", "failed"]
+    reason: str | None
+    progress: float
+    frames_declared: int | None
+    frames_decoded: int
+    frames_analysed: int
+    duration_seconds: float | None
+    detections: int
+    classification: Literal["empty", "events"] | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class BoxOut(BaseModel):
+    t: float = Field(description="Seconds from the start of the source.")
+    frame: int
+    x: float
+    y: float
+    w: float
+    h: float
+
+
+class DetectionOut(BaseModel):
+    id: str
+    stream_id: str | None
+    job_id: str | None
+    track_id: int
+    start_seconds: float
+    end_seconds: float
+    started_at: datetime | None
+    ended_at: datetime | None
+    keyframe_seconds: float
+    keyframe_box: list[float]
+    frame_width: int
+    frame_height: int
+    boxes: list[BoxOut]
+    keyframe_url: str
+    clip_url: str | None
+    created_at: datetime
+
+
+class Page(BaseModel):
+    limit: int
+    offset: int
+
+
+class StreamList(Page):
+    items: list[StreamOut]
+
+
+class JobList(Page):
+    items: list[JobOut]
+
+
+class DetectionList(Page):
+    items: list[DetectionOut]
