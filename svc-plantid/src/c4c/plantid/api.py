@@ -1,5 +1,391 @@
-"""HTTP routes of the plantid service (thin: they call ``service``)."""
+"""HTTP routes of the plantid service (thin: they call ``service``).
 
-from fastapi import APIRouter
+Two surfaces: the management API under ``/plantid/v1`` (problem+json errors like every
+service), and the Pl@ntNet API v2 under ``/v2``, whose error bodies deliberately follow
+Pl@ntNet (``{"statusCode", "error", "message"}``) so that Pl@ntNet clients read them.
+"""
 
-router = APIRouter(prefix="/plantid/v1", tags=["plantid"])
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
+from starlette.background import BackgroundTask
+from starlette.datastructures import UploadFile as StarletteUpload
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from c4c.plantid import schemas
+from c4c.plantid.errors import InvalidApiKey, InvalidQuery, SpeciesNotFound
+from c4c.plantid.imports import SpeciesInfo
+from c4c.plantid.repository import Repository
+from c4c.plantid.service import (
+    ORGANS,
+    SECONDARY_ORGANS,
+    Engine,
+    ImportRunner,
+    PlantidService,
+    Quota,
+    rate_limit_headers,
+)
+from c4c.plantid.settings import PlantidSettings
+from c4c.shared.auth import api_key_of, current_principal
+from c4c.shared.db import SessionDep
+from c4c.shared.storage import BlobNotFound
+
+VERSION = "0.1.0"
+MAX_IMAGES = 5
+LANGUAGES = ("en", "fr", "es", "de", "it", "pt", "nl", "ca", "cs", "pl")
+
+
+def _settings(request: Request) -> PlantidSettings:
+    settings: PlantidSettings = request.app.state.runtime.settings
+    return settings
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.plantid_engine
+    return engine
+
+
+def _service(session: SessionDep, request: Request) -> PlantidService:
+    return PlantidService(Repository(session), _engine(request), _settings(request))
+
+
+def _caller(request: Request) -> str:
+    """Who is identifying (the quota's key): the principal the gateway vouched for, else the
+    API key — required when ``api_keys`` is set — else 'anonymous'."""
+    principal = current_principal(request)
+    if principal is not None:
+        return f"{principal.kind}:{principal.id}"
+    settings = _settings(request)
+    key = api_key_of(request.headers, request.query_params)
+    if settings.api_keys:
+        if key is None or not any(
+            hmac.compare_digest(key.encode(), allowed.get_secret_value().encode())
+            for allowed in settings.api_keys
+        ):
+            raise InvalidApiKey("Invalid API key")
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    return "anonymous"
+
+
+ServiceDep = Annotated[PlantidService, Depends(_service)]
+CallerDep = Annotated[str, Depends(_caller)]
+
+router = APIRouter(prefix="/plantid/v1", tags=["plantid"], dependencies=[Depends(_caller)])
+
+
+# --- Pl@ntNet API v2 ------------------------------------------------------------------------
+
+
+def plantnet_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class PlantNetFailure(Exception):
+    """An error already rendered in Pl@ntNet's shape. Raised (not returned) so that the
+    request's database session still sees the error and rolls back."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+async def on_plantnet_failure(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, PlantNetFailure)
+    return exc.response
+
+
+class PlantNetRoute(APIRoute):
+    """Errors in Pl@ntNet's shape; invalid parameters are 400 there, not 422."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                fields = ", ".join(
+                    ".".join(str(p) for p in error.get("loc", ())[1:]) or "request"
+                    for error in exc.errors()
+                )
+                raise PlantNetFailure(plantnet_error(400, f"Invalid parameters: {fields}")) from exc
+            except StarletteHTTPException as exc:
+                raise PlantNetFailure(
+                    plantnet_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+                ) from exc
+
+        return handle
+
+
+plantnet = APIRouter(prefix="/v2", tags=["Pl@ntNet API v2"], route_class=PlantNetRoute)
+
+
+async def _form_photos(request: Request) -> tuple[list[bytes], list[str], list[str]]:
+    """The repeated ``images`` and ``organs`` parts, in order; 400 when they do not pair."""
+    form = await request.form(max_files=MAX_IMAGES, max_fields=2 * MAX_IMAGES + 10)
+    uploads = form.getlist("images")
+    organs = [str(o).strip().lower() for o in form.getlist("organs")]
+    if not uploads:
+        raise InvalidQuery("Send 1 to 5 photos as repeated 'images' parts.")
+    if any(not isinstance(u, StarletteUpload) for u in uploads):
+        raise InvalidQuery("Each 'images' part must be a file.")
+    if not organs:
+        organs = ["auto"] * len(uploads)
+    if len(organs) != len(uploads):
+        raise InvalidQuery(
+            f"{len(uploads)} images but {len(organs)} organs: send one organ per image."
+        )
+    unknown = sorted(set(organs) - set(ORGANS) - set(SECONDARY_ORGANS))
+    if unknown:
+        raise InvalidQuery(f"Unknown organs {unknown}; use {', '.join(ORGANS + SECONDARY_ORGANS)}.")
+    if all(o in SECONDARY_ORGANS for o in organs):
+        raise InvalidQuery("'habit' and 'other' are accepted only beside a primary organ.")
+    photos = [await u.read() for u in uploads if isinstance(u, StarletteUpload)]
+    names = [
+        u.filename or f"image_{i}" for i, u in enumerate(uploads) if isinstance(u, StarletteUpload)
+    ]
+    return photos, organs, names
+
+
+async def _charge(request: Request, caller: str, moment: datetime) -> Quota:
+    """Count the identification in a transaction of its own, committed at once: the request's
+    own transaction must not hold SQLite's write lock while the photos are identified."""
+    database = request.app.state.runtime.db
+    async with database.sessions() as session, session.begin():
+        service = PlantidService(Repository(session), _engine(request), _settings(request))
+        return await service.use_quota(caller, moment)
+
+
+@plantnet.post(
+    "/identify/{project}",
+    response_model=schemas.IdentifyResponse,
+    response_model_exclude_none=True,
+    responses={
+        400: {"model": schemas.PlantNetError},
+        401: {"model": schemas.PlantNetError},
+        404: {"model": schemas.PlantNetError, "description": "Species not found"},
+        413: {"description": "Body over the limit (problem+json from the body limit)"},
+        429: {"model": schemas.PlantNetError, "description": "Daily quota used up"},
+    },
+    summary="Identify a plant from 1 to 5 photos (Pl@ntNet-compatible)",
+)
+async def identify(
+    project: str,
+    request: Request,
+    service: ServiceDep,
+    caller: CallerDep,
+    include_related_images: Annotated[bool, Query(alias="include-related-images")] = False,
+    no_reject: Annotated[bool, Query(alias="no-reject")] = False,
+    nb_results: Annotated[int, Query(alias="nb-results", ge=1, le=100)] = 10,
+    lang: Annotated[str, Query(pattern=r"^[a-z]{2}$")] = "en",
+    api_key: Annotated[str | None, Query(alias="api-key", include_in_schema=True)] = None,
+) -> Any:
+    photos, organs, filenames = await _form_photos(request)
+    moment = datetime.now(UTC)
+    quota = await _charge(request, caller, moment)
+    outcome = await service.identify(
+        project, photos, organs, results=nb_results, related_images=include_related_images
+    )
+    if outcome.rejected and not no_reject:
+        raise SpeciesNotFound("Species not found")
+    query = schemas.Query(
+        project=project,
+        images=[hashlib.sha256(p).hexdigest()[:32] for p in photos],
+        organs=organs,
+        includeRelatedImages=include_related_images,
+        noReject=no_reject,
+    )
+    body = schemas.identify_response(
+        outcome,
+        query=query,
+        filenames=filenames,
+        language=lang,
+        remaining=quota.remaining,
+        service_version=VERSION,
+        base_url=str(request.base_url),
+    )
+    return JSONResponse(
+        body.model_dump(mode="json", exclude_none=True),
+        headers=rate_limit_headers(quota, moment),
+    )
+
+
+@plantnet.get("/projects", summary="The floras (projects) one can identify against")
+async def plantnet_projects(service: ServiceDep, _: CallerDep) -> list[dict[str, Any]]:
+    rows, counts = await service.projects()
+    return [
+        {
+            "id": row.id,
+            "title": row.title,
+            "description": row.description or "",
+            "speciesCount": counts.get(row.id, 0),
+        }
+        for row in rows
+    ]
+
+
+@plantnet.get("/languages", summary="Languages of common names")
+async def plantnet_languages(_: CallerDep) -> list[str]:
+    return list(LANGUAGES)
+
+
+@plantnet.get("/quota", summary="The caller's identification quota today")
+async def plantnet_quota(service: ServiceDep, caller: CallerDep) -> Any:
+    moment = datetime.now(UTC)
+    quota = await service.quota(caller, moment)
+    return JSONResponse(
+        {"identify": {"limit": quota.limit, "used": quota.used, "remaining": quota.remaining}},
+        headers=rate_limit_headers(quota, moment),
+    )
+
+
+# --- management API -------------------------------------------------------------------------
+
+
+@router.post("/projects", status_code=201, response_model=schemas.ProjectOut)
+async def create_project(body: schemas.ProjectIn, service: ServiceDep) -> schemas.ProjectOut:
+    row = await service.create_project(body.id, body.title, body.description)
+    return schemas.ProjectOut.of(row, 0)
+
+
+@router.get("/projects", response_model=list[schemas.ProjectOut])
+async def list_projects(service: ServiceDep) -> list[schemas.ProjectOut]:
+    rows, counts = await service.projects()
+    return [schemas.ProjectOut.of(row, counts.get(row.id, 0)) for row in rows]
+
+
+@router.get("/projects/{project}", response_model=schemas.ProjectOut)
+async def get_project(project: str, service: ServiceDep) -> schemas.ProjectOut:
+    row = await service.project(project)
+    _, counts = await service.projects()
+    return schemas.ProjectOut.of(row, counts.get(row.id, 0))
+
+
+@router.delete("/projects/{project}", status_code=204)
+async def delete_project(project: str, service: ServiceDep) -> Response:
+    await service.delete_project(project)
+    return Response(status_code=204)
+
+
+def _common_names(text: str | None) -> dict[str, list[str]]:
+    """'en:Oxeye daisy;fr:Marguerite' → {'en': ['Oxeye daisy'], 'fr': ['Marguerite']}."""
+    names: dict[str, list[str]] = {}
+    for entry in (text or "").split(";"):
+        language, _, name = entry.partition(":")
+        if name.strip():
+            names.setdefault(language.strip().lower() or "en", []).append(name.strip())
+    return names
+
+
+@router.post("/projects/{project}/references", status_code=201, response_model=schemas.EnrolmentOut)
+async def enrol(
+    project: str,
+    service: ServiceDep,
+    images: Annotated[list[UploadFile], File(description="Reference photos (JPEG/PNG).")],
+    species: Annotated[str, Form(min_length=3, max_length=300)],
+    organ: Annotated[str, Form(pattern=r"^(leaf|flower|fruit|bark|habit|other)$")] = "flower",
+    author: Annotated[str | None, Form(max_length=200)] = None,
+    license: Annotated[str | None, Form(max_length=200)] = None,
+    authorship: Annotated[str | None, Form(max_length=300)] = None,
+    genus: Annotated[str | None, Form(max_length=200)] = None,
+    family: Annotated[str | None, Form(max_length=200)] = None,
+    common_names: Annotated[
+        str | None, Form(max_length=2000, description="'en:Oxeye daisy;fr:Marguerite'")
+    ] = None,
+    gbif_id: Annotated[str | None, Form(pattern=r"^[0-9]{1,20}$")] = None,
+) -> schemas.EnrolmentOut:
+    info = SpeciesInfo(
+        scientific_name=species,
+        authorship=authorship,
+        genus=genus,
+        family=family,
+        common_names=_common_names(common_names),
+        gbif_id=gbif_id,
+    )
+    photos = [await image.read() for image in images]
+    added, duplicates = await service.enrol(
+        project, info, organ, photos, author=author, license=license
+    )
+    return schemas.EnrolmentOut(
+        added=[schemas.ReferenceOut.of(r) for r in added], duplicates=duplicates
+    )
+
+
+@router.get("/projects/{project}/references", response_model=schemas.ReferencePage)
+async def list_references(
+    project: str,
+    service: ServiceDep,
+    species: Annotated[str | None, Query(max_length=300)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> schemas.ReferencePage:
+    rows, total = await service.references(project, species=species, limit=limit, offset=offset)
+    return schemas.ReferencePage(
+        items=[schemas.ReferenceOut.of(r) for r in rows], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/references/{reference_id}", response_model=schemas.ReferenceOut)
+async def get_reference(reference_id: str, service: ServiceDep) -> schemas.ReferenceOut:
+    return schemas.ReferenceOut.of(await service.reference(reference_id))
+
+
+@router.get("/references/{reference_id}/image", response_class=FileResponse)
+async def reference_image(reference_id: str, service: ServiceDep, request: Request) -> Response:
+    row = await service.reference(reference_id)
+    path = _engine(request).storage.local_path(row.media_key)
+    if path is None or not path.is_file():
+        raise BlobNotFound("The reference photo is missing from the media storage.")
+    return FileResponse(path, media_type="image/jpeg")
+
+
+@router.delete("/references/{reference_id}", status_code=204)
+async def delete_reference(reference_id: str, service: ServiceDep) -> Response:
+    await service.delete_reference(reference_id)
+    return Response(status_code=204)
+
+
+@router.get("/projects/{project}/gallery", response_model=schemas.GalleryOut)
+async def gallery(project: str, service: ServiceDep) -> schemas.GalleryOut:
+    built = await service.gallery(project)
+    return schemas.GalleryOut(
+        project=project,
+        version=built.version,
+        references=len(built),
+        species=built.species,
+        rejectionThreshold=built.threshold,
+        temperature=built.temperature,
+    )
+
+
+@router.post("/projects/{project}/imports", status_code=202, response_model=schemas.ImportOut)
+async def start_import(
+    project: str, body: schemas.ImportIn, service: ServiceDep, request: Request
+) -> Response:
+    row = await service.start_import(project, body.format, body.source)
+    # Committed before the runner reads it: the session commits when the handler returns,
+    # so the runner starts after the response.
+    runner: ImportRunner = request.app.state.plantid_imports
+    out = schemas.ImportOut.of(row)
+    return JSONResponse(
+        out.model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": f"/plantid/v1/imports/{row.id}"},
+        background=BackgroundTask(runner.start, row.id),
+    )
+
+
+@router.get("/imports/{import_id}", response_model=schemas.ImportOut)
+async def get_import(import_id: str, service: ServiceDep) -> schemas.ImportOut:
+    return schemas.ImportOut.of(await service.get_import(import_id))

@@ -1,11 +1,17 @@
 """Builds the plantid service's app."""
 
+from __future__ import annotations
+
 from fastapi import FastAPI
 
-from c4c.plantid.api import router
+from c4c.plantid.api import VERSION, PlantNetFailure, on_plantnet_failure, plantnet, router
+from c4c.plantid.consumers import plantid_consumers
+from c4c.plantid.fetch import PhotoFetcher
+from c4c.plantid.service import Engine, ImportRunner
 from c4c.plantid.settings import PlantidSettings
-from c4c.shared.app import create_service_app
+from c4c.shared.app import ServiceRuntime, create_service_app
 from c4c.shared.bus import EventBus
+from c4c.shared.storage import LocalDiskStorage
 
 PREFIXES = (
     "/plantid",
@@ -14,12 +20,38 @@ PREFIXES = (
 
 
 def create_app(settings: PlantidSettings | None = None, bus: EventBus | None = None) -> FastAPI:
-    return create_service_app(
-        settings or PlantidSettings(),
+    settings = settings or PlantidSettings()
+    engine = Engine(settings, LocalDiskStorage(settings.resolved_media_dir / "plantid"))
+    fetch = PhotoFetcher(
+        max_bytes=settings.identify_max_bytes, timeout=settings.media_fetch_timeout
+    )
+
+    def consumers(runtime: ServiceRuntime) -> dict[str, object]:
+        return dict(plantid_consumers(runtime, engine, settings, fetch))
+
+    app = create_service_app(
+        settings,
         title="Plant identification",
         description="Pl@ntNet-compatible plant identification over an observatory's own flora.",
-        version="0.1.0",
+        version=VERSION,
         prefixes=PREFIXES,
-        routers=[router],
+        routers=[router, plantnet],
         bus=bus,
+        migrations=["c4c.plantid:migrations"],
+        consumers=consumers,  # type: ignore[arg-type]
+        body_limits={
+            "/v2/identify": settings.identify_max_bytes,
+            "/plantid/v1/projects": settings.identify_max_bytes,
+        },
     )
+    runtime: ServiceRuntime = app.state.runtime
+    app.add_exception_handler(PlantNetFailure, on_plantnet_failure)
+    app.state.plantid_engine = engine
+    imports = ImportRunner(runtime.db.sessions, engine, settings, fetch)
+    app.state.plantid_imports = imports
+    # Interrupted imports resume once the service is up; the engine and the fetch client
+    # close only after the bus drained, since the consumer uses them.
+    runtime.add_background(imports.resume)  # imports are jobs in the database
+    runtime.add_closer(engine.close)
+    runtime.add_closer(fetch.close)
+    return app

@@ -1,0 +1,119 @@
+"""Bus handlers: ``observation.created`` with photos → ``observation.identified``.
+
+An observation is identified when it has image media with URLs and its ``datasetID`` names
+a plantid project (else the ``default_project`` setting, when set). The photos are fetched
+and identified before the transaction opens (no lock held during inference); the result and
+its event are then written once per event id (``idempotent``), through the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from c4c.plantid.errors import EmptyGallery
+from c4c.plantid.models import IdentificationRow
+from c4c.plantid.repository import Repository
+from c4c.plantid.service import Engine, Fetch, IdentifyOutcome, PlantidService
+from c4c.plantid.settings import PlantidSettings
+from c4c.shared.app import Consumers, ServiceRuntime
+from c4c.shared.bus import CloudEvent
+from c4c.shared.inbox import idempotent
+from c4c.shared.problems import ProblemError
+
+log = logging.getLogger("c4c.plantid.consumers")
+
+IDENTIFIED = "observation.identified"
+MAX_PHOTOS = 5
+_IMAGE_KINDS = frozenset({"image", "stillimage", "photo"})
+
+
+def photo_urls(data: dict[str, Any]) -> list[str]:
+    urls = []
+    for media in data.get("media") or []:
+        if not isinstance(media, dict):
+            continue
+        kind = str(media.get("type") or "image").lower()
+        fmt = str(media.get("format") or "image/").lower()
+        if kind in _IMAGE_KINDS and fmt.startswith("image/") and media.get("url"):
+            urls.append(str(media["url"]))
+    return urls[:MAX_PHOTOS]
+
+
+def identified_event_data(observation_id: str, outcome: IdentifyOutcome) -> dict[str, Any]:
+    return {
+        "observation_id": observation_id,
+        "project": outcome.project,
+        "rejected": outcome.rejected,
+        "candidates": []
+        if outcome.rejected
+        else [
+            {
+                "scientificName": r.candidate.species,
+                "score": round(r.candidate.score, 5),
+                "taxonRank": (r.species.taxon_rank if r.species else None),
+                "family": (r.species.family if r.species else None),
+                "gbifId": (r.species.gbif_id if r.species else None),
+            }
+            for r in outcome.ranked
+        ],
+        "best_similarity": round(outcome.identification.best_similarity, 4),
+        "model_version": outcome.model_version,
+        "gallery_version": outcome.gallery_version,
+    }
+
+
+def plantid_consumers(
+    runtime: ServiceRuntime, engine: Engine, settings: PlantidSettings, fetch: Fetch
+) -> Consumers:
+    async def on_created(event: CloudEvent) -> None:
+        data = event.data if isinstance(event.data, dict) else {}
+        observation_id = str(data.get("id") or "")
+        urls = photo_urls(data)
+        if not observation_id or not urls:
+            return
+        async with runtime.db.sessions() as session:
+            service = PlantidService(Repository(session), engine, settings)
+            dataset = str(data.get("datasetID") or "")
+            if dataset and await service.repo.get_project(dataset) is not None:
+                project = dataset
+            elif settings.default_project:
+                project = settings.default_project
+            else:
+                return
+            photos = [await fetch(url) for url in urls]
+            try:
+                outcome = await service.identify(project, photos, ["auto"] * len(photos))
+            except EmptyGallery:
+                log.info("no gallery yet; observation not identified", extra={"project": project})
+                return
+            except ProblemError as exc:  # photos that are not images: nothing to identify
+                log.info("observation photos refused", extra={"detail": exc.detail})
+                return
+            body = identified_event_data(observation_id, outcome)
+            await session.commit()  # references re-embedded for a new model, if any
+
+        async def record(session: AsyncSession, _: CloudEvent) -> None:
+            await Repository(session).add_identification(
+                IdentificationRow(
+                    id=str(uuid.uuid4()),
+                    project_id=project,
+                    observation_id=observation_id,
+                    model_version=outcome.model_version,
+                    gallery_version=outcome.gallery_version,
+                    rejected=outcome.rejected,
+                    result=body,
+                    created_at=datetime.now(UTC),
+                )
+            )
+            runtime.outbox.add(
+                session, runtime.event(IDENTIFIED, body, subject=f"observation/{observation_id}")
+            )
+
+        await idempotent(runtime.db, "plantid.identify", record, service=runtime.service)(event)
+
+    return {"observation.created": on_created}

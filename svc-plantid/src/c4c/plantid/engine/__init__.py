@@ -1,0 +1,1 @@
+"""The identification engine: CNN weights → ONNX graph → onnxruntime embedder → gallery."""

@@ -1,0 +1,580 @@
+"""Domain logic of plant identification: floras (projects) and their reference photos,
+identification against a project's gallery, quotas, bulk imports. No HTTP, no SQL: the
+repository, the media storage, the engine and the photo fetcher are passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from c4c.plantid import taxonomy
+from c4c.plantid.engine.embedder import Embedder, ModelSpec, custom_model, default_model
+from c4c.plantid.engine.gallery import Candidate, Gallery, Identification
+from c4c.plantid.errors import (
+    EmptyGallery,
+    ImportNotFound,
+    InvalidImportSource,
+    ProjectExists,
+    ProjectNotFound,
+    QuotaExceeded,
+    ReferenceNotFound,
+)
+from c4c.plantid.images import decode_photo, encode_jpeg
+from c4c.plantid.imports import (
+    DarwinCoreArchive,
+    ImportItem,
+    ImportSourceError,
+    SpeciesInfo,
+    folder_items,
+)
+from c4c.plantid.models import ImportRow, ProjectRow, ReferenceRow, SpeciesRow
+from c4c.plantid.repository import Repository
+from c4c.plantid.settings import PlantidSettings
+from c4c.shared.problems import ProblemError
+from c4c.shared.storage import LocalDiskStorage
+
+log = logging.getLogger("c4c.plantid")
+
+ORGANS = ("leaf", "flower", "fruit", "bark", "auto")
+SECONDARY_ORGANS = ("habit", "other")
+ALL_PROJECTS = "all"
+Fetch = Callable[[str], Awaitable[bytes]]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def utc_day(moment: datetime) -> str:
+    return moment.date().isoformat()
+
+
+def seconds_to_midnight(moment: datetime) -> int:
+    tomorrow = datetime.combine(moment.date() + timedelta(days=1), datetime.min.time(), UTC)
+    return max(int((tomorrow - moment).total_seconds()), 1)
+
+
+@dataclass(frozen=True)
+class Quota:
+    limit: int
+    used: int
+
+    @property
+    def remaining(self) -> int:
+        return max(self.limit - self.used, 0)
+
+
+class Engine:
+    """The model and the galleries built with it, shared by every request of the process.
+    The model is built (first start) and loaded on first use, in a worker thread; a gallery
+    is rebuilt when its project's gallery version changes, so edits apply without a
+    restart — in every replica, since the version lives in the database."""
+
+    def __init__(self, settings: PlantidSettings, storage: LocalDiskStorage) -> None:
+        self.settings = settings
+        self.storage = storage
+        self._embedder: Embedder | None = None
+        self._lock = asyncio.Lock()
+        self._galleries: dict[tuple[str, ...], Gallery] = {}
+        self._gallery_locks: dict[tuple[str, ...], asyncio.Lock] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _spec(self) -> ModelSpec:
+        s = self.settings
+        if s.model_path is not None:
+            return custom_model(
+                s.model_path,
+                kind=s.model_kind,
+                labels_file=s.model_labels,
+                output=s.model_output,
+                input_size=s.model_input_size,
+                mean=s.model_mean,
+                std=s.model_std,
+            )
+        return default_model(s.model_cache_dir)
+
+    async def embedder(self) -> Embedder:
+        if self._embedder is None:
+            async with self._lock:
+                if self._embedder is None:
+                    spec = await asyncio.to_thread(self._spec)
+                    self._embedder = await asyncio.to_thread(
+                        Embedder, spec, workers=self.settings.workers
+                    )
+        return self._embedder
+
+    async def embed_photos(self, photos: Sequence[bytes]) -> tuple[list[Image.Image], np.ndarray]:
+        """Decode and embed on one inference thread: one hop off the event loop per call."""
+        embedder = await self.embedder()
+        max_pixels = self.settings.max_image_pixels
+
+        def work() -> tuple[list[Image.Image], np.ndarray]:
+            images = [decode_photo(photo, max_pixels=max_pixels) for photo in photos]
+            return images, embedder.embed(images)
+
+        return await asyncio.get_running_loop().run_in_executor(embedder.pool, work)
+
+    async def gallery(
+        self,
+        key: tuple[str, ...],
+        rows: Callable[[], Awaitable[Sequence[ReferenceRow]]],
+        reembed: Callable[[Sequence[tuple[str, bytes]], str], Awaitable[None]],
+    ) -> Gallery:
+        cached = self._galleries.get(key)
+        if cached is not None:
+            return cached
+        lock = self._gallery_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self._galleries:
+                return self._galleries[key]
+            embedder = await self.embedder()
+            references = await rows()
+            if not references:
+                raise EmptyGallery("Enrol reference photos of the flora before identifying.")
+            stale = [r for r in references if r.model_version != embedder.version]
+            if stale:
+                fresh = await self._reembed(embedder, stale)
+                await reembed(fresh, embedder.version)
+                refreshed = dict(fresh)
+                vectors = [refreshed.get(r.id, r.embedding) for r in references]
+            else:
+                vectors = [r.embedding for r in references]
+            s = self.settings
+            gallery = await asyncio.to_thread(
+                Gallery.fit,
+                "/".join(key),
+                np.stack([np.frombuffer(v, dtype=np.float32) for v in vectors]),
+                [r.scientific_name for r in references],
+                [r.organ for r in references],
+                [r.id for r in references],
+                ridge=s.ridge,
+                reject_quantile=s.reject_quantile,
+                reject_similarity=s.reject_similarity,
+            )
+            # One gallery per project and version: older versions of this project go.
+            self._galleries = {k: g for k, g in self._galleries.items() if k[:-1] != key[:-1]}
+            self._galleries[key] = gallery
+            return gallery
+
+    async def _reembed(
+        self, embedder: Embedder, stale: Sequence[ReferenceRow]
+    ) -> list[tuple[str, bytes]]:
+        """Embeddings of references made with another model, from their stored photos."""
+        out = []
+        for row in stale:
+            path = self.storage.local_path(row.media_key)
+            assert path is not None
+            image = await asyncio.to_thread(_open_rgb, path)
+            vector = (await embedder.embed_async([image]))[0]
+            out.append((row.id, vector.astype(np.float32).tobytes()))
+        log.info("re-embedded references", extra={"count": len(out)})
+        return out
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self._embedder is not None:
+            self._embedder.close()
+
+
+@dataclass(frozen=True)
+class RankedSpecies:
+    candidate: Candidate
+    species: SpeciesRow | None
+    related: list[ReferenceRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class IdentifyOutcome:
+    project: str
+    identification: Identification
+    ranked: list[RankedSpecies]
+    model_version: str
+    gallery_version: str
+
+    @property
+    def rejected(self) -> bool:
+        return self.identification.rejected
+
+
+class PlantidService:
+    def __init__(self, repo: Repository, engine: Engine, settings: PlantidSettings) -> None:
+        self.repo = repo
+        self.engine = engine
+        self.settings = settings
+
+    # --- projects ---------------------------------------------------------------------------
+    async def create_project(
+        self, project_id: str, title: str, description: str | None
+    ) -> ProjectRow:
+        if project_id == ALL_PROJECTS or await self.repo.get_project(project_id) is not None:
+            raise ProjectExists(f"The project {project_id!r} exists already.")
+        moment = now()
+        row = ProjectRow(
+            id=project_id,
+            title=title,
+            description=description,
+            gallery_version=0,
+            created_at=moment,
+            updated_at=moment,
+        )
+        await self.repo.add_project(row)
+        return row
+
+    async def project(self, project_id: str) -> ProjectRow:
+        row = await self.repo.get_project(project_id)
+        if row is None:
+            raise ProjectNotFound(f"There is no project {project_id!r}.")
+        return row
+
+    async def projects(self) -> tuple[Sequence[ProjectRow], dict[str, int]]:
+        return await self.repo.list_projects(), await self.repo.species_counts()
+
+    async def delete_project(self, project_id: str) -> None:
+        await self.project(project_id)
+        await self.repo.delete_project(project_id)
+
+    # --- references -------------------------------------------------------------------------
+    async def _species(self, info: SpeciesInfo) -> SpeciesRow:
+        name = taxonomy.canonical_name(info.scientific_name)
+        row = (await self.repo.get_species([name])).get(name)
+        if row is None:
+            taxon = await asyncio.to_thread(taxonomy.lookup, name)
+            row = SpeciesRow(
+                scientific_name=name,
+                taxon_rank=taxon.rank if taxon else None,
+                genus=taxon.genus if taxon else None,
+                family=taxon.family if taxon else None,
+                inat_id=taxon.inat_id if taxon else None,
+                common_names={},
+            )
+        # What the enrolment states wins over the taxonomy's guess.
+        row.authorship = info.authorship or row.authorship
+        row.genus = info.genus or row.genus or name.split()[0]
+        row.family = info.family or row.family
+        row.gbif_id = info.gbif_id or row.gbif_id
+        names = dict(row.common_names or {})
+        for language, values in info.common_names.items():
+            names[language] = sorted(set(names.get(language, [])) | set(values))
+        row.common_names = names
+        await self.repo.save_species(row)
+        return row
+
+    async def enrol(
+        self,
+        project_id: str,
+        info: SpeciesInfo,
+        organ: str,
+        photos: Sequence[bytes],
+        *,
+        author: str | None = None,
+        license: str | None = None,
+    ) -> tuple[list[ReferenceRow], int]:
+        """Add reference photos of one species; (new references, duplicates skipped)."""
+        embedder = await self.engine.embedder()
+        images, vectors = await self.engine.embed_photos(photos)  # before any statement
+        await self.project(project_id)
+        species = await self._species(info)
+        added, duplicates = [], 0
+        for photo, image, vector in zip(photos, images, vectors, strict=True):
+            jpeg = await asyncio.to_thread(encode_jpeg, image)
+            staged = await self.engine.storage.stage(_once(jpeg), max_bytes=len(jpeg))
+            key = await self.engine.storage.commit(staged)
+            row = ReferenceRow(
+                id=str(uuid.uuid4()),
+                project_id=project_id,
+                scientific_name=species.scientific_name,
+                organ=organ,
+                sha256=hashlib.sha256(photo).hexdigest(),
+                media_key=key,
+                width=image.width,
+                height=image.height,
+                author=author,
+                license=license,
+                embedding=vector.astype(np.float32).tobytes(),
+                model_version=embedder.version,
+                created_at=now(),
+            )
+            if await self.repo.add_reference(row):
+                added.append(row)
+            else:
+                duplicates += 1
+        if added:
+            await self.repo.bump_gallery(project_id)
+        return added, duplicates
+
+    async def references(
+        self, project_id: str, *, species: str | None, limit: int, offset: int
+    ) -> tuple[Sequence[ReferenceRow], int]:
+        await self.project(project_id)
+        return await self.repo.list_references(
+            project_id,
+            species=taxonomy.canonical_name(species) if species else None,
+            limit=limit,
+            offset=offset,
+        )
+
+    async def reference(self, reference_id: str) -> ReferenceRow:
+        row = await self.repo.get_reference(reference_id)
+        if row is None:
+            raise ReferenceNotFound(f"There is no reference {reference_id!r}.")
+        return row
+
+    async def delete_reference(self, reference_id: str) -> None:
+        row = await self.reference(reference_id)
+        await self.repo.delete_reference(reference_id)
+        await self.repo.bump_gallery(row.project_id)
+        # The photo file stays: another project may hold the same bytes, and a file without
+        # a row costs only disk (content-addressed, so a re-enrolment reuses it).
+
+    # --- identification ---------------------------------------------------------------------
+    async def gallery(self, project_id: str) -> Gallery:
+        embedder = await self.engine.embedder()
+        if project_id == ALL_PROJECTS:
+            projects = list(await self.repo.list_projects())
+        else:
+            projects = [await self.project(project_id)]
+        ids = [p.id for p in projects]
+        key = (
+            project_id,
+            ",".join(f"{p.id}:{p.gallery_version}" for p in projects),
+            embedder.version,
+        )
+
+        async def rows() -> Sequence[ReferenceRow]:
+            return await self.repo.gallery_rows(ids)
+
+        return await self.engine.gallery(key, rows, self.repo.set_embeddings)
+
+    async def identify(
+        self,
+        project_id: str,
+        photos: Sequence[bytes],
+        organs: Sequence[str],
+        *,
+        results: int = 10,
+        related_images: bool = False,
+    ) -> IdentifyOutcome:
+        # Inference first: with SQLite a transaction holds the write lock from its first
+        # statement, so no statement may come before the slow part.
+        embedder = await self.engine.embedder()
+        _, vectors = await self.engine.embed_photos(photos)
+        if embedder.spec.kind == "classifier":
+            return await self._classify(project_id, vectors, results)
+        gallery = await self.gallery(project_id)
+        identification = gallery.identify(vectors, organs)
+        top = identification.candidates[:results]
+        species = await self.repo.get_species([c.species for c in top])
+        ranked = []
+        for candidate in top:
+            related: list[ReferenceRow] = []
+            if related_images:
+                related = list(
+                    await self.repo.references_by_id(
+                        [gallery.reference_ids[i] for i in candidate.nearest]
+                    )
+                )
+            ranked.append(RankedSpecies(candidate, species.get(candidate.species), related))
+        return IdentifyOutcome(
+            project_id, identification, ranked, embedder.version, gallery.version
+        )
+
+    async def _classify(self, project_id: str, scores: np.ndarray, results: int) -> IdentifyOutcome:
+        """A classifier model: its own labels, no gallery; 'not found' below a score."""
+        embedder = await self.engine.embedder()
+        probabilities = scores.mean(axis=0)
+        order = np.argsort(-probabilities)[:results]
+        labels = embedder.spec.labels
+        candidates = [Candidate(labels[i], float(probabilities[i]), ()) for i in order]
+        best = float(probabilities[order[0]])
+        identification = Identification(
+            candidates,
+            best,
+            self.settings.classifier_min_score,
+            best < self.settings.classifier_min_score,
+        )
+        species = await self.repo.get_species([c.species for c in candidates])
+        ranked = [RankedSpecies(c, species.get(c.species)) for c in candidates]
+        return IdentifyOutcome(project_id, identification, ranked, embedder.version, "classifier")
+
+    # --- quota ------------------------------------------------------------------------------
+    async def use_quota(self, caller: str, moment: datetime) -> Quota:
+        limit = self.settings.daily_quota
+        used = await self.repo.use_quota(caller, utc_day(moment), limit)
+        if used is None:
+            raise QuotaExceeded(
+                f"The daily quota of {limit} identifications is used up; it resets at 00:00 UTC.",
+                headers=rate_limit_headers(Quota(limit, limit), moment, exceeded=True),
+            )
+        return Quota(limit, used)
+
+    async def quota(self, caller: str, moment: datetime) -> Quota:
+        return Quota(self.settings.daily_quota, await self.repo.quota_used(caller, utc_day(moment)))
+
+    # --- imports ----------------------------------------------------------------------------
+    async def start_import(self, project_id: str, fmt: str, source: str) -> ImportRow:
+        await self.project(project_id)
+        resolve_import_source(self.settings, source)
+        row = ImportRow(
+            id=str(uuid.uuid4()),
+            project_id=project_id,
+            format=fmt,
+            source=source,
+            status="queued",
+            total=0,
+            done=0,
+            skipped=0,
+            failed=0,
+            errors=[],
+            created_at=now(),
+        )
+        await self.repo.add_import(row)
+        return row
+
+    async def get_import(self, import_id: str) -> ImportRow:
+        row = await self.repo.get_import(import_id)
+        if row is None:
+            raise ImportNotFound(f"There is no import {import_id!r}.")
+        return row
+
+
+def resolve_import_source(settings: PlantidSettings, relative: str) -> Path:
+    """A source inside the import directory: imports never read elsewhere on the server."""
+    root = settings.resolved_import_dir.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root) or not path.exists():
+        raise InvalidImportSource(
+            f"{relative!r} is not a folder or file under the import directory.",
+        )
+    return path
+
+
+def rate_limit_headers(quota: Quota, moment: datetime, *, exceeded: bool = False) -> dict[str, str]:
+    """IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers): the policy and
+    what is left of it, with the seconds until the daily window resets."""
+    reset = seconds_to_midnight(moment)
+    headers = {
+        "RateLimit-Policy": f'"daily";q={quota.limit};w=86400',
+        "RateLimit": f'"daily";r={quota.remaining};t={reset}',
+    }
+    if exceeded:
+        headers["Retry-After"] = str(reset)
+    return headers
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+class ImportRunner:
+    """Runs a bulk import in the background, enrolling in batches: each batch commits its
+    references and the import's progress together, and bumps the gallery version. Photos
+    already enrolled (same bytes) count as skipped, so a re-run after a crash resumes."""
+
+    BATCH = 16
+
+    def __init__(
+        self,
+        sessions: Callable[[], Any],
+        engine: Engine,
+        settings: PlantidSettings,
+        fetch: Fetch,
+    ) -> None:
+        self.sessions = sessions
+        self.engine = engine
+        self.settings = settings
+        self.fetch = fetch
+
+    async def start(self, import_id: str) -> None:
+        task = asyncio.create_task(self.run(import_id), name=f"plantid-import:{import_id}")
+        self.engine.tasks.add(task)
+        task.add_done_callback(self.engine.tasks.discard)
+
+    async def resume(self) -> int:
+        """Start again the imports a stop interrupted (already enrolled photos are skipped)."""
+        async with self.sessions() as session:
+            unfinished = [row.id for row in await Repository(session).unfinished_imports()]
+        for import_id in unfinished:
+            await self.start(import_id)
+        return len(unfinished)
+
+    async def _service(self, session: Any) -> PlantidService:
+        return PlantidService(Repository(session), self.engine, self.settings)
+
+    async def run(self, import_id: str) -> None:
+        async with self.sessions() as session, session.begin():
+            job = await (await self._service(session)).get_import(import_id)
+            project_id, fmt, source = job.project_id, job.format, job.source
+        try:
+            path = resolve_import_source(self.settings, source)
+            archive = DarwinCoreArchive(path) if fmt == "dwca" else None
+            items = list(archive.items() if archive else folder_items(path))
+        except (ImportSourceError, ProblemError, OSError, ValueError) as exc:
+            await self._finish(import_id, "failed", [{"item": source, "error": str(exc)}])
+            return
+        # From zero on every (re)start: photos enrolled by an interrupted run count as skipped.
+        await self._progress(
+            import_id, status="running", total=len(items), done=0, skipped=0, failed=0
+        )
+        errors: list[dict[str, str]] = []
+        for start in range(0, len(items), self.BATCH):
+            batch = items[start : start + self.BATCH]
+            done = skipped = failed = 0
+            async with self.sessions() as session, session.begin():
+                service = await self._service(session)
+                for item in batch:
+                    try:
+                        data = await self._read(item, path, archive)
+                        added, duplicates = await service.enrol(
+                            project_id,
+                            item.species,
+                            item.organ,
+                            [data],
+                            author=item.author,
+                            license=item.license,
+                        )
+                        done += len(added)
+                        skipped += duplicates
+                    except (ProblemError, ImportSourceError, OSError) as exc:
+                        failed += 1
+                        errors.append(
+                            {"item": item.name, "error": getattr(exc, "detail", None) or str(exc)}
+                        )
+                job = await service.get_import(import_id)
+                job.done += done
+                job.skipped += skipped
+                job.failed += failed
+                job.errors = errors[-100:]
+        await self._finish(import_id, "finished", errors[-100:])
+
+    async def _read(self, item: ImportItem, root: Path, archive: DarwinCoreArchive | None) -> bytes:
+        if item.name.startswith(("http://", "https://")):
+            return await self.fetch(item.name)
+        if archive is not None:
+            return await asyncio.to_thread(archive.read, item.name)
+        return await asyncio.to_thread((root / item.name).read_bytes)
+
+    async def _progress(self, import_id: str, **values: Any) -> None:
+        async with self.sessions() as session, session.begin():
+            job = await (await self._service(session)).get_import(import_id)
+            for name, value in values.items():
+                setattr(job, name, value)
+
+    async def _finish(self, import_id: str, status: str, errors: list[dict[str, str]]) -> None:
+        await self._progress(import_id, status=status, errors=errors, finished_at=now())
