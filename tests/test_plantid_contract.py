@@ -62,10 +62,13 @@ def _frame(video: Path) -> bytes:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Server]:
-    from conftest import TEST_DATA, wait_for  # the root conftest
+    from conftest import TEST_DATA, services_required, wait_for  # the root conftest
 
     if not (TEST_DATA / "plants").is_dir():
-        pytest.skip(f"test data missing at {TEST_DATA}")
+        # The module-scoped fixture cannot use the function-scoped `test_data` one; same rule.
+        if services_required():
+            pytest.fail(f"test data missing at {TEST_DATA} (set C4C_TEST_DATA)")
+        pytest.skip(f"test data missing at {TEST_DATA} (set C4C_TEST_DATA)")
     settings = PlantidSettings(
         data_dir=tmp_path_factory.mktemp("plantid-contract"),
         api_keys=KEYS,
