@@ -19,10 +19,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware import Middleware
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from c4c.shared.auth import PrincipalMiddleware
 from c4c.shared.bus import CloudEvent, EventBus, Handler, bus_from_settings, new_event
 from c4c.shared.bus._topic import topic_matches
+from c4c.shared.clients import ServiceClients
 from c4c.shared.db import Database
 from c4c.shared.http import BodyLimitMiddleware, RequestContextMiddleware
 from c4c.shared.logs import configure_logging
@@ -56,6 +58,9 @@ class ServiceRuntime:
             self.db, self.bus, service=self.service, poll_interval=settings.outbox_poll_interval
         )
         self.queue = f"{settings.bus_queue_prefix}.{self.service}"
+        self.clients = ServiceClients(settings)
+        self.app: ASGIApp | None = None
+        """The service's app, once built: its in-process address in embedded mode."""
         self._migrations = migrations
         self._consumers = consumers
         self._background: list[tuple[Lifecycle, Lifecycle | None]] = []
@@ -104,6 +109,7 @@ class ServiceRuntime:
             await self.bus.close(self.settings.shutdown_timeout)
         for close in reversed(self._closers):
             await close()
+        await self.clients.aclose()
         await self.db.dispose()
 
     async def ready(self) -> dict[str, bool]:
@@ -134,7 +140,11 @@ async def run_together(
     runtimes: Sequence[ServiceRuntime], bus: EventBus, *, timeout: float = 30.0
 ) -> AsyncIterator[None]:
     """Run several services on one shared bus (embedded mode). Every queue is bound before
-    any relay sends, so no service misses an event published while the others start."""
+    any relay sends, so no service misses an event published while the others start. Each
+    service reaches the others in process (``runtime.clients``)."""
+    apps = {r.service: r.app for r in runtimes if r.app is not None}
+    for runtime in runtimes:
+        runtime.clients.use_in_process(apps)
     for runtime in runtimes:
         await runtime.prepare()
     await bus.start()
@@ -194,6 +204,7 @@ def create_service_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.runtime = runtime
+    runtime.app = app
     app.state.prefixes = tuple(prefixes)
     install_problem_handlers(app)
     app.include_router(operations_router(runtime))

@@ -40,12 +40,13 @@ cover clock skew between hosts, and it bounds how long a captured header can be 
 
 SECRET_FILE = "principal-secret"  # noqa: S105  (a file name, not a secret)
 
-Kind = Literal["api-key", "user", "anonymous"]
+Kind = Literal["api-key", "user", "service", "anonymous"]
 
 
 @dataclass(frozen=True)
 class Principal:
-    """The caller: an API key, an app user, or nobody (a public route)."""
+    """The caller: an API key, an app user, another service of the suite (``id`` is its
+    name), or nobody (a public route)."""
 
     kind: Kind
     id: str

@@ -81,6 +81,25 @@ class ServiceSettings(BaseSettings):
         "X-C4C-Principal), except health, metrics and docs.",
     )
 
+    public_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Base URL clients reach the suite at (the gateway); URLs under it are "
+        "fetched straight from the owning service.",
+    )
+    service_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="Distributed mode: where the other services listen, as JSON, e.g. "
+        '{"ingest": "http://ingest:8000"}; embedded mode reaches them in process.',
+    )
+    service_timeout: float = Field(
+        30.0, gt=0, description="Seconds a call to another service or a media fetch may take."
+    )
+    fetch_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Non-public hosts or networks that media URLs may point at (SSRF "
+        'allowlist), as JSON, e.g. ["10.0.0.0/8"].',
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

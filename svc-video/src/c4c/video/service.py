@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from c4c.shared.app import ServiceRuntime
 from c4c.shared.problems import Conflict, NotFound, ProblemError
+from c4c.shared.urls import UnsafeURL, URLPolicy, check_url
 from c4c.video import repository
 from c4c.video.analysis.counting import Counters, LineCounter, ZoneCounter
 from c4c.video.analysis.events import EventParams
@@ -23,7 +24,6 @@ from c4c.video.models import DetectionRow, JobRow, StreamRow
 from c4c.video.schemas import DetectionOut, JobOut, StreamIn, StreamOut, StreamPatch
 from c4c.video.settings import VideoSettings
 from c4c.video.storage import MediaStore, TooLarge
-from c4c.video.urls import UnsafeURL, URLPolicy, check_url
 
 API = "/video/v1"
 
@@ -74,6 +74,7 @@ def url_policy(settings: VideoSettings) -> URLPolicy:
         file_root=settings.file_root,
         max_redirects=settings.max_redirects,
         timeout=settings.open_timeout,
+        settings_prefix="C4C_VIDEO_",
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import cv2
 
 from c4c.shared.app import ServiceRuntime
+from c4c.shared.urls import UnsafeURL, check_url
 from c4c.video import repository
 from c4c.video.analysis.pipeline import DetectedEvent, Frame
 from c4c.video.analysis.sources import (
@@ -43,7 +44,6 @@ from c4c.video.service import (
     counters_of,
     now,
 )
-from c4c.video.urls import UnsafeURL, check_url
 
 log = logging.getLogger("c4c.video.workers")
 

@@ -1,9 +1,7 @@
-"""URL safety for stream sources (SSRF): only allowed schemes; every address a host
-resolves to must be public unless an allowlist names the host or its network; HTTP
-redirects are followed by hand and each hop checked the same way; file paths only under a
-configured root.
-
-Generic (nothing video-specific): a candidate for ``c4c.shared``.
+"""URL safety (SSRF) for URLs a caller hands us to open: only allowed schemes; every
+address a host resolves to must be public unless an allowlist names the host or its
+network; HTTP redirects are followed by hand and each hop checked the same way; file paths
+only under a configured root.
 """
 
 from __future__ import annotations
@@ -70,6 +68,9 @@ class URLPolicy:
     file_root: Path | None = None
     max_redirects: int = 5
     timeout: float = 10.0
+    settings_prefix: str = "C4C_"
+    """Of the settings named in refusals (``<prefix>ALLOWED_HOSTS``, ``<prefix>FILE_ROOT``),
+    so the operator knows what would allow the URL."""
 
     @property
     def allowed_networks(self) -> list[IPNetwork]:
@@ -118,9 +119,8 @@ async def check_host(host: str, port: int | None, policy: URLPolicy) -> None:
         problem = address_problem(address)
         if problem is not None:
             shown = host if host == str(address) else f"{host!r} ({address})"
-            raise UnsafeURL(
-                f"the host {shown} is {problem}; add it to C4C_VIDEO_ALLOWED_HOSTS to allow it"
-            )
+            setting = f"{policy.settings_prefix}ALLOWED_HOSTS"
+            raise UnsafeURL(f"the host {shown} is {problem}; add it to {setting} to allow it")
 
 
 def check_file(url: str, policy: URLPolicy) -> Path:
@@ -128,7 +128,9 @@ def check_file(url: str, policy: URLPolicy) -> Path:
     if parts.netloc not in ("", "localhost"):
         raise UnsafeURL("file URLs must name a local path (file:///...)")
     if policy.file_root is None:
-        raise UnsafeURL("file URLs are disabled (set C4C_VIDEO_FILE_ROOT to allow a folder)")
+        raise UnsafeURL(
+            f"file URLs are disabled (set {policy.settings_prefix}FILE_ROOT to allow a folder)"
+        )
     root = policy.file_root.resolve()
     path = Path(unquote(parts.path)).resolve()
     if not path.is_relative_to(root):

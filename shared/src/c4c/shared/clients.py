@@ -1,0 +1,169 @@
+"""HTTP calls from one service to another: services never import each other, they meet over
+HTTP and the bus.
+
+``runtime.clients.client("ingest")`` is an ``httpx.AsyncClient`` rooted at the ingest service:
+in embedded mode an in-process ASGI transport (wired by :func:`c4c.shared.app.run_together`),
+in distributed mode the URL named in ``C4C_SERVICE_URLS``. Each request carries a service
+principal signed with the suite's principal secret, so a service that only accepts calls
+through the gateway accepts it too, and the request id of the work in hand.
+
+``runtime.clients.fetch(url, max_bytes=...)`` gets media an event points at: a URL under the
+suite's public URL (the gateway, e.g. ingest's media URLs) goes straight to the owning service,
+found by the URL's first path segment (``/ingest/...`` → ``ingest``); any other URL only when
+it passes the SSRF policy of :mod:`c4c.shared.urls` (public addresses only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Generator, Mapping
+from urllib.parse import urlsplit
+
+import httpx
+from starlette.types import ASGIApp
+
+from c4c.shared.auth import PRINCIPAL_HEADER, Principal, principal_secret, sign_principal
+from c4c.shared.context import REQUEST_ID_HEADER, request_id_var
+from c4c.shared.problems import BodyTooLarge, ProblemError
+from c4c.shared.settings import ServiceSettings
+from c4c.shared.urls import HTTP_SCHEMES, UnsafeURL, URLPolicy, check_url
+
+
+class ServiceUnreachable(ProblemError):
+    status, code, title = 503, "service-unreachable", "Service not reachable"
+
+
+class URLRefused(ProblemError):
+    status, code, title = 422, "url-refused", "URL refused"
+
+
+class FetchFailed(ProblemError):
+    """The server behind a URL failed. ``retryable`` when trying again later may help (it
+    was unreachable, or answered 5xx or 429), so a consumer lets the bus retry the event."""
+
+    status, code, title = 502, "fetch-failed", "Fetching the URL failed"
+
+    def __init__(self, detail: str, *, retryable: bool) -> None:
+        super().__init__(detail)
+        self.retryable = retryable
+
+
+class _SignedPrincipal(httpx.Auth):
+    """Signs the calling service as the principal, afresh per request (signatures expire)."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.principal = Principal(
+            kind="service", id=settings.service_name, scopes=frozenset({"*"})
+        )
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        secret = principal_secret(self.settings)
+        if secret is not None:  # read per request: in embedded mode the gateway writes it late
+            request.headers[PRINCIPAL_HEADER] = sign_principal(self.principal, secret)
+        request_id = request_id_var.get()
+        if request_id is not None:
+            request.headers.setdefault(REQUEST_ID_HEADER, request_id)
+        yield request
+
+
+class ServiceClients:
+    """HTTP clients to the suite's other services, made on first use, closed with the runtime."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self._in_process: dict[str, ASGIApp] = {}
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._external: httpx.AsyncClient | None = None
+        self._auth = _SignedPrincipal(settings)
+        self._policy = URLPolicy(
+            allowed_hosts=tuple(settings.fetch_allowed_hosts),
+            timeout=settings.service_timeout,
+            settings_prefix="C4C_FETCH_",
+        )
+
+    def use_in_process(self, apps: Mapping[str, ASGIApp]) -> None:
+        """Embedded mode: reach these services (by name) in this process."""
+        self._in_process.update(apps)
+
+    def client(self, service: str) -> httpx.AsyncClient:
+        """A client whose base URL is the root of ``service``."""
+        client = self._clients.get(service)
+        if client is None:
+            client = self._clients[service] = self._new_client(service)
+        return client
+
+    def _new_client(self, service: str) -> httpx.AsyncClient:
+        timeout = httpx.Timeout(self.settings.service_timeout)
+        app = self._in_process.get(service)
+        if app is not None:
+            transport = httpx.ASGITransport(app=app)
+            return httpx.AsyncClient(
+                transport=transport,
+                base_url=f"http://{service}.internal",
+                timeout=timeout,
+                auth=self._auth,
+            )
+        url = self.settings.service_urls.get(service)
+        if url is None:
+            raise ServiceUnreachable(
+                f"No address for the {service} service: set C4C_SERVICE_URLS, e.g. "
+                f'{{"{service}": "http://{service}:8000"}}.'
+            )
+        return httpx.AsyncClient(base_url=url, timeout=timeout, auth=self._auth)
+
+    def _suite_target(self, url: str) -> tuple[str, str] | None:
+        """(service, path with query) when ``url`` is under the suite's public URL."""
+        base = self.settings.public_url.rstrip("/") + "/"
+        if not url.startswith(base):
+            return None
+        target = url[len(base) - 1 :]
+        service = urlsplit(target).path.split("/")[1]
+        return service, target
+
+    async def fetch(self, url: str, *, max_bytes: int) -> bytes:
+        """The bytes at ``url``, at most ``max_bytes`` of them (413 beyond)."""
+        suite_target = self._suite_target(url)
+        if suite_target is not None:
+            service, target = suite_target
+            return await _read(self.client(service), target, url, max_bytes)
+        try:
+            if urlsplit(url).scheme.lower() not in HTTP_SCHEMES:
+                raise UnsafeURL("only http and https URLs are fetched")
+            final = await check_url(url, self._policy, client=self._external_client())
+        except UnsafeURL as exc:
+            raise URLRefused(f"{url} is refused: {exc}.") from exc
+        return await _read(self._external_client(), final, url, max_bytes)
+
+    def _external_client(self) -> httpx.AsyncClient:
+        # Redirects are followed by check_url, each hop checked; never blindly here.
+        if self._external is None:
+            self._external = httpx.AsyncClient(
+                follow_redirects=False, timeout=httpx.Timeout(self.settings.service_timeout)
+            )
+        return self._external
+
+    async def aclose(self) -> None:
+        for client in [*self._clients.values(), *filter(None, [self._external])]:
+            await client.aclose()
+        self._clients.clear()
+        self._external = None
+
+
+async def _read(client: httpx.AsyncClient, target: str, shown: str, max_bytes: int) -> bytes:
+    try:
+        async with client.stream("GET", target) as response:
+            if response.status_code >= 300:
+                retryable = response.status_code >= 500 or response.status_code == 429
+                raise FetchFailed(f"{shown} answered {response.status_code}.", retryable=retryable)
+            return await _bounded(response.aiter_bytes(), shown, max_bytes)
+    except httpx.HTTPError as exc:
+        raise FetchFailed(f"{shown} could not be fetched: {exc!r}.", retryable=True) from exc
+
+
+async def _bounded(chunks: AsyncIterator[bytes], shown: str, max_bytes: int) -> bytes:
+    data = bytearray()
+    async for chunk in chunks:
+        data += chunk
+        if len(data) > max_bytes:
+            raise BodyTooLarge(f"{shown} is larger than {max_bytes} bytes.")
+    return bytes(data)

@@ -1,0 +1,196 @@
+"""Calls between services: in process (embedded) and over real loopback HTTP (distributed),
+signed as the calling service, with media URLs under the suite's public URL routed to the
+owning service and every other URL held to the SSRF policy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+
+from c4c.shared.app import create_service_app, run_together
+from c4c.shared.auth import current_principal
+from c4c.shared.bus import InProcessBus
+from c4c.shared.clients import FetchFailed, ServiceClients, ServiceUnreachable, URLRefused
+from c4c.shared.context import request_id_var
+from c4c.shared.problems import BodyTooLarge
+from c4c.shared.settings import ServiceSettings
+
+BLOB = bytes(range(256)) * 64
+SECRET = "s3cret-shared-by-the-suite"
+
+
+class AlphaSettings(ServiceSettings):
+    service_name: ClassVar[str] = "alpha"
+
+
+class BetaSettings(ServiceSettings):
+    service_name: ClassVar[str] = "beta"
+
+
+def alpha_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/alpha/v1/whoami")
+    async def whoami(request: Request) -> dict[str, Any]:
+        principal = current_principal(request)
+        assert principal is not None  # require_principal refuses calls without one
+        return {
+            "kind": principal.kind,
+            "id": principal.id,
+            "request_id": request.headers.get("x-request-id"),
+        }
+
+    @router.get("/alpha/v1/blob")
+    async def blob() -> Response:
+        return Response(BLOB, media_type="application/octet-stream")
+
+    return router
+
+
+def alpha_app(
+    tmp_path: Path, bus: InProcessBus | None = None, *, require_principal: bool = True
+) -> FastAPI:
+    settings = AlphaSettings(
+        data_dir=tmp_path / "alpha", principal_secret=SECRET, require_principal=require_principal
+    )
+    return create_service_app(
+        settings,
+        title="alpha",
+        description="",
+        version="0",
+        prefixes=["/alpha"],
+        routers=[alpha_router()],
+        bus=bus,
+    )
+
+
+def beta_app(tmp_path: Path, bus: InProcessBus | None = None, **settings: Any) -> FastAPI:
+    return create_service_app(
+        BetaSettings(data_dir=tmp_path / "beta", principal_secret=SECRET, **settings),
+        title="beta",
+        description="",
+        version="0",
+        prefixes=["/beta"],
+        bus=bus,
+    )
+
+
+@contextlib.asynccontextmanager
+async def embedded(tmp_path: Path, **beta_settings: Any) -> AsyncIterator[ServiceClients]:
+    bus = InProcessBus()
+    alpha, beta = alpha_app(tmp_path, bus), beta_app(tmp_path, bus, **beta_settings)
+    runtimes = [alpha.state.runtime, beta.state.runtime]
+    async with run_together(runtimes, bus, timeout=5):
+        yield beta.state.runtime.clients
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_in_process_call_is_signed_as_the_calling_service(tmp_path: Path) -> None:
+    async with embedded(tmp_path) as clients:
+        token = request_id_var.set("req-42")
+        try:
+            answer = await clients.client("alpha").get("/alpha/v1/whoami")
+        finally:
+            request_id_var.reset(token)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"kind": "service", "id": "beta", "request_id": "req-42"}
+
+
+async def test_media_under_the_public_url_is_fetched_from_the_owning_service(
+    tmp_path: Path,
+) -> None:
+    async with embedded(tmp_path, public_url="https://suite.example.org") as clients:
+        data = await clients.fetch("https://suite.example.org/alpha/v1/blob", max_bytes=len(BLOB))
+        with pytest.raises(BodyTooLarge):
+            await clients.fetch("https://suite.example.org/alpha/v1/blob", max_bytes=len(BLOB) - 1)
+        with pytest.raises(FetchFailed) as missing:
+            await clients.fetch("https://suite.example.org/alpha/v1/nothing", max_bytes=10)
+    assert data == BLOB
+    assert missing.value.status_code == 502
+    assert not missing.value.retryable
+
+
+async def test_distributed_call_goes_over_http_to_the_configured_url(tmp_path: Path) -> None:
+    alpha = alpha_app(tmp_path)
+    async with alpha.router.lifespan_context(alpha), serving(alpha) as url:
+        clients = ServiceClients(
+            BetaSettings(data_dir=tmp_path, principal_secret=SECRET, service_urls={"alpha": url})
+        )
+        try:
+            answer = await clients.client("alpha").get("/alpha/v1/whoami")
+            data = await clients.fetch("http://127.0.0.1:8000/alpha/v1/blob", max_bytes=10**6)
+        finally:
+            await clients.aclose()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["id"] == "beta"
+    assert data == BLOB
+
+
+async def test_a_service_without_an_address_is_a_clear_error(tmp_path: Path) -> None:
+    clients = ServiceClients(BetaSettings(data_dir=tmp_path))
+    with pytest.raises(ServiceUnreachable, match="C4C_SERVICE_URLS"):
+        clients.client("ingest")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:5672/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://localhost/admin",
+        "file:///etc/passwd",
+        "ftp://example.org/photo.jpg",
+    ],
+)
+async def test_urls_outside_the_suite_must_be_public(tmp_path: Path, url: str) -> None:
+    clients = ServiceClients(BetaSettings(data_dir=tmp_path))
+    try:
+        with pytest.raises(URLRefused):
+            await clients.fetch(url, max_bytes=1000)
+    finally:
+        await clients.aclose()
+
+
+async def test_an_allowlisted_host_is_fetched(tmp_path: Path) -> None:
+    alpha = alpha_app(tmp_path, require_principal=False)
+    async with alpha.router.lifespan_context(alpha), serving(alpha) as url:
+        clients = ServiceClients(BetaSettings(data_dir=tmp_path, fetch_allowed_hosts=["127.0.0.1"]))
+        try:
+            data = await clients.fetch(f"{url}/alpha/v1/blob", max_bytes=10**6)
+            with pytest.raises(FetchFailed) as refused:
+                await clients.fetch(f"{url}/alpha/v1/nothing", max_bytes=10**6)
+        finally:
+            await clients.aclose()
+    assert data == BLOB
+    assert not refused.value.retryable
