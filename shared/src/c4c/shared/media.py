@@ -146,8 +146,11 @@ class ImageInfo:
         return self.latitude is not None and self.longitude is not None
 
 
-def probe_image(path: Path, media_type: MediaType, *, max_pixels: int) -> ImageInfo | None:
-    """Check a stored image and read its EXIF; None for image types not decoded here."""
+def probe_image(
+    source: Path | BinaryIO, media_type: MediaType, *, max_pixels: int
+) -> ImageInfo | None:
+    """Check an image (a file, or bytes in hand as ``io.BytesIO``) and read its EXIF; None
+    for image types not decoded here."""
     pillow_format = PILLOW_FORMATS.get(media_type.mime)
     if pillow_format is None:
         return None
@@ -156,7 +159,7 @@ def probe_image(path: Path, media_type: MediaType, *, max_pixels: int) -> ImageI
             # Pillow warns past MAX_IMAGE_PIXELS and raises past twice that; our own limit
             # below is the one that answers, the warning only adds noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=[pillow_format]) as image:
+            with Image.open(source, formats=[pillow_format]) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise _too_many_pixels(width, height, max_pixels)
