@@ -3,9 +3,12 @@ development photos (read from ../shared/data, never copied into the repository).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from c4c.plantid.engine.embedder import ModelSpec, default_model
 
@@ -26,3 +29,20 @@ def model(model_cache: Path) -> ModelSpec:
 @pytest.fixture
 def plants(test_data: Path) -> Path:
     return test_data / "plants"
+
+
+async def _metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
+    text = (await client.get("/metrics")).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and sample.labels == labels
+    )
+
+
+@pytest.fixture
+def metric() -> Callable[..., Awaitable[float]]:
+    """``await metric(client, name, **labels)``: a sample of the service's ``/metrics`` (0
+    when absent). The registry is the process', so tests compare before and after."""
+    return _metric

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import shutil
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +276,11 @@ async def test_observation_created_is_identified_once(
     query = sorted((plants / "Galanthus_nivalis").glob("*.jpg"))[10].read_bytes()
     async with (
         photo_server(query) as url,
-        running(_settings(tmp_path, model_cache)) as (client, app),
+        # A loopback server stands for a photo host outside the suite: allow-listed.
+        running(_settings(tmp_path, model_cache, fetch_allowed_hosts=["127.0.0.1"])) as (
+            client,
+            app,
+        ),
     ):
         await client.post("/plantid/v1/projects", json={"id": "meadow", "title": "Meadow"})
         for folder in FOLDERS:
@@ -409,3 +413,42 @@ async def test_a_classifier_model_answers_with_its_labels(tmp_path: Path, plants
         assert sorted(names) == ["Bellis perennis", "Taraxacum officinale", "Viola sp."]
         assert body["results"][0]["score"] > 0.99
         assert "tiny-" in body["version"]
+
+
+async def test_identifications_are_counted_and_a_refused_photo_url_is_not_retried(
+    tmp_path: Path,
+    model_cache: Path,
+    plants: Path,
+    eventually: Callable[..., Any],
+    metric: Callable[..., Awaitable[float]],
+) -> None:
+    counted = "c4c_plantid_identifications_total"
+    async with running(_settings(tmp_path, model_cache)) as (client, app):
+        await client.post("/plantid/v1/projects", json={"id": "meadow", "title": "Meadow"})
+        for folder in FOLDERS:
+            await _enrol(client, plants, folder, count=4)
+        identified = await metric(client, counted, project="meadow", outcome="identified")
+        errors = await metric(client, counted, project="meadow", outcome="error")
+        await _best(client, sorted((plants / "Viola_sp").glob("*.jpg"))[10].read_bytes())
+        assert await metric(client, counted, project="meadow", outcome="identified") == (
+            identified + 1
+        )
+        version = app.state.plantid_engine._embedder.version
+        assert await metric(client, "c4c_plantid_model_info", model_version=version) == 1
+
+        # Loopback is not a public address and not allow-listed: refused, counted, not retried.
+        bus = app.state.runtime.bus
+        await bus.publish(
+            new_event(
+                "ingest",
+                "observation.created",
+                {
+                    "id": "obs-9",
+                    "datasetID": "meadow",
+                    "media": [{"url": "http://127.0.0.1:9/p.jpg", "format": "image/jpeg"}],
+                },
+            )
+        )
+        assert await bus.drain(10)
+        assert await metric(client, counted, project="meadow", outcome="error") == errors + 1
+        assert await bus.dead_letters("c4c.plantid") == []

@@ -64,3 +64,11 @@ def test_png_is_accepted_as_rgb() -> None:
     Image.new("RGBA", (64, 32), (1, 2, 3, 128)).save(out, format="PNG")
     image = decode_photo(out.getvalue(), max_pixels=50_000_000)
     assert (image.mode, image.size) == ("RGB", (64, 32))
+
+
+def test_for_the_model_a_jpeg_is_decoded_only_as_large_as_the_input_needs() -> None:
+    photo = _jpeg((4000, 3000))
+    image = decode_photo(photo, max_pixels=50_000_000, cover=224)
+    assert min(image.size) >= 224  # libjpeg scales by 1/2..1/8: here 1/8, 500x375
+    assert image.size == (500, 375)
+    assert decode_photo(_jpeg((300, 200)), max_pixels=50_000_000, cover=224).size == (300, 200)

@@ -6,8 +6,7 @@ from fastapi import FastAPI
 
 from c4c.plantid.api import VERSION, PlantNetFailure, on_plantnet_failure, plantnet, router
 from c4c.plantid.consumers import plantid_consumers
-from c4c.plantid.fetch import PhotoFetcher
-from c4c.plantid.service import Engine, ImportRunner
+from c4c.plantid.service import Engine, Fetch, ImportRunner
 from c4c.plantid.settings import PlantidSettings
 from c4c.shared.app import ServiceRuntime, create_service_app
 from c4c.shared.bus import EventBus
@@ -22,12 +21,18 @@ PREFIXES = (
 def create_app(settings: PlantidSettings | None = None, bus: EventBus | None = None) -> FastAPI:
     settings = settings or PlantidSettings()
     engine = Engine(settings, LocalDiskStorage(settings.resolved_media_dir / "plantid"))
-    fetch = PhotoFetcher(
-        max_bytes=settings.identify_max_bytes, timeout=settings.media_fetch_timeout
-    )
+
+    def photo_fetcher(runtime: ServiceRuntime) -> Fetch:
+        """Photos an observation or an import points at: the suite's own media straight from
+        the owning service (with this service's credential), other URLs only when public."""
+
+        async def fetch(url: str) -> bytes:
+            return await runtime.clients.fetch(url, max_bytes=settings.identify_max_bytes)
+
+        return fetch
 
     def consumers(runtime: ServiceRuntime) -> dict[str, object]:
-        return dict(plantid_consumers(runtime, engine, settings, fetch))
+        return dict(plantid_consumers(runtime, engine, settings, photo_fetcher(runtime)))
 
     app = create_service_app(
         settings,
@@ -47,11 +52,10 @@ def create_app(settings: PlantidSettings | None = None, bus: EventBus | None = N
     runtime: ServiceRuntime = app.state.runtime
     app.add_exception_handler(PlantNetFailure, on_plantnet_failure)
     app.state.plantid_engine = engine
-    imports = ImportRunner(runtime.db.sessions, engine, settings, fetch)
+    imports = ImportRunner(runtime.db.sessions, engine, settings, photo_fetcher(runtime))
     app.state.plantid_imports = imports
-    # Interrupted imports resume once the service is up; the engine and the fetch client
-    # close only after the bus drained, since the consumer uses them.
+    # Interrupted imports resume once the service is up; the engine closes only after the
+    # bus drained, since the consumer uses it.
     runtime.add_background(imports.resume)  # imports are jobs in the database
     runtime.add_closer(engine.close)
-    runtime.add_closer(fetch.close)
     return app

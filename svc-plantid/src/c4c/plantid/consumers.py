@@ -1,9 +1,14 @@
-"""Bus handlers: ``observation.created`` with photos → ``observation.identified``.
+"""Bus handlers: an observation with photos → ``observation.identified``.
 
-An observation is identified when it has image media with URLs and its ``datasetID`` names
-a plantid project (else the ``default_project`` setting, when set). The photos are fetched
-and identified before the transaction opens (no lock held during inference); the result and
-its event are then written once per event id (``idempotent``), through the outbox.
+An observation is identified when it is created with photos (``observation.created``) and
+again whenever photos are added to it (``observation.updated`` whose ``changed`` holds image
+media: mobile apps create the observation first and upload its photos after). Then all its
+photos count, so the observation is read back from ingest. Other updates (an identification
+written back, a corrected date) are ignored. It is identified when it has image media with
+URLs and its ``datasetID`` names a plantid project (else the ``default_project`` setting,
+when set). The photos are fetched and identified before the transaction opens (no lock held
+during inference); the result and its event are then written once per event id
+(``idempotent``), through the outbox.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from c4c.plantid import metrics
 from c4c.plantid.errors import EmptyGallery
 from c4c.plantid.models import IdentificationRow
 from c4c.plantid.repository import Repository
@@ -22,6 +29,7 @@ from c4c.plantid.service import Engine, Fetch, IdentifyOutcome, PlantidService
 from c4c.plantid.settings import PlantidSettings
 from c4c.shared.app import Consumers, ServiceRuntime
 from c4c.shared.bus import CloudEvent
+from c4c.shared.clients import FetchFailed
 from c4c.shared.inbox import idempotent
 from c4c.shared.problems import ProblemError
 
@@ -70,22 +78,29 @@ def identified_event_data(observation_id: str, outcome: IdentifyOutcome) -> dict
 def plantid_consumers(
     runtime: ServiceRuntime, engine: Engine, settings: PlantidSettings, fetch: Fetch
 ) -> Consumers:
-    async def on_created(event: CloudEvent) -> None:
-        data = event.data if isinstance(event.data, dict) else {}
-        observation_id = str(data.get("id") or "")
-        urls = photo_urls(data)
+    async def identify(event: CloudEvent, observation: dict[str, Any]) -> None:
+        observation_id = str(observation.get("id") or "")
+        urls = photo_urls(observation)
         if not observation_id or not urls:
             return
-        async with runtime.db.sessions() as session:
-            service = PlantidService(Repository(session), engine, settings)
-            dataset = str(data.get("datasetID") or "")
-            if dataset and await service.repo.get_project(dataset) is not None:
+        dataset = str(observation.get("datasetID") or "")
+        async with runtime.db.sessions() as session, session.begin():
+            if dataset and await Repository(session).get_project(dataset) is not None:
                 project = dataset
             elif settings.default_project:
                 project = settings.default_project
             else:
                 return
+        try:
             photos = [await fetch(url) for url in urls]
+        except ProblemError as exc:
+            metrics.failed(project)
+            if isinstance(exc, FetchFailed) and exc.retryable:
+                raise  # the bus tries the event again later
+            log.info("observation photos not fetched", extra={"detail": exc.detail})
+            return
+        async with runtime.db.sessions() as session:
+            service = PlantidService(Repository(session), engine, settings)
             try:
                 outcome = await service.identify(project, photos, ["auto"] * len(photos))
             except EmptyGallery:
@@ -116,4 +131,30 @@ def plantid_consumers(
 
         await idempotent(runtime.db, "plantid.identify", record, service=runtime.service)(event)
 
-    return {"observation.created": on_created}
+    async def on_created(event: CloudEvent) -> None:
+        await identify(event, event.data if isinstance(event.data, dict) else {})
+
+    async def on_updated(event: CloudEvent) -> None:
+        data = event.data if isinstance(event.data, dict) else {}
+        changed = data.get("changed")
+        if not isinstance(changed, dict) or not photo_urls({"media": changed.get("media")}):
+            return  # no photo added: the identification still holds
+        observation = await read_observation(runtime, str(data.get("id") or ""))
+        if observation is not None:
+            await identify(event, observation)
+
+    return {"observation.created": on_created, "observation.updated": on_updated}
+
+
+async def read_observation(runtime: ServiceRuntime, observation_id: str) -> dict[str, Any] | None:
+    """The observation as ingest serves it now (with all its photos); None when it is gone.
+    Other failures raise, so that the bus tries the event again."""
+    if not observation_id:
+        return None
+    client = runtime.clients.client("ingest")
+    response = await client.get(f"/ingest/v1/observations/{quote(observation_id, safe='')}")
+    if response.status_code in (404, 410):
+        return None
+    response.raise_for_status()
+    body = response.json()
+    return body if isinstance(body, dict) else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from c4c.plantid import taxonomy
+from c4c.plantid import metrics, taxonomy
 from c4c.plantid.engine.embedder import Embedder, ModelSpec, custom_model, default_model
 from c4c.plantid.engine.gallery import Candidate, Gallery, Identification
 from c4c.plantid.errors import (
@@ -112,16 +113,27 @@ class Engine:
                     self._embedder = await asyncio.to_thread(
                         Embedder, spec, workers=self.settings.workers
                     )
+                    metrics.model_loaded(spec.version)
         return self._embedder
 
-    async def embed_photos(self, photos: Sequence[bytes]) -> tuple[list[Image.Image], np.ndarray]:
-        """Decode and embed on one inference thread: one hop off the event loop per call."""
+    async def embed_photos(self, photos: Sequence[bytes]) -> np.ndarray:
+        """Decode (only as large as the model needs) and embed on one inference thread: one
+        hop off the event loop per call."""
+        embedder = await self.embedder()
+        return await asyncio.get_running_loop().run_in_executor(
+            embedder.pool, embed_photos, embedder, photos, self.settings.max_image_pixels
+        )
+
+    async def decode_and_embed(
+        self, photos: Sequence[bytes]
+    ) -> tuple[list[Image.Image], np.ndarray]:
+        """The photos at storage size, and their embeddings made exactly as a query's are."""
         embedder = await self.embedder()
         max_pixels = self.settings.max_image_pixels
 
         def work() -> tuple[list[Image.Image], np.ndarray]:
             images = [decode_photo(photo, max_pixels=max_pixels) for photo in photos]
-            return images, embedder.embed(images)
+            return images, embed_photos(embedder, photos, max_pixels)
 
         return await asyncio.get_running_loop().run_in_executor(embedder.pool, work)
 
@@ -144,7 +156,7 @@ class Engine:
                 raise EmptyGallery("Enrol reference photos of the flora before identifying.")
             stale = [r for r in references if r.model_version != embedder.version]
             if stale:
-                fresh = await self._reembed(embedder, stale)
+                fresh = await self._reembed(stale)
                 await reembed(fresh, embedder.version)
                 refreshed = dict(fresh)
                 vectors = [refreshed.get(r.id, r.embedding) for r in references]
@@ -167,16 +179,14 @@ class Engine:
             self._galleries[key] = gallery
             return gallery
 
-    async def _reembed(
-        self, embedder: Embedder, stale: Sequence[ReferenceRow]
-    ) -> list[tuple[str, bytes]]:
+    async def _reembed(self, stale: Sequence[ReferenceRow]) -> list[tuple[str, bytes]]:
         """Embeddings of references made with another model, from their stored photos."""
         out = []
         for row in stale:
             path = self.storage.local_path(row.media_key)
             assert path is not None
-            image = await asyncio.to_thread(_open_rgb, path)
-            vector = (await embedder.embed_async([image]))[0]
+            photo = await asyncio.to_thread(path.read_bytes)
+            vector = (await self.embed_photos([photo]))[0]
             out.append((row.id, vector.astype(np.float32).tobytes()))
         log.info("re-embedded references", extra={"count": len(out)})
         return out
@@ -283,7 +293,7 @@ class PlantidService:
     ) -> tuple[list[ReferenceRow], int]:
         """Add reference photos of one species; (new references, duplicates skipped)."""
         embedder = await self.engine.embedder()
-        images, vectors = await self.engine.embed_photos(photos)  # before any statement
+        images, vectors = await self.engine.decode_and_embed(photos)  # before any statement
         await self.project(project_id)
         species = await self._species(info)
         added, duplicates = [], 0
@@ -366,10 +376,36 @@ class PlantidService:
         results: int = 10,
         related_images: bool = False,
     ) -> IdentifyOutcome:
+        """The ranked species of one plant's photos, counted in the metrics."""
+        started = time.perf_counter()
+        try:
+            outcome = await self._identify(
+                project_id, photos, organs, results=results, related_images=related_images
+            )
+        except ProjectNotFound:
+            metrics.failed(metrics.UNKNOWN_PROJECT)
+            raise
+        except ProblemError:
+            metrics.failed(project_id)
+            raise
+        metrics.identified(
+            project_id, rejected=outcome.rejected, seconds=time.perf_counter() - started
+        )
+        return outcome
+
+    async def _identify(
+        self,
+        project_id: str,
+        photos: Sequence[bytes],
+        organs: Sequence[str],
+        *,
+        results: int,
+        related_images: bool,
+    ) -> IdentifyOutcome:
         # Inference first: with SQLite a transaction holds the write lock from its first
         # statement, so no statement may come before the slow part.
         embedder = await self.engine.embedder()
-        _, vectors = await self.engine.embed_photos(photos)
+        vectors = await self.engine.embed_photos(photos)
         if embedder.spec.kind == "classifier":
             return await self._classify(project_id, vectors, results)
         gallery = await self.gallery(project_id)
@@ -473,9 +509,11 @@ def rate_limit_headers(quota: Quota, moment: datetime, *, exceeded: bool = False
     return headers
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+def embed_photos(embedder: Embedder, photos: Sequence[bytes], max_pixels: int) -> np.ndarray:
+    """What identification sees of photos (blocking). References and queries both go through
+    here, so that their embeddings are comparable."""
+    size = embedder.spec.input_size
+    return embedder.embed([decode_photo(p, max_pixels=max_pixels, cover=size) for p in photos])
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -67,9 +67,6 @@ class PlantidSettings(ServiceSettings):
     default_project: str | None = Field(
         None, description="Flora for observations whose datasetID is not a project."
     )
-    media_fetch_timeout: float = Field(
-        20.0, gt=0, description="Seconds to fetch an observation's photo."
-    )
 
     @property
     def resolved_import_dir(self) -> Path:

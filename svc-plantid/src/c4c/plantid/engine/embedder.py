@@ -5,7 +5,6 @@ loop. Each onnxruntime call uses one intra-op thread: concurrency comes from the
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -96,21 +95,30 @@ def custom_model(
     )
 
 
+def session_options() -> ort.SessionOptions:
+    """How every inference session runs (the benchmark's raw baseline uses the same): one
+    intra-op thread per call, since concurrency comes from the workers, and every graph
+    optimisation — with the layout ones (NCHWc blocked convolutions), EfficientNet-Lite0
+    runs about twice as fast as with the basic ones on an AVX2 core."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
 class Embedder:
     def __init__(self, spec: ModelSpec, *, workers: int = 1) -> None:
         self.spec = spec
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.session = ort.InferenceSession(
-            str(spec.path), options, providers=["CPUExecutionProvider"]
+            str(spec.path), session_options(), providers=["CPUExecutionProvider"]
         )
         self.input = self.session.get_inputs()[0].name
         self.output = spec.output or self.session.get_outputs()[0].name
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="plantid-infer")
         self._mean = np.array(spec.mean, dtype=np.float32)
-        self._std = np.array(spec.std, dtype=np.float32)
+        self._inverse_std = 1 / np.array(spec.std, dtype=np.float32)
 
     @property
     def version(self) -> str:
@@ -126,7 +134,9 @@ class Embedder:
         square = image.resize(
             (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
         )
-        pixels = (np.asarray(square, dtype=np.float32) - self._mean) / self._std
+        pixels = np.asarray(square, dtype=np.float32)
+        pixels -= self._mean
+        pixels *= self._inverse_std
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -142,9 +152,6 @@ class Embedder:
             return np.asarray(out / out.sum(axis=1, keepdims=True), dtype=np.float32)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return np.asarray(out / np.maximum(norms, 1e-12), dtype=np.float32)
-
-    async def embed_async(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.embed, images)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
