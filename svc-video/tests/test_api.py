@@ -15,6 +15,7 @@ import cv2
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from c4c.shared.bus import CloudEvent
 from c4c.shared.problems import PROBLEM_MEDIA_TYPE
@@ -391,6 +392,14 @@ async def test_a_live_mjpeg_stream_is_processed_and_picked_up_again_after_a_drop
                 return body["stats"]["frames_decoded"] > DROP_AFTER + 20
 
             await eventually(past_the_drop, timeout=30, interval=0.05)
+            metrics = await stream_metrics(client, stream_id)
+            assert metrics["c4c_video_reconnects_total"] >= 1
+            assert metrics["c4c_video_frames_analysed_total"] >= 1
+            assert metrics["c4c_video_stream_status", "running"] == 1
+            assert metrics["c4c_video_stream_status", "reconnecting"] == 0
+            assert "c4c_video_lag_seconds" in metrics
+            assert "c4c_video_analysis_fps" in metrics
+            assert "c4c_video_frames_dropped_late_total" in metrics
             snapshot = await client.get(f"/video/v1/streams/{stream_id}/snapshot.jpg")
             assert snapshot.status_code == 200
             assert snapshot.content[:2] == b"\xff\xd8"
@@ -413,6 +422,21 @@ async def test_a_live_mjpeg_stream_is_processed_and_picked_up_again_after_a_drop
             assert final["counts"]["zones"]["all"]["entered"] >= 1
     assert "reconnecting" in statuses
     assert statuses.index("reconnecting") < len(statuses) - 1
+
+
+async def stream_metrics(client: httpx.AsyncClient, stream_id: str) -> dict[Any, float]:
+    """The samples of ``/metrics`` labelled with this stream: by name, and by (name, status)
+    for the status gauge."""
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    samples: dict[Any, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.labels.get("stream") != stream_id:
+                continue
+            status = sample.labels.get("status")
+            samples[(sample.name, status) if status else sample.name] = sample.value
+    return samples
 
 
 async def test_a_job_left_running_by_a_dead_worker_is_resumed(

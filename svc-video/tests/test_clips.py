@@ -60,6 +60,26 @@ def test_a_moving_bird_makes_events(test_data: Path, tmp_path: Path) -> None:
     assert all(e.end - e.start >= 1.0 for e in events)
 
 
+def test_clips_reuse_the_analysis_frame_at_the_clip_rate(test_data: Path, tmp_path: Path) -> None:
+    # Every frame of the 20 fps clip is analysed; clips get at most 10 a second, so a clip
+    # plays in real time: never longer than the 15 s a clip may last (plus its pre-roll).
+    events, summary = run(test_data / "video" / "cockatoo.mp4", tmp_path, analysis_fps=0)
+    assert summary.frames_analysed == 280
+    clips = {e.clip_path for e in events if e.clip_path is not None}
+    assert clips
+    for path in clips:
+        clip = cv2.VideoCapture(str(path))
+        assert clip.get(cv2.CAP_PROP_FPS) == pytest.approx(10.0)
+        assert (clip.get(cv2.CAP_PROP_FRAME_WIDTH), clip.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (
+            320,
+            180,
+        )
+        frames = 0
+        while clip.grab():
+            frames += 1
+        assert 10 <= frames <= 10 * (15 + 1)
+
+
 def test_an_empty_scene_makes_no_event(test_data: Path, tmp_path: Path) -> None:
     events, summary = run(
         test_data / "video" / "empty_scene_synthetic.avi", tmp_path, analysis_fps=0

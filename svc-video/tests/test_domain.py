@@ -6,7 +6,8 @@ import pytest
 
 from c4c.video.analysis.counting import Counters, LineCounter, ZoneCounter, inside
 from c4c.video.analysis.events import EventBuilder, EventParams, keyframe_score
-from c4c.video.analysis.sources import Backoff, RateGate
+from c4c.video.analysis.pipeline import RateGate
+from c4c.video.analysis.sources import Backoff
 from c4c.video.analysis.tracking import Box, Tracker, TrackerParams
 
 

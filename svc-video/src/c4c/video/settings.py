@@ -50,7 +50,12 @@ class VideoSettings(ServiceSettings):
     )
     min_event_seconds: float = Field(1.0, ge=0, description="A shorter track is not an event.")
     max_event_seconds: float = Field(60.0, gt=0, description="Longer tracks are cut into events.")
-    clip_width: int = Field(480, ge=32, description="Width of event clips.")
+    clip_width: int = Field(
+        320,
+        ge=32,
+        description="Width of event clips; equal to analysis_width, clips reuse the analysis "
+        "frame (no second resize).",
+    )
     clip_seconds: float = Field(15.0, gt=0, description="Longest event clip.")
     job_workers: int = Field(1, ge=1, description="Clips analysed at the same time.")
     job_lease_seconds: float = Field(

@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 
 from c4c.video.analysis.counting import Counters
-from c4c.video.analysis.pipeline import AnalysisParams, Analyzer, EventSink, Frame
+from c4c.video.analysis.pipeline import AnalysisParams, Analyzer, EventSink, Frame, RateGate
 
 log = logging.getLogger("c4c.video.sources")
 
@@ -57,9 +57,11 @@ class FrameObserver:
     def decoded(self, n: int = 1) -> None: ...
     def analysed(self, n: int = 1) -> None: ...
     def skipped(self, n: int = 1) -> None: ...
+    def dropped_late(self, n: int = 1) -> None: ...
     def reconnected(self) -> None: ...
     def lag(self, seconds: float) -> None: ...
     def fps(self, value: float) -> None: ...
+    def status(self, status: str) -> None: ...
 
 
 def open_capture(url: str, open_timeout: float = 10.0, read_timeout: float = 10.0) -> Any:
@@ -79,22 +81,6 @@ def open_capture(url: str, open_timeout: float = 10.0, read_timeout: float = 10.
 def _fps(capture: Any) -> float:
     fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
     return float(fps) if math.isfinite(fps) and 0 < fps < 1000 else DEFAULT_FPS
-
-
-class RateGate:
-    """Says which frames to analyse so that ``rate`` frames per second of video are."""
-
-    def __init__(self, rate: float) -> None:
-        self.interval = 1.0 / rate if rate > 0 else 0.0
-        self.next_t = -math.inf
-
-    def due(self, t: float) -> bool:
-        if t + 1e-6 < self.next_t:
-            return False
-        # On schedule: no drift. After a gap: restart from this frame, not a burst.
-        on_time = math.isfinite(self.next_t) and t - self.next_t < self.interval
-        self.next_t = (self.next_t if on_time else t) + self.interval
-        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +283,7 @@ class StreamWorker:
 
     def _set_status(self, status: str, reason: str | None) -> None:
         self.status = status
+        self.observer.status(status)
         try:
             self.on_status(status, reason)
         except Exception:
@@ -376,6 +363,7 @@ class StreamWorker:
                             self.stats.skipped += 1
                             self.stats.dropped_late += 1
                             self.observer.skipped()
+                            self.observer.dropped_late()
                         mailbox[0] = (self.stats.decoded, t, arrived, frame)
                         ready.notify()
             finally:

@@ -1,5 +1,5 @@
 """Multi-object tracking of foreground blobs: boxes in, tracks with ids, ages and lost-frame
-counts out. Plain Python: no OpenCV, no I/O, so it is tested with hand-made boxes.
+counts out. No OpenCV, no I/O (numpy scores the pairs), so it is tested with hand-made boxes.
 
 Matching is greedy, best first: pairs of (track, box) by IoU with the track's predicted box
 (its last box moved by its last velocity, which keeps fast or sparsely sampled objects
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,39 +137,9 @@ class Tracker:
         self._next_id = 1
 
     def update(self, frame: int, t: float, boxes: list[Box]) -> TrackerUpdate:
-        predicted = [track.predicted(frame) for track in self.tracks]
-        unmatched_tracks = set(range(len(self.tracks)))
-        unmatched_boxes = set(range(len(boxes)))
-        matches: list[tuple[int, int]] = []
-
-        by_iou = sorted(
-            (
-                (p.iou(box), ti, bi)
-                for ti, p in enumerate(predicted)
-                for bi, box in enumerate(boxes)
-            ),
-            reverse=True,
-        )
-        for score, ti, bi in by_iou:
-            if score < self.params.iou_threshold:
-                break
-            if ti in unmatched_tracks and bi in unmatched_boxes:
-                matches.append((ti, bi))
-                unmatched_tracks.discard(ti)
-                unmatched_boxes.discard(bi)
-
-        by_distance = sorted(
-            (predicted[ti].distance(boxes[bi]) / max(predicted[ti].diagonal, 1.0), ti, bi)
-            for ti in unmatched_tracks
-            for bi in unmatched_boxes
-        )
-        for relative, ti, bi in by_distance:
-            if relative > self.params.max_distance:
-                break
-            if ti in unmatched_tracks and bi in unmatched_boxes:
-                matches.append((ti, bi))
-                unmatched_tracks.discard(ti)
-                unmatched_boxes.discard(bi)
+        matches = self._match(frame, boxes) if self.tracks and boxes else []
+        unmatched_tracks = set(range(len(self.tracks))) - {ti for ti, _ in matches}
+        unmatched_boxes = set(range(len(boxes))) - {bi for _, bi in matches}
 
         active: list[Track] = []
         for ti, bi in matches:
@@ -188,7 +161,61 @@ class Tracker:
         self.tracks = sorted(survivors, key=lambda tr: tr.id)
         return TrackerUpdate(active, ended)
 
+    def _match(self, frame: int, boxes: list[Box]) -> list[tuple[int, int]]:
+        """(track, box) index pairs: by IoU with the predicted boxes, best first, then the
+        leftovers by relative centroid distance, nearest first. Scores are computed for all
+        pairs at once with numpy: a busy scene has dozens of tracks and blobs per frame."""
+        predicted = _corners([track.predicted(frame) for track in self.tracks])
+        found = _corners(boxes)
+        iou = _iou(predicted, found)
+        taken_tracks: set[int] = set()
+        taken_boxes: set[int] = set()
+        matches: list[tuple[int, int]] = []
+
+        def take(candidates: tuple[NDArray[np.intp], ...], order: NDArray[np.intp]) -> None:
+            tracks, found_boxes = candidates[0][order].tolist(), candidates[1][order].tolist()
+            for ti, bi in zip(tracks, found_boxes, strict=True):
+                if ti not in taken_tracks and bi not in taken_boxes:
+                    matches.append((ti, bi))
+                    taken_tracks.add(ti)
+                    taken_boxes.add(bi)
+
+        pairs = np.nonzero(iou >= self.params.iou_threshold)
+        # Highest IoU first; ties broken like a reverse sort of (iou, track, box) tuples.
+        take(pairs, np.lexsort((pairs[1], pairs[0], iou[pairs]))[::-1])
+
+        # Centroid distance in units of the predicted box's diagonal.
+        centres = (predicted[:, :2] + predicted[:, 2:]) / 2
+        delta = centres[:, None, :] - (found[None, :, :2] + found[None, :, 2:]) / 2
+        size = predicted[:, 2:] - predicted[:, :2]
+        diagonal = np.maximum(np.hypot(size[:, 0], size[:, 1]), 1.0)
+        relative = np.hypot(delta[..., 0], delta[..., 1]) / diagonal[:, None]
+        relative[list(taken_tracks), :] = np.inf
+        relative[:, list(taken_boxes)] = np.inf
+        pairs = np.nonzero(relative <= self.params.max_distance)
+        take(pairs, np.lexsort((pairs[1], pairs[0], relative[pairs])))
+        return matches
+
     def flush(self) -> list[Track]:
         """End every track (the source ended)."""
         ended, self.tracks = self.tracks, []
         return ended
+
+
+def _corners(boxes: list[Box]) -> NDArray[np.float64]:
+    """Boxes as rows of (x0, y0, x1, y1)."""
+    xywh = np.array([(b.x, b.y, b.w, b.h) for b in boxes], dtype=np.float64).reshape(-1, 4)
+    xywh[:, 2:] += xywh[:, :2]
+    return xywh
+
+
+def _iou(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Intersection over union of every row of ``a`` with every row of ``b``."""
+    low = np.maximum(a[:, None, :2], b[None, :, :2])
+    high = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(high - low, 0.0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    iou: NDArray[np.float64] = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return iou
