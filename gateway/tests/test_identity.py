@@ -256,10 +256,11 @@ async def test_a_key_without_the_scope_is_refused_with_403(
     assert "'echo'" in body["detail"]
 
 
+@pytest.mark.parametrize("backend", ["memory", "database"])
 async def test_an_exhausted_daily_quota_is_a_429_with_rate_limit_headers(
-    open_gateway: Callable[..., Any], assert_problem: Callable[..., Any]
+    open_gateway: Callable[..., Any], assert_problem: Callable[..., Any], backend: str
 ) -> None:
-    async with open_gateway() as (app, client):
+    async with open_gateway(rate_limit_backend=backend) as (app, client):
         _, secret = await app.state.proxy.identity.keys.create("small", ["*"], daily_quota=2)
         client.headers["X-API-Key"] = secret
         answers = [await client.get("/echo/x") for _ in range(3)]
@@ -276,10 +277,12 @@ async def test_an_exhausted_daily_quota_is_a_429_with_rate_limit_headers(
     assert _sample(metrics, "c4c_gateway_rate_limited_total", route="/echo", policy="daily") >= 1
 
 
+@pytest.mark.parametrize("backend", ["memory", "database"])
 async def test_a_burst_over_the_rate_limit_is_a_429(
-    open_gateway: Callable[..., Any], assert_problem: Callable[..., Any]
+    open_gateway: Callable[..., Any], assert_problem: Callable[..., Any], backend: str
 ) -> None:
-    async with open_gateway(rate_limit_per_second=0.5, rate_limit_burst=2) as (_, client):
+    settings = {"rate_limit_per_second": 0.5, "rate_limit_burst": 2}
+    async with open_gateway(rate_limit_backend=backend, **settings) as (_, client):
         answers = [await client.get("/echo/x") for _ in range(3)]
     assert [a.status_code for a in answers[:2]] == [200, 200]
     assert_problem(answers[2], 429)

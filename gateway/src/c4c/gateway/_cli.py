@@ -7,14 +7,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Sequence
+
+from fastapi import FastAPI
 
 from c4c.gateway.app import MIGRATIONS, create_app
 from c4c.gateway.service import ApiKeys, InvalidScope, KeyRecord
 from c4c.gateway.settings import GatewaySettings
 from c4c.shared.app import serve
+from c4c.shared.auth import ensure_principal_secret
 from c4c.shared.db import Database
+from c4c.shared.logs import configure_logging
+
+log = logging.getLogger("c4c.gateway")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,10 +92,41 @@ async def _keys(args: argparse.Namespace, settings: GatewaySettings) -> int:
         await db.dispose()
 
 
+def worker_app() -> FastAPI:
+    """The app of one of several gateway processes (uvicorn imports this in each)."""
+    settings = GatewaySettings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)
+
+
+def _serve_workers(settings: GatewaySettings) -> None:
+    import uvicorn
+
+    configure_logging(settings.log_level, settings.log_format)
+    # Made once here: the workers would race to create it.
+    ensure_principal_secret(settings)
+    uvicorn.run(
+        f"{__name__}:worker_app",
+        factory=True,
+        workers=settings.workers,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        proxy_headers=False,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = GatewaySettings()
     if args.command == "keys":
         return asyncio.run(_keys(args, settings))
+    if settings.workers > 1 and settings.upstreams:
+        _serve_workers(settings)
+        return 0
+    if settings.workers > 1:
+        configure_logging(settings.log_level, settings.log_format)
+        log.warning("embedded mode runs one process: C4C_GATEWAY_WORKERS ignored")
     serve(create_app(settings), settings, proxy_headers=False)
     return 0

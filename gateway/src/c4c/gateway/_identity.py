@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from starlette.requests import Request
+from starlette.datastructures import Headers, QueryParams
 
 from c4c.gateway._tokens import InvalidToken, TokenVerifier
 from c4c.gateway.service import ApiKeys
@@ -38,9 +38,13 @@ class Caller:
         return f"{self.principal.kind}:{self.principal.id}"
 
 
-def _pattern(route: str) -> re.Pattern[str]:
-    """``/*/healthz`` → one path segment for each ``*``, the rest literal."""
-    return re.compile("[^/]+".join(re.escape(part) for part in route.split("*")) + "$")
+def _pattern(routes: Sequence[str]) -> re.Pattern[str] | None:
+    """One pattern for all: ``/*/healthz`` → one path segment for each ``*``, the rest
+    literal."""
+    if not routes:
+        return None
+    each = ("[^/]+".join(re.escape(part) for part in route.split("*")) for route in routes)
+    return re.compile("(?:" + "|".join(each) + ")$")
 
 
 class Identity:
@@ -49,18 +53,20 @@ class Identity:
     ) -> None:
         self.keys = keys
         self.tokens = tokens
-        self._public = [_pattern(route) for route in public_routes]
+        self._public = _pattern(public_routes)
 
     def is_public(self, path: str) -> bool:
-        return any(p.match(path) for p in self._public)
+        return self._public is not None and self._public.match(path) is not None
 
-    async def authenticate(self, request: Request, client_ip: str) -> Caller:
+    async def authenticate(
+        self, path: str, headers: Headers, query_string: bytes, client_ip: str
+    ) -> Caller:
         """The caller of a proxied request: 401 when its credentials are missing or bad. On
         a public route credentials are not looked at (an app refreshing its session may
         well send an expired token): the caller is anonymous, known by its address."""
-        if self.is_public(request.url.path):
+        if self.is_public(path):
             return Caller(Principal("anonymous", client_ip))
-        key = api_key_of(request.headers, request.query_params)
+        key = api_key_of(headers, QueryParams(query_string) if query_string else {})
         if key is not None:
             record = await self.keys.authenticate(key)
             if record is None:
@@ -68,7 +74,7 @@ class Identity:
             return Caller(
                 Principal("api-key", record.id, record.name, record.scopes), record.daily_quota
             )
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return Caller(await self._user(token.strip()))
         raise Unauthorized("Send an API key (X-API-Key header or api-key parameter) or a token.")

@@ -14,8 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import httpx
-
+from c4c.gateway._clients import UpstreamError
 from c4c.gateway._upstreams import RoutingTable, Upstream
 from c4c.shared.auth import API_KEY_HEADER, API_KEY_QUERY
 
@@ -32,12 +31,11 @@ _METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 async def _fetch(prefix: str, upstream: Upstream) -> dict[str, Any] | None:
     for replica in upstream.replicas:
         try:
-            answer = await replica.client.get(f"{prefix}/openapi.json", timeout=5.0)
-            if answer.status_code == 200:
-                document: dict[str, Any] = answer.json()
-                return document
-        except (httpx.HTTPError, ValueError):
+            status, document = await replica.client.fetch_json(f"{prefix}/openapi.json", 5.0)
+        except UpstreamError:
             continue
+        if status == 200 and isinstance(document, dict):
+            return document
     log.warning("no OpenAPI document", extra={"service": upstream.name})
     return None
 

@@ -1,6 +1,8 @@
 """Rate limits: a token bucket per caller (key, user or IP) and a daily quota per API key,
-kept by a small backend interface (in memory by default; a shared store such as Redis fits
-the same two methods when several gateway replicas must share counts).
+kept by a small backend interface: in this process's memory by default (so per process:
+with several workers or replicas each has its own counts), or in the gateway's database
+(:class:`DatabaseBackend`: one atomic upsert per check, shared by every replica — use
+PostgreSQL for that).
 
 Answers carry the IETF ``RateLimit-Policy`` and ``RateLimit`` fields
 (draft-ietf-httpapi-ratelimit-headers): ``"burst";q=100;w=5`` is a bucket of 100 refilled
@@ -13,6 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Protocol
+
+from c4c.gateway import repository
+from c4c.shared.db import Database
 
 DAY = 86400
 _MAX_BUCKETS = 100_000
@@ -67,13 +72,7 @@ class InMemoryBackend:
         if len(self._buckets) >= _MAX_BUCKETS and key not in self._buckets:
             self._prune(now)
         self._buckets[key] = (tokens, now)
-        return Decision(
-            policy,
-            allowed,
-            remaining=int(tokens),
-            reset=math.ceil((policy.quota - tokens) / rate),
-            retry_after=0 if allowed else max(1, math.ceil((1 - tokens) / rate)),
-        )
+        return _bucket_decision(policy, allowed, tokens)
 
     def _prune(self, now: float) -> None:
         """Forget buckets idle long enough to be full again: they are as good as new."""
@@ -84,7 +83,7 @@ class InMemoryBackend:
             self._buckets.clear()
 
     async def count(self, key: str, policy: Policy, now: float) -> Decision:
-        start = int(now // policy.window * policy.window)
+        start = _window_start(policy, now)
         window_start, used = self._windows.get(key, (start, 0))
         if window_start != start:
             used = 0
@@ -92,14 +91,56 @@ class InMemoryBackend:
         if allowed:
             used += 1
         self._windows[key] = (start, used)
-        reset = max(1, math.ceil(start + policy.window - now))
-        return Decision(
-            policy,
-            allowed,
-            remaining=policy.quota - used,
-            reset=reset,
-            retry_after=0 if allowed else reset,
-        )
+        return _window_decision(policy, allowed, used, start, now)
+
+
+class DatabaseBackend:
+    """The gateway's database: every replica sees the same buckets and windows."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def take(self, key: str, policy: Policy, now: float) -> Decision:
+        rate = policy.quota / policy.window
+        async with self.db.sessions() as session, session.begin():
+            tokens, allowed = await repository.take_token(
+                session, key, quota=float(policy.quota), rate=rate, now=now
+            )
+        return _bucket_decision(policy, allowed, tokens)
+
+    async def count(self, key: str, policy: Policy, now: float) -> Decision:
+        start = _window_start(policy, now)
+        async with self.db.sessions() as session, session.begin():
+            used = await repository.count_request(session, key, quota=policy.quota, start=start)
+        allowed = used <= policy.quota
+        return _window_decision(policy, allowed, min(used, policy.quota), start, now)
+
+
+def _bucket_decision(policy: Policy, allowed: bool, tokens: float) -> Decision:
+    """What a take left: ``tokens`` in the bucket after it."""
+    rate = policy.quota / policy.window
+    return Decision(
+        policy,
+        allowed,
+        remaining=int(tokens),
+        reset=math.ceil((policy.quota - tokens) / rate),
+        retry_after=0 if allowed else max(1, math.ceil((1 - tokens) / rate)),
+    )
+
+
+def _window_start(policy: Policy, now: float) -> int:
+    return int(now // policy.window * policy.window)
+
+
+def _window_decision(policy: Policy, allowed: bool, used: int, start: int, now: float) -> Decision:
+    reset = max(1, math.ceil(start + policy.window - now))
+    return Decision(
+        policy,
+        allowed,
+        remaining=policy.quota - used,
+        reset=reset,
+        retry_after=0 if allowed else reset,
+    )
 
 
 class RateLimiter:
@@ -121,7 +162,7 @@ class RateLimiter:
         return decisions
 
 
-def headers(decisions: list[Decision]) -> dict[str, str]:
+def rate_limit_headers(decisions: list[Decision]) -> dict[str, str]:
     """``RateLimit-Policy`` with every policy; ``RateLimit`` with the tightest one (and
     ``Retry-After`` when a request was refused)."""
     if not decisions:

@@ -1,5 +1,5 @@
 """The routing table: path prefix → the service behind it → its replicas, each with its own
-httpx client and circuit breaker.
+client (see ``_clients``) and circuit breaker.
 
 A replica's breaker opens after ``failures`` consecutive errors or timeouts; while open the
 replica is skipped (passive health), and when all of a service's replicas are open the
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from c4c.gateway._clients import Timeouts, UpstreamClient
 from c4c.gateway._metrics import BREAKER_OPENED, BREAKER_STATE
 from c4c.shared.problems import NotFound, ServiceUnavailable
 
@@ -90,7 +91,7 @@ class CircuitBreaker:
 @dataclass(eq=False)
 class Replica:
     url: str
-    client: httpx.AsyncClient
+    client: UpstreamClient
     breaker: CircuitBreaker
 
 
@@ -125,7 +126,7 @@ class Upstream:
 class Route:
     prefix: str
     upstream: Upstream
-    timeout: httpx.Timeout
+    timeouts: Timeouts
 
 
 class RoutingTable:
@@ -138,11 +139,17 @@ class RoutingTable:
             if route.upstream not in self.services.values():
                 self.services[route.prefix] = route.upstream
 
-    def match(self, path: str) -> Route:
+    def find(self, path: str) -> Route | None:
         for route in self.routes:
             if path == route.prefix or path.startswith(route.prefix.rstrip("/") + "/"):
                 return route
-        raise NotFound(f"No service serves {path}.")
+        return None
+
+    def match(self, path: str) -> Route:
+        route = self.find(path)
+        if route is None:
+            raise NotFound(f"No service serves {path}.")
+        return route
 
     async def aclose(self) -> None:
         for upstream in self.services.values():

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator, Sequence
 
 import httpx
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route as PathRoute
 
+from c4c.gateway._clients import AsgiClient, NetworkClient, Timeouts, UpstreamClient
 from c4c.gateway._identity import Identity
 from c4c.gateway._metrics import RouteMetricsMiddleware
-from c4c.gateway._ratelimit import InMemoryBackend, RateLimiter
+from c4c.gateway._ratelimit import DatabaseBackend, InMemoryBackend, RateLimiter
 from c4c.gateway._tokens import TokenVerifier
 from c4c.gateway._upstreams import (
     CircuitBreaker,
@@ -27,7 +29,7 @@ from c4c.gateway._upstreams import (
 )
 from c4c.gateway.api import router
 from c4c.gateway.embedded import in_process_upstreams, load_services
-from c4c.gateway.proxy import Proxy
+from c4c.gateway.proxy import PROXIED_METHODS, Proxy, ProxyRoute
 from c4c.gateway.service import ApiKeys
 from c4c.gateway.settings import GatewaySettings
 from c4c.shared.app import ServiceRuntime, create_service_app, run_together
@@ -38,15 +40,18 @@ log = logging.getLogger("c4c.gateway")
 
 MIGRATIONS = "c4c.gateway:migrations"
 DEV_KEY_FILE = "dev-api-key"
-# Many callers share few upstream connections; keep enough alive for a busy gateway.
-_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
 
 
-def _network() -> httpx.AsyncHTTPTransport:
-    # No Nagle: a small request must not wait for the ACK of the previous one (which the
-    # upstream delays), the classic 40 ms stall of request/response traffic.
-    nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-    return httpx.AsyncHTTPTransport(limits=_LIMITS, socket_options=nodelay)
+def _client(
+    url: str, transport: httpx.AsyncBaseTransport | None, settings: GatewaySettings
+) -> UpstreamClient:
+    if transport is not None:
+        return AsgiClient(url, transport)
+    return NetworkClient(
+        url,
+        max_connections=settings.upstream_max_connections,
+        keepalive_seconds=settings.upstream_keepalive_seconds,
+    )
 
 
 def routing_table(specs: Sequence[UpstreamSpec], settings: GatewaySettings) -> RoutingTable:
@@ -55,7 +60,7 @@ def routing_table(specs: Sequence[UpstreamSpec], settings: GatewaySettings) -> R
         replicas = [
             Replica(
                 url,
-                httpx.AsyncClient(base_url=url, transport=transport or _network()),
+                _client(url, transport, settings),
                 CircuitBreaker(
                     url,
                     failures=settings.breaker_failures,
@@ -67,11 +72,11 @@ def routing_table(specs: Sequence[UpstreamSpec], settings: GatewaySettings) -> R
         upstream = Upstream(spec.name, replicas)
         for prefix in spec.prefixes:
             options = settings.routes.get(prefix)
-            timeout = httpx.Timeout(
-                (options and options.read_timeout) or settings.upstream_read_timeout,
+            timeouts = Timeouts(
                 connect=(options and options.connect_timeout) or settings.upstream_connect_timeout,
+                read=(options and options.read_timeout) or settings.upstream_read_timeout,
             )
-            routes.append(Route(prefix, upstream, timeout))
+            routes.append(Route(prefix, upstream, timeouts))
     return RoutingTable(routes)
 
 
@@ -117,17 +122,25 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
             cache_seconds=settings.jwks_cache_seconds,
         )
     table = routing_table(specs, settings)
-    app.state.proxy = Proxy(
+    app.state.proxy = proxy = Proxy(
         table,
         Identity(keys, tokens, settings.public_routes),
         RateLimiter(
-            InMemoryBackend(),
+            DatabaseBackend(gateway.db)
+            if settings.rate_limit_backend == "database"
+            else InMemoryBackend(),
             per_second=settings.rate_limit_per_second,
             burst=settings.rate_limit_burst,
         ),
         secret=secret,
         trusted_proxies=settings.trusted_proxies,
         retries=settings.upstream_retries,
+    )
+    # Proxied paths first (by prefix alone), and last whatever no route took: the proxy
+    # answers 404 for it. Both plain ASGI: no request objects on the hot path.
+    app.router.routes.insert(0, ProxyRoute(proxy))
+    app.router.routes.append(
+        PathRoute("/{path:path}", proxy, methods=list(PROXIED_METHODS), include_in_schema=False)
     )
     app.add_middleware(RouteMetricsMiddleware)
     if settings.cors_origins:
@@ -139,6 +152,9 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
             expose_headers=["X-Request-ID", "RateLimit", "RateLimit-Policy", "Retry-After"],
         )
 
+    # Once started, everything loaded so far (FastAPI, SQLAlchemy, the services…) is moved
+    # out of the garbage collector's sight: a full collection then takes ~1 ms, not ~500 ms
+    # of a stalled event loop (measured), the gateway's worst p99.
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
@@ -146,9 +162,11 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
                 runtimes = [gateway, *(s.state.runtime for s in services)]
                 async with run_together(runtimes, gateway.bus, timeout=settings.shutdown_timeout):
                     await _first_start(keys, settings)
+                    gc.freeze()
                     yield
             else:
                 async with gateway.lifespan(app):
+                    gc.freeze()
                     yield
         finally:
             await table.aclose()

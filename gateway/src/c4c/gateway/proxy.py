@@ -5,6 +5,10 @@ Embedded services are upstreams too, through an ASGI transport.
 A request is sent again, to another replica, only when it never reached the first
 (connection refused or not made in time) and only when repeating it is harmless: an
 idempotent method, or a POST/PATCH carrying an ``Idempotency-Key``.
+
+The proxy is a plain ASGI app behind the gateway's middleware (request ids, body limits,
+CORS, metrics, problem documents): no request objects, dependencies or response classes on
+the hot path; small answers are sent in one message, larger ones stream.
 """
 
 from __future__ import annotations
@@ -12,13 +16,24 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_address
+from typing import NoReturn
 from urllib.parse import unquote_plus
 
-import httpx
 from starlette.background import BackgroundTask
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
+from starlette.responses import StreamingResponse
+from starlette.routing import BaseRoute, Match, NoMatchFound
+from starlette.types import Receive, Scope, Send
 
+from c4c.gateway._clients import (
+    ConnectFailed,
+    ConnectTimedOut,
+    PoolFull,
+    ReadTimedOut,
+    UpstreamError,
+    UpstreamResponse,
+)
 from c4c.gateway._identity import Identity, MissingScope, Unauthorized
 from c4c.gateway._metrics import (
     AUTH_REFUSED,
@@ -28,7 +43,7 @@ from c4c.gateway._metrics import (
     UPSTREAM_DURATION,
     UPSTREAM_REQUESTS,
 )
-from c4c.gateway._ratelimit import RateLimiter, headers
+from c4c.gateway._ratelimit import RateLimiter, rate_limit_headers
 from c4c.gateway._upstreams import Replica, Route, RoutingTable
 from c4c.shared.auth import API_KEY_QUERY, PRINCIPAL_HEADER, Principal, sign_principal
 from c4c.shared.context import request_id_var
@@ -62,8 +77,15 @@ _REPLACED = frozenset(
         PRINCIPAL_HEADER.lower().encode(),
     }
 )
+# Fields of the upstream's answer the gateway's server sets itself (once: never twice).
+_SERVER_SET = frozenset({b"date", b"server"})
+PROXIED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _SMALL_BODY = 64 * 1024  # answers up to this size are read whole: cheaper than streaming
+# A signed principal is reused this long: services accept it for PRINCIPAL_MAX_AGE (300 s),
+# and signing (JSON, base64, HMAC) per request is a measurable share of the gateway's time.
+_SIGNATURE_REUSE = 5.0
+_SIGNATURES = 10_000  # principals remembered at most
 
 
 class BadGateway(ProblemError):
@@ -97,14 +119,15 @@ def _trusted(address: str, networks: Sequence[Network]) -> bool:
     return any(ip in network for network in networks)
 
 
-def forwarded_chain(request: Request, trusted: Sequence[Network]) -> list[str]:
+def forwarded_chain(scope: Scope, headers: Headers, trusted: Sequence[Network]) -> list[str]:
     """The addresses the request came through, the client first: ``X-Forwarded-For`` is
     believed hop by hop from the right only as far as each hop is a trusted proxy."""
-    chain = [request.client.host if request.client else ""]
+    client = scope.get("client")
+    chain = [client[0] if client else ""]
     if trusted and _trusted(chain[0], trusted):
         prior = [
             hop.strip()
-            for value in request.headers.getlist("x-forwarded-for")
+            for value in headers.getlist("x-forwarded-for")
             for hop in value.split(",")
             if hop.strip()
         ]
@@ -126,17 +149,58 @@ def _query_without_key(query: bytes) -> bytes:
 
 
 class _Body:
-    """The request body, streamed once; tells whether sending it has begun."""
+    """The request body, streamed once; tells whether sending it has begun, and keeps what
+    stopped it on our side (the size limit, the caller leaving), which an HTTP client would
+    otherwise report as a mere connection error."""
 
-    def __init__(self, request: Request) -> None:
-        self.request = request
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
         self.started = False
+        self.error: BaseException | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self.started = True
-        async for chunk in self.request.stream():
-            if chunk:
+        while True:
+            try:
+                message = await self.receive()
+            except Exception as exc:
+                self.error = exc
+                raise
+            if message["type"] == "http.disconnect":
+                self.error = ClientDisconnect()
+                raise self.error
+            if chunk := message.get("body", b""):
                 yield chunk
+            if not message.get("more_body", False):
+                return
+
+
+_MATCHED = "c4c_gateway.route"  # scope key: the route ProxyRoute matched
+
+
+class ProxyRoute(BaseRoute):
+    """The proxied paths, as the router's first route: a path under a service's prefix is
+    sent on at once, without trying the gateway's own routes (none is under a prefix).
+    Others fall through to those routes, then to the proxy again at the end of the table,
+    which answers 404 for a path no service serves."""
+
+    path = "/{path:path}"  # the route template in the shared request metrics
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and scope["method"] in PROXIED_METHODS:
+            route = self.proxy.table.find(scope["path"])
+            if route is not None:
+                return Match.FULL, {_MATCHED: route, "route": self}
+        return Match.NONE, {}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.proxy(scope, receive, send)
+
+    def url_path_for(self, name: str, /, **path_params: object) -> NoReturn:
+        raise NoMatchFound(name, path_params)
 
 
 class Proxy:
@@ -156,26 +220,34 @@ class Proxy:
         self.secret = secret
         self.trusted = list(trusted_proxies)
         self.retries = retries
+        self._signatures: dict[Principal, tuple[float, str]] = {}
 
-    async def handle(self, request: Request) -> Response:
-        state = request.scope.setdefault("state", {})
-        try:
-            route = self.table.match(request.url.path)
-        except NotFound:
-            state[ROUTE_KEY] = "<unmatched>"
-            raise
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.setdefault("state", {})
+        path: str = scope["path"]
+        route = scope.get(_MATCHED)
+        if route is None:
+            try:
+                route = self.table.match(path)
+            except NotFound:
+                state[ROUTE_KEY] = "<unmatched>"
+                raise
         state[ROUTE_KEY] = route.prefix
-        chain = forwarded_chain(request, self.trusted)
+        headers = Headers(scope=scope)
+        chain = forwarded_chain(scope, headers, self.trusted)
         try:
-            caller = await self.identity.authenticate(request, chain[0])
+            caller = await self.identity.authenticate(
+                path, headers, scope.get("query_string", b""), chain[0]
+            )
             self.identity.authorize(caller, route.upstream.name)
         except (Unauthorized, MissingScope) as exc:
             labelled(AUTH_REFUSED, route.prefix, exc.code).inc()
             raise
+        now = time.time()
         decisions = await self.limiter.check(
-            caller.limit_key, daily_quota=caller.daily_quota, now=time.time()
+            caller.limit_key, daily_quota=caller.daily_quota, now=now
         )
-        limits = headers(decisions)
+        limits = rate_limit_headers(decisions)
         for decision in decisions:
             if not decision.allowed:
                 labelled(RATE_LIMITED, route.prefix, decision.policy.name).inc()
@@ -184,40 +256,58 @@ class Proxy:
                     f"{decision.retry_after} s.",
                     headers=limits,
                 )
-        response = await self._forward(request, route, chain, caller.principal)
-        response.raw_headers += [(k.lower().encode(), v.encode()) for k, v in limits.items()]
-        return response
+        outgoing = self._headers(scope, headers, chain, self._signed(caller.principal, now))
+        upstream = await self._forward(scope, receive, headers, route, outgoing)
+        extra = [(k.lower().encode(), v.encode()) for k, v in limits.items()]
+        await _relay(upstream, extra, scope, receive, send)
 
+    def _signed(self, principal: Principal, now: float) -> str:
+        """The principal's header value, signed afresh every few seconds."""
+        cached = self._signatures.get(principal)
+        if cached is not None and now - cached[0] < _SIGNATURE_REUSE:
+            return cached[1]
+        value = sign_principal(principal, self.secret, now=now)
+        if len(self._signatures) >= _SIGNATURES:
+            self._signatures.clear()
+        self._signatures[principal] = (now, value)
+        return value
+
+    @staticmethod
     def _headers(
-        self, request: Request, chain: list[str], principal: Principal
+        scope: Scope, headers: Headers, chain: list[str], signed_principal: str
     ) -> list[tuple[bytes, bytes]]:
-        raw: list[tuple[bytes, bytes]] = request.scope["headers"]
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
         drop = _hop_by_hop(raw) | _REPLACED
         forwarded = [(k, v) for k, v in raw if k not in drop]
-        proto, host = request.url.scheme, request.headers.get("host", "")
+        proto, host = scope.get("scheme", "http"), headers.get("host", "")
         if len(chain) > 1:  # came through a trusted proxy: believe what it says
-            proto = request.headers.get("x-forwarded-proto", proto)
-            host = request.headers.get("x-forwarded-host", host)
+            proto = headers.get("x-forwarded-proto", proto)
+            host = headers.get("x-forwarded-host", host)
         forwarded += [
             (b"x-request-id", (request_id_var.get() or "").encode()),
             (b"x-forwarded-for", ", ".join(chain).encode("latin-1")),
             (b"x-forwarded-proto", proto.encode("latin-1")),
             (b"x-forwarded-host", host.encode("latin-1")),
-            (PRINCIPAL_HEADER.lower().encode(), sign_principal(principal, self.secret).encode()),
+            (PRINCIPAL_HEADER.lower().encode(), signed_principal.encode()),
         ]
         return forwarded
 
     async def _forward(
-        self, request: Request, route: Route, chain: list[str], principal: Principal
-    ) -> Response:
-        has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
-        body = _Body(request) if has_body else None
-        retryable = request.method in IDEMPOTENT or "idempotency-key" in request.headers
+        self,
+        scope: Scope,
+        receive: Receive,
+        headers: Headers,
+        route: Route,
+        outgoing: list[tuple[bytes, bytes]],
+    ) -> UpstreamResponse:
+        method: str = scope["method"]
+        has_body = "content-length" in headers or "transfer-encoding" in headers
+        body = _Body(receive) if has_body else None
+        retryable = method in IDEMPOTENT or "idempotency-key" in headers
         # The path as the client sent it: decoding it would turn %2F into a separator.
-        target = request.scope.get("raw_path") or request.url.path.encode()
-        if query := _query_without_key(request.scope.get("query_string", b"")):
+        target: bytes = scope.get("raw_path") or scope["path"].encode()
+        if query := _query_without_key(scope.get("query_string", b"")):
             target += b"?" + query
-        headers = self._headers(request, chain, principal)
         tried: list[Replica] = []
         failed: ProblemError | None = None
         while True:
@@ -228,9 +318,9 @@ class Proxy:
                 labelled(RETRIES, route.prefix).inc()
             tried.append(replica)
             try:
-                upstream = await self._send(replica, route, request.method, target, headers, body)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if isinstance(exc, httpx.ConnectTimeout):
+                return await self._send(replica, route, method, target, outgoing, body)
+            except ConnectFailed as exc:
+                if isinstance(exc, ConnectTimedOut):
                     failed = GatewayTimeout("The service could not be reached in time.")
                 else:
                     failed = BadGateway("The service could not be reached.")
@@ -238,7 +328,6 @@ class Proxy:
                 if retryable and never_sent and len(tried) <= self.retries:
                     continue
                 raise failed from exc
-            return await _relay(upstream)
 
     @staticmethod
     async def _send(
@@ -248,64 +337,60 @@ class Proxy:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: _Body | None,
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         """One call to one replica, its verdict given to the replica's breaker."""
-        upstream_request = replica.client.build_request(
-            method,
-            httpx.URL(raw_path=target),
-            headers=headers,
-            content=body,
-            timeout=route.timeout,
-        )
         started = time.perf_counter()
         try:
-            upstream = await replica.client.send(upstream_request, stream=True)
-        except httpx.PoolTimeout as exc:  # our own pool is full: not the replica's fault
-            replica.breaker.release()
-            raise GatewayTimeout("Too many requests in flight to the service.") from exc
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+            upstream = await replica.client.forward(method, target, headers, body, route.timeouts)
+        except UpstreamError as exc:
+            if body is not None and body.error is not None:
+                replica.breaker.release()  # our side stopped it: no verdict on the replica
+                raise body.error from exc
+            if isinstance(exc, PoolFull):  # our own pool is full: not the replica's fault
+                replica.breaker.release()
+                raise GatewayTimeout("Too many requests in flight to the service.") from exc
             replica.breaker.failure()
-            labelled(UPSTREAM_REQUESTS, replica.url, "connect_error").inc()
-            raise  # the caller may retry elsewhere
-        except httpx.TimeoutException as exc:
-            replica.breaker.failure()
-            labelled(UPSTREAM_REQUESTS, replica.url, "timeout").inc()
-            raise GatewayTimeout("The service did not answer in time.") from exc
-        except httpx.TransportError as exc:
-            replica.breaker.failure()
+            if isinstance(exc, ConnectFailed):
+                labelled(UPSTREAM_REQUESTS, replica.url, "connect_error").inc()
+                raise  # the caller may retry elsewhere
+            if isinstance(exc, ReadTimedOut):
+                labelled(UPSTREAM_REQUESTS, replica.url, "timeout").inc()
+                raise GatewayTimeout("The service did not answer in time.") from exc
             labelled(UPSTREAM_REQUESTS, replica.url, "error").inc()
             raise BadGateway("The service closed the connection without answering.") from exc
         except BaseException:
             replica.breaker.release()  # cancelled (the caller left): no verdict
             raise
         replica.breaker.success()
-        labelled(UPSTREAM_REQUESTS, replica.url, str(upstream.status_code)).inc()
+        labelled(UPSTREAM_REQUESTS, replica.url, str(upstream.status)).inc()
         labelled(UPSTREAM_DURATION, replica.url).observe(time.perf_counter() - started)
         return upstream
 
 
-async def _relay(upstream: httpx.Response) -> Response:
-    """The upstream's answer, headers as they came (less hop-by-hop ones), body streaming
-    unless it is small and of known length."""
+async def _relay(
+    upstream: UpstreamResponse,
+    extra: list[tuple[bytes, bytes]],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """The upstream's answer, headers as they came (less hop-by-hop ones) plus ``extra``,
+    body sent whole when it is small and of known length, streamed otherwise."""
     # Raw pairs keep repeated headers (Set-Cookie, Link) apart.
-    raw = upstream.headers.raw
-    drop = _hop_by_hop(raw)
-    kept = [(k.lower(), v) for k, v in raw if k.lower() not in drop]
-    length = upstream.headers.get("content-length", "")
-    response: Response
+    drop = _hop_by_hop(upstream.headers) | _SERVER_SET
+    kept = [(k.lower(), v) for k, v in upstream.headers if k.lower() not in drop]
+    kept += extra
+    length = next((v for k, v in kept if k == b"content-length"), b"")
     if length.isdigit() and int(length) <= _SMALL_BODY:
         try:
-            content = b"".join([chunk async for chunk in upstream.aiter_raw()])
-        except httpx.TransportError as exc:
+            content = await upstream.read()
+        except UpstreamError as exc:
             raise BadGateway("The service broke off its answer.") from exc
-        finally:
-            await upstream.aclose()
-        response = Response(content, status_code=upstream.status_code)
-    else:
-        response = StreamingResponse(
-            upstream.aiter_raw(),
-            status_code=upstream.status_code,
-            background=BackgroundTask(upstream.aclose),
-        )
+        await send({"type": "http.response.start", "status": upstream.status, "headers": kept})
+        await send({"type": "http.response.body", "body": content})
+        return
+    response = StreamingResponse(
+        upstream.stream(), status_code=upstream.status, background=BackgroundTask(upstream.aclose)
+    )
     response.raw_headers = kept
-    return response
+    await response(scope, receive, send)

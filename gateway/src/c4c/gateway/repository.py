@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from c4c.gateway.models import ApiKey
+from c4c.gateway.models import ApiKey, RateLimitBucket, RateLimitWindow
 
 
 def add_key(session: AsyncSession, key: ApiKey) -> None:
@@ -36,3 +38,57 @@ async def revoke_key(session: AsyncSession, key_id: str, when: datetime) -> bool
         .values(revoked_at=when)
     )
     return bool(getattr(result, "rowcount", 0))
+
+
+def _insert(session: AsyncSession) -> Any:
+    """INSERT … ON CONFLICT DO UPDATE for the session's database (PostgreSQL or SQLite)."""
+    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
+
+
+async def take_token(
+    session: AsyncSession, key: str, *, quota: float, rate: float, now: float
+) -> tuple[float, bool]:
+    """Refill ``key``'s bucket for the time since its last take and take one token if there
+    is one, in one atomic statement; the tokens left and whether one was taken."""
+    bucket = RateLimitBucket.__table__.c
+    elapsed = case((bucket.at < now, now - bucket.at), else_=0.0)
+    refilled = bucket.tokens + elapsed * rate
+    tokens = case((refilled > quota, quota), else_=refilled)
+    statement = (
+        _insert(session)(RateLimitBucket)
+        .values(key=key, tokens=quota - 1, at=now, allowed=True)
+        .on_conflict_do_update(
+            index_elements=[bucket.key],
+            set_={
+                "tokens": case((tokens >= 1, tokens - 1), else_=tokens),
+                "at": now,
+                "allowed": tokens >= 1,
+            },
+        )
+        .returning(bucket.tokens, bucket.allowed)
+    )
+    left, allowed = (await session.execute(statement)).one()
+    return float(left), bool(allowed)
+
+
+async def count_request(session: AsyncSession, key: str, *, quota: int, start: int) -> int:
+    """Count one request in ``key``'s window that began at ``start`` (a new window starts
+    again from 1); the count, capped at ``quota + 1``."""
+    window = RateLimitWindow.__table__.c
+    statement = (
+        _insert(session)(RateLimitWindow)
+        .values(key=key, start=start, used=1)
+        .on_conflict_do_update(
+            index_elements=[window.key],
+            set_={
+                "used": case(
+                    (window.start != start, 1),
+                    (window.used > quota, window.used),
+                    else_=window.used + 1,
+                ),
+                "start": start,
+            },
+        )
+        .returning(window.used)
+    )
+    return int((await session.execute(statement)).scalar_one())

@@ -1,8 +1,14 @@
-"""API keys: made, listed, revoked, and looked up per request (briefly cached, so that a
-busy key costs no query per request; a revocation is seen within ``cache_seconds``)."""
+"""API keys: made, listed, revoked, and looked up per request — from a short-lived cache, so
+that a busy key costs no query per request, and a revocation is seen within about
+``cache_seconds``.
+
+When a known key's entry goes stale, the first request starts one lookup and every request
+goes on with the stale entry until it ends: a busy key never waits for the database, and
+many requests arriving together never make as many queries."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -68,8 +74,9 @@ class ApiKeys:
         self.db = db
         self.cache_seconds = cache_seconds
         self.clock = clock
-        # key hash → (record or None for unknown/revoked, expiry)
+        # key hash → (record or None for unknown/revoked, fresh until)
         self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+        self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
 
     async def create(
         self, name: str, scopes: Iterable[str], *, daily_quota: int | None = None
@@ -114,10 +121,25 @@ class ApiKeys:
         cached = self._cache.get(key_hash)
         if cached is not None and cached[1] > now:
             return cached[0]
+        lookup = self._lookups.get(key_hash)
+        if lookup is None:
+            lookup = self._lookups[key_hash] = asyncio.ensure_future(self._look_up(key_hash))
+            lookup.add_done_callback(lambda done: self._looked_up(key_hash, done))
+        if cached is not None and cached[0] is not None and now < cached[1] + self.cache_seconds:
+            return cached[0]  # known a moment ago; the lookup refreshes it meanwhile
+        # Shielded: a caller that goes away does not cancel the lookup others wait for.
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, key_hash: str) -> KeyRecord | None:
         async with self.db.sessions() as session:
             row = await repository.key_by_hash(session, key_hash)
         record = KeyRecord.of(row) if row is not None and row.revoked_at is None else None
         if len(self._cache) >= _CACHE_SIZE:  # bounded, even under a flood of made-up keys
             self._cache.pop(next(iter(self._cache)))
-        self._cache[key_hash] = (record, now + self.cache_seconds)
+        self._cache[key_hash] = (record, self.clock() + self.cache_seconds)
         return record
+
+    def _looked_up(self, key_hash: str, lookup: asyncio.Future[KeyRecord | None]) -> None:
+        del self._lookups[key_hash]
+        if not lookup.cancelled():
+            lookup.exception()  # seen by whoever awaited it; a background refresh tries again

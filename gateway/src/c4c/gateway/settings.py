@@ -1,9 +1,9 @@
 """Settings of the gateway: ``C4C_GATEWAY_*``, else ``C4C_*``."""
 
 from ipaddress import IPv4Network, IPv6Network
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from c4c.shared.settings import ServiceSettings
 
@@ -14,7 +14,10 @@ PUBLIC_ROUTES = [
     "/mobis/v1/auth/register",
     "/mobis/v1/auth/login",
     "/mobis/v1/auth/refresh",
+    "/mobis/v1/.well-known/jwks.json",
+    "/mobis/v1/apps/*/config",
 ]
+MOBIS_JWKS_PATH = "/mobis/v1/.well-known/jwks.json"
 
 
 class RouteOptions(BaseModel):
@@ -42,6 +45,21 @@ class GatewaySettings(ServiceSettings):
     )
     upstream_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect.")
     upstream_read_timeout: float = Field(60.0, gt=0, description="Seconds between bytes.")
+    upstream_max_connections: int = Field(
+        1000, ge=1, description="Connections kept at most to each upstream replica (per worker)."
+    )
+    upstream_keepalive_seconds: float = Field(
+        4.0,
+        gt=0,
+        description="Seconds an idle upstream connection is kept; keep it below the upstream's "
+        "own idle timeout (uvicorn: 5 s), or a request may meet a connection being closed.",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Gateway processes sharing the port (distributed mode only; embedded mode "
+        "runs one). Rate limits, quotas, breakers and the API-key cache are per process.",
+    )
     upstream_retries: int = Field(
         2,
         ge=0,
@@ -85,3 +103,20 @@ class GatewaySettings(ServiceSettings):
         20.0, ge=0, description="Sustained requests/s per key, user or IP; 0 = no limit."
     )
     rate_limit_burst: int = Field(100, ge=1, description="Requests a caller may burst.")
+    rate_limit_backend: Literal["memory", "database"] = Field(
+        "memory",
+        description="Where rate limits and quotas are counted: this process's memory (fast; "
+        "per worker and replica), or the gateway's database (one upsert per request; shared "
+        "by every worker and replica that uses the same PostgreSQL database).",
+    )
+
+    @model_validator(mode="after")
+    def _embedded_jwks(self) -> "GatewaySettings":
+        """Embedded mode runs MOBIS in this process: verify its tokens against its keys,
+        fetched through this gateway on loopback, unless a JWKS URL is given."""
+        if not self.upstreams and self.jwks_url is None:
+            host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(  # noqa: S104
+                self.host, self.host
+            )
+            self.jwks_url = f"http://{host}:{self.port}{MOBIS_JWKS_PATH}"
+        return self

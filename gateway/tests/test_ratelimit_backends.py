@@ -1,0 +1,72 @@
+"""Rate limit backends: the database one, shared by replicas, decides like the in-memory
+one does for a single process — on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from c4c.gateway._ratelimit import (
+    DAY,
+    DatabaseBackend,
+    InMemoryBackend,
+    Policy,
+    RateLimitBackend,
+    RateLimiter,
+)
+from c4c.gateway.app import MIGRATIONS
+from c4c.shared.db import Database
+
+BURST = Policy("burst", 3, 3.0)  # 3 tokens, one more each second
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "sqlite":
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+    else:
+        db = Database(request.getfixturevalue("postgres_url"), schema=f"t_{uuid.uuid4().hex[:12]}")
+    await db.migrate([MIGRATIONS])
+    try:
+        yield db
+    finally:
+        if db.is_postgres:
+            async with db.engine.begin() as conn:
+                await conn.execute(text(f'DROP SCHEMA IF EXISTS "{db.schema}" CASCADE'))
+        await db.dispose()
+
+
+async def _takes(backend: RateLimitBackend, times: list[float]) -> list[tuple[bool, int, int]]:
+    decisions = [await backend.take("bucket:api-key:k1", BURST, NOW + t) for t in times]
+    return [(d.allowed, d.remaining, d.retry_after) for d in decisions]
+
+
+async def test_database_buckets_decide_like_memory(database: Database) -> None:
+    times = [0, 0, 0, 0, 0.5, 1.0, 1.0, 10.0]
+    expected = await _takes(InMemoryBackend(), times)
+    assert [allowed for allowed, _, _ in expected] == [1, 1, 1, 0, 0, 1, 0, 1]  # the model
+    assert await _takes(DatabaseBackend(database), times) == expected
+
+
+async def test_replicas_sharing_the_database_share_one_bucket(database: Database) -> None:
+    replicas = [DatabaseBackend(database), DatabaseBackend(database)]
+    allowed = [(await replicas[i % 2].take("bucket:user:u1", BURST, NOW)).allowed for i in range(5)]
+    assert allowed == [True, True, True, False, False]
+    other = await replicas[0].take("bucket:user:u2", BURST, NOW)
+    assert other.allowed  # callers have buckets of their own
+
+
+async def test_replicas_sharing_the_database_share_the_daily_quota(database: Database) -> None:
+    limiters = [RateLimiter(DatabaseBackend(database), per_second=0, burst=1) for _ in range(2)]
+    answers = [await limiters[i % 2].check("api-key:k2", daily_quota=2, now=NOW) for i in range(4)]
+    assert [a[0].allowed for a in answers] == [True, True, False, False]
+    assert [a[0].remaining for a in answers] == [1, 0, 0, 0]
+    assert answers[-1][0].retry_after > 0
+    next_day = await limiters[0].check("api-key:k2", daily_quota=2, now=NOW + DAY)
+    assert next_day[0].allowed
+    assert next_day[0].remaining == 1
