@@ -232,6 +232,28 @@ async def test_batch_keeps_good_items_whatever_the_bad_ones(
     assert len(created_ids(events)) == 4
 
 
+async def test_concurrent_batches_sharing_ids_store_each_once(
+    client: httpx.AsyncClient, observation: Body, events: list[Any], eventually: Any
+) -> None:
+    shared = [observation(id=str(uuid.uuid4())) for _ in range(40)]
+    batches = [shared + [observation(id=str(uuid.uuid4())) for _ in range(5)] for _ in range(4)]
+    answers = await asyncio.gather(
+        *(client.post(f"{API}/observations:batch", json=b) for b in batches)
+    )
+    assert [a.status_code for a in answers] == [200] * 4
+    results = [a.json() for a in answers]
+    assert sum(r["created"] for r in results) == 40 + 4 * 5  # each shared id once
+    assert sum(r["duplicates"] for r in results) == 3 * 40
+    assert all(r["errors"] == 0 for r in results)
+    created = {i["id"] for r in results for i in r["items"] if i["status"] == "created"}
+
+    def announced() -> bool:
+        return {e.data["id"] for e in events if e.type == "observation.created"} == created
+
+    await eventually(announced)
+    assert sum(e.type == "observation.created" for e in events) == len(created)
+
+
 async def test_ndjson_batch_is_parsed_line_by_line(
     client: httpx.AsyncClient, observation: Body
 ) -> None:

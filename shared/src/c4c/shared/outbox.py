@@ -9,8 +9,11 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     DateTime,
@@ -21,6 +24,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     select,
     text,
     update,
@@ -49,6 +53,9 @@ class OutboxRow(InfraBase):
     last_error: Mapped[str | None] = mapped_column(Text)
 
 
+Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+
+
 class Outbox:
     """Writes events into the caller's transaction and relays them to the bus."""
 
@@ -59,7 +66,7 @@ class Outbox:
         *,
         service: str,
         poll_interval: float = 1.0,
-        batch_size: int = 200,
+        batch_size: int = 1000,
         retention: timedelta = timedelta(days=7),
     ) -> None:
         self.db = db
@@ -69,6 +76,10 @@ class Outbox:
         self.batch_size = batch_size
         self.retention = retention
         self._next_prune = 0.0
+        self._lock: AsyncConnection | None = None  # PostgreSQL: holds the relay lock
+        self._next_lock_attempt = 0.0
+        self._next_backlog_count = 0.0
+        self._backlog_counted = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -87,43 +98,112 @@ class Outbox:
         )
         session.sync_session.info["c4c_outbox"] = self
 
+    async def add_many(self, session: AsyncSession, events: Sequence[CloudEvent]) -> None:
+        """Write ``events`` into ``session``'s transaction now, in one statement (the way
+        for many: no ORM object per event); the relay sends them once committed."""
+        if not events:
+            return
+        connection = await session.connection()
+        await connection.execute(
+            insert(OutboxRow),
+            [
+                {
+                    "event_id": event.id,
+                    "type": event.type,
+                    "subject": event.subject,
+                    "body": event.to_json(),
+                    "created_at": event.time,
+                    "attempts": 0,
+                }
+                for event in events
+            ],
+        )
+        session.sync_session.info["c4c_outbox"] = self
+
     def wake(self) -> None:
         self._wake.set()
 
     async def relay_once(self) -> RelayPass:
         """Publish what is pending, oldest first."""
-        async with contextlib.AsyncExitStack() as stack:
-            if self.db.is_postgres:
-                # One relay per service at a time, or replicas would interleave an aggregate.
-                lock = await stack.enter_async_context(self.db.engine.connect())
-                held = await lock.scalar(
-                    text("SELECT pg_try_advisory_lock(hashtext(:key))"),
-                    {"key": f"c4c-outbox:{self.db.schema}"},
+        if not self.db.is_postgres:
+            return await self._publish_pending(self.db.engine.connect)
+        connection = await self._relay_connection()
+        if connection is None:
+            return RelayPass(0, 0)
+        try:
+            return await self._publish_pending(lambda: contextlib.nullcontext(connection))
+        except BaseException:
+            await self._drop_lock()  # the connection may be broken: a fresh one next pass
+            raise
+        finally:
+            if asyncio.current_task() is not self._task:
+                await self._release_lock()  # a pass run by hand keeps nothing
+
+    async def _relay_connection(self) -> AsyncConnection | None:
+        """The connection holding this service's relay lock, or None when another replica
+        holds it (one relay per service, or replicas would interleave an aggregate). The
+        lock is a session-level advisory lock, taken once and kept while the relay loop runs
+        (saving two round trips a pass): the server frees it when the connection ends, so a
+        crashed relay hands over."""
+        loop = asyncio.get_running_loop()
+        if self._lock is None and loop.time() >= self._next_lock_attempt:
+            connection = await self.db.engine.connect()
+            try:
+                # Autocommit: each statement of a pass is one round trip, no BEGIN/COMMIT.
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
+                held = await connection.scalar(
+                    text("SELECT pg_try_advisory_lock(hashtext(:key))"), {"key": self._lock_key}
                 )
-                await lock.commit()
-                if not held:
-                    return RelayPass(0, 0)
-                stack.push_async_callback(self._unlock, lock)
-            return await self._publish_pending()
+            except BaseException:
+                await connection.close()
+                raise
+            if held:
+                self._lock = connection
+            else:
+                await connection.close()
+                self._next_lock_attempt = loop.time() + self.poll_interval
+        return self._lock
 
-    async def _unlock(self, lock: AsyncConnection) -> None:
-        await lock.execute(
-            text("SELECT pg_advisory_unlock(hashtext(:key))"),
-            {"key": f"c4c-outbox:{self.db.schema}"},
-        )
-        await lock.commit()
+    async def _release_lock(self) -> None:
+        if self._lock is None:
+            return
+        try:
+            await self._lock.execute(
+                text("SELECT pg_advisory_unlock(hashtext(:key))"), {"key": self._lock_key}
+            )
+            await self._lock.close()
+        except Exception:
+            log.warning("outbox relay lock not released cleanly", exc_info=True)
+            await self._drop_lock()
+        self._lock = None
 
-    async def _publish_pending(self) -> RelayPass:
-        async with self.db.sessions() as session:
+    async def _drop_lock(self) -> None:
+        """Close the lock's connection for good (not back to the pool, which would keep the
+        lock): the server frees the lock."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            with contextlib.suppress(Exception):
+                await lock.invalidate()
+            with contextlib.suppress(Exception):
+                await lock.close()
+
+    @property
+    def _lock_key(self) -> str:
+        return f"c4c-outbox:{self.db.schema}"
+
+    async def _publish_pending(self, connect: Connect) -> RelayPass:
+        """One pass; ``connect`` gives the connection for each step, none is held while
+        publishing (SQLite has one, and the in-process bus may need it to deliver)."""
+        async with connect() as connection:
             rows = (
-                await session.execute(
+                await connection.execute(
                     select(OutboxRow.id, OutboxRow.subject, OutboxRow.body)
                     .where(OutboxRow.published_at.is_(None))
                     .order_by(OutboxRow.id)
                     .limit(self.batch_size)
                 )
             ).all()
-            await session.commit()
+            await connection.commit()
         if not rows:
             OUTBOX_BACKLOG.labels(self.service).set(0)
             return RelayPass(0, 0)
@@ -146,26 +226,44 @@ class Outbox:
 
         await asyncio.gather(*(send(group) for group in by_subject.values()))
 
-        async with self.db.sessions() as session, session.begin():
-            now = datetime.now(UTC)
+        async with connect() as connection:
             if published:
-                await session.execute(
-                    update(OutboxRow).where(OutboxRow.id.in_(published)).values(published_at=now)
+                await connection.execute(
+                    update(OutboxRow)
+                    .where(OutboxRow.id.in_(published))
+                    .values(published_at=datetime.now(UTC))
                 )
             for row_id, error in failed.items():
-                await session.execute(
+                await connection.execute(
                     update(OutboxRow)
                     .where(OutboxRow.id == row_id)
                     .values(attempts=OutboxRow.attempts + 1, last_error=error)
                 )
-            backlog = await session.scalar(
-                select(func.count()).select_from(OutboxRow).where(OutboxRow.published_at.is_(None))
-            )
-        OUTBOX_BACKLOG.labels(self.service).set(backlog or 0)
+            await connection.commit()
+            backlog = await self._backlog(connection, rows, failed)
+        OUTBOX_BACKLOG.labels(self.service).set(backlog)
         OUTBOX_RELAYED.labels(self.service).inc(len(published))
         if failed:
             log.warning("outbox events not published yet", extra={"count": len(failed)})
         return RelayPass(len(published), len(failed))
+
+    async def _backlog(
+        self, connection: AsyncConnection, rows: Sequence[Any], failed: dict[int, str]
+    ) -> int:
+        """Events not published yet. A pass that took fewer rows than it could took all
+        there were, so only what failed is left (and what committed since, which woke the
+        relay for another pass): counted only while a backlog drains, at most once a second."""
+        if len(rows) < self.batch_size:
+            return len(failed)
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_backlog_count:
+            self._next_backlog_count = now + 1.0
+            count = await connection.scalar(
+                select(func.count()).select_from(OutboxRow).where(OutboxRow.published_at.is_(None))
+            )
+            await connection.commit()
+            self._backlog_counted = int(count or 0)
+        return self._backlog_counted
 
     async def prune(self) -> int:
         """Delete published rows older than ``retention``; how many went."""
@@ -196,6 +294,7 @@ class Outbox:
             except TimeoutError:
                 log.error("outbox relay did not stop in time; the rest goes at next start")
             self._task = None
+        await self._release_lock()
 
     async def _run(self) -> None:
         failures = 0

@@ -83,8 +83,9 @@ class ServiceSettings(BaseSettings):
 
     public_url: str = Field(
         "http://127.0.0.1:8000",
-        description="Base URL clients reach the suite at (the gateway); URLs under it are "
-        "fetched straight from the owning service.",
+        description="Base URL clients reach the suite at (the gateway): media URLs in "
+        "answers, events and exports start with it, and services fetch such URLs straight "
+        "from the owning service.",
     )
     service_urls: dict[str, str] = Field(
         default_factory=dict,

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, insert, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, func, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -32,6 +33,14 @@ class Known:
     body_hash: str
     deleted: bool
 
+
+# INSERT ... ON CONFLICT DO NOTHING, per dialect: a row whose id or key is taken is skipped in
+# one statement (no look-up first, no savepoint). Built once, so its compiled form is cached;
+# executed on the Core connection, which skips the ORM's per-call work.
+_INSERT_NEW = {
+    "postgresql": postgresql.insert(ObservationRow).on_conflict_do_nothing(),
+    "sqlite": sqlite.insert(ObservationRow).on_conflict_do_nothing(),
+}
 
 SORT_COLUMNS = {
     "created": ObservationRow.created_at,
@@ -78,17 +87,18 @@ class Repository:
         return found
 
     async def insert_one(self, values: dict[str, Any]) -> bool:
-        """Insert; False when a concurrent request took the same id or key first."""
-        try:
-            async with self.session.begin_nested():
-                await self.session.execute(insert(ObservationRow), [values])
-        except IntegrityError:
-            return False
-        return True
+        """Insert; False when the id or key is taken (an earlier or concurrent request)."""
+        connection = await self.session.connection()
+        result = await connection.execute(_INSERT_NEW[connection.dialect.name], values)
+        return bool(result.rowcount)
 
-    async def insert_many(self, rows: Sequence[dict[str, Any]]) -> None:
-        if rows:
-            await self.session.execute(insert(ObservationRow), list(rows))
+    async def insert_many(self, rows: Sequence[dict[str, Any]]) -> set[str]:
+        """Insert; the ids stored (a row whose id was taken concurrently is left out)."""
+        if not rows:
+            return set()
+        connection = await self.session.connection()
+        statement = _INSERT_NEW[connection.dialect.name].returning(ObservationRow.id)
+        return set((await connection.execute(statement, list(rows))).scalars())
 
     async def update(self, observation_id: str, values: dict[str, Any]) -> None:
         await self.session.execute(

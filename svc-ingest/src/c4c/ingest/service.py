@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 from pydantic import ValidationError
 
+from c4c.ingest import metrics
 from c4c.ingest.models import IdentificationRow, MediaRow, ObservationRow
 from c4c.ingest.repository import Known, Repository, utc
 from c4c.ingest.schemas import (
@@ -42,7 +43,8 @@ CREATED, UPDATED, DELETED = "observation.created", "observation.updated", "obser
 
 
 class EventSink(Protocol):
-    def emit(self, type: str, data: dict[str, Any], subject: str) -> None: ...
+    async def emit(self, type: str, items: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Events of ``type``, each (subject, data), in the caller's transaction."""
 
 
 # --- problems -------------------------------------------------------------------------------
@@ -246,8 +248,24 @@ def new_row(
     }
 
 
+class _NewRow:
+    """The column values of a row being inserted, read as attributes like the stored row
+    (what ``represent`` reads): an ORM object per row cost more than all else in a batch.
+    A column not given is NULL, as in the table."""
+
+    _columns = frozenset(ObservationRow.__table__.columns.keys())
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self._columns:
+            raise AttributeError(name)
+        return None
+
+
 def row_from_values(values: dict[str, Any]) -> ObservationRow:
-    return ObservationRow(**values)
+    return cast(ObservationRow, _NewRow(values))
 
 
 # --- results --------------------------------------------------------------------------------
@@ -320,8 +338,8 @@ class IngestService:
         self.settings = settings
         self.storage = storage
 
-    def _emit(self, type: str, observation_id: str, data: dict[str, Any]) -> None:
-        self.events.emit(type, data, f"observation/{observation_id}")
+    async def _emit(self, type: str, observation_id: str, data: dict[str, Any]) -> None:
+        await self.events.emit(type, [(_subject(observation_id), data)])
 
     def _represent(
         self,
@@ -352,10 +370,16 @@ class IngestService:
 
     async def create(self, model: ObservationCreate, idempotency_key: str | None) -> Created:
         digest = body_hash(model)
-        created = await self._try_create(model, idempotency_key, digest)
-        if created is not None:
-            return created
-        # A concurrent request with the same id or key won the race: answer as a retry.
+        values = new_row(
+            model, idempotency_key=idempotency_key, digest=digest, when=datetime.now(UTC)
+        )
+        if await self.repo.insert_one(values):
+            metrics.observations_created([(values["dataset_id"], values["basis_of_record"])])
+            observation = self._represent(row_from_values(values))
+            await self._emit(CREATED, values["id"], observation)
+            return Created(observation, f'"{values["version"]}"', created=True)
+        # The id or key is taken, by an earlier or a concurrent request: a retry is answered
+        # as the first time, a different body is a conflict.
         replay = await self._replay(model, idempotency_key, digest)
         if replay is None:  # pragma: no cover - the winner's row must be visible by now
             raise IdempotencyConflict("A concurrent request is creating this observation.")
@@ -376,22 +400,6 @@ class IngestService:
         row = await self._alive(prior.id)
         return Created(await self._full(row), etag(row), created=False)
 
-    async def _try_create(
-        self, model: ObservationCreate, idempotency_key: str | None, digest: str
-    ) -> Created | None:
-        if model.id is not None or idempotency_key is not None:
-            replay = await self._replay(model, idempotency_key, digest)
-            if replay is not None:
-                return replay
-        values = new_row(
-            model, idempotency_key=idempotency_key, digest=digest, when=datetime.now(UTC)
-        )
-        if not await self.repo.insert_one(values):
-            return None
-        observation = self._represent(row_from_values(values))
-        self._emit(CREATED, values["id"], observation)
-        return Created(observation, f'"{values["version"]}"', created=True)
-
     async def create_batch(self, items: Sequence[BatchItem]) -> list[dict[str, Any]]:
         """Per-item outcomes; valid new items are stored together, whatever the others."""
         ids = [str(i.model.id) for i in items if i.model is not None and i.model.id is not None]
@@ -399,6 +407,7 @@ class IngestService:
         when = datetime.now(UTC)
         outcomes: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
+        positions: dict[str, int] = {}  # id of a new row -> its outcome
         for item in items:
             if item.model is None:
                 outcomes.append({"index": item.index, "status": "error", "problem": item.problem})
@@ -407,12 +416,7 @@ class IngestService:
             item_id = str(item.model.id) if item.model.id else None
             prior = known.get(item_id) if item_id else None
             if prior is not None:
-                try:
-                    _replay_or_conflict(prior, digest, "this id")
-                except IdempotencyConflict as exc:
-                    outcomes.append(self._error(item.index, exc, item_id))
-                else:
-                    outcomes.append(self._outcome(item.index, "duplicate", prior.id))
+                outcomes.append(self._existing(item.index, prior, digest))
                 continue
             try:
                 values = new_row(item.model, idempotency_key=None, digest=digest, when=when)
@@ -427,11 +431,32 @@ class IngestService:
                 continue
             known[values["id"]] = Known(values["id"], digest, deleted=False)
             rows.append(values)
+            positions[values["id"]] = len(outcomes)
             outcomes.append(self._outcome(item.index, "created", values["id"]))
-        await self.repo.insert_many(rows)
-        for values in rows:
-            self._emit(CREATED, values["id"], self._represent(row_from_values(values)))
+        inserted = await self.repo.insert_many(rows)
+        raced = [values for values in rows if values["id"] not in inserted]
+        if raced:  # stored by a concurrent request since the look-up: answered as retries
+            winners = await self.repo.known(ids=[values["id"] for values in raced])
+            for values in raced:
+                position = positions[values["id"]]
+                outcomes[position] = self._existing(
+                    outcomes[position]["index"], winners[values["id"]], values["body_hash"]
+                )
+        stored = [values for values in rows if values["id"] in inserted]
+        metrics.observations_created((v["dataset_id"], v["basis_of_record"]) for v in stored)
+        await self.events.emit(
+            CREATED,
+            ((_subject(v["id"]), self._represent(row_from_values(v))) for v in stored),
+        )
         return outcomes
+
+    def _existing(self, index: int, prior: Known, digest: str) -> dict[str, Any]:
+        """The outcome of an item whose id is stored already: a retry or a conflict."""
+        try:
+            _replay_or_conflict(prior, digest, "this id")
+        except IdempotencyConflict as exc:
+            return self._error(index, exc, prior.id)
+        return self._outcome(index, "duplicate", prior.id)
 
     def _outcome(self, index: int, status: str, observation_id: str) -> dict[str, Any]:
         location = f"/ingest/v1/observations/{observation_id}"
@@ -478,7 +503,7 @@ class IngestService:
         if "decimalLatitude" in changed or "locationObscured" in changed:
             for key in ("decimalLatitude", "decimalLongitude", "coordinateUncertaintyInMeters"):
                 public_changes[key] = full[key]
-        self._emit(
+        await self._emit(
             UPDATED, row.id, {"id": row.id, "version": row.version, "changed": public_changes}
         )
         return full, etag(row)
@@ -491,7 +516,7 @@ class IngestService:
         await self.repo.update(
             row.id, {"deleted_at": when, "updated_at": when, "version": row.version + 1}
         )
-        self._emit(
+        await self._emit(
             DELETED, row.id, {"id": row.id, "version": row.version + 1, "deletedAt": _iso(when)}
         )
 
@@ -513,7 +538,7 @@ class IngestService:
         await self.repo.add_identification(record)
         await self.repo.update(row.id, {"updated_at": now, "version": row.version + 1})
         out = represent_identification(record)
-        self._emit(
+        await self._emit(
             UPDATED,
             row.id,
             {"id": row.id, "version": row.version + 1, "changed": {"identifications": [out]}},
@@ -578,7 +603,7 @@ class IngestService:
             return self._media_replay(prior, row.id, staged.sha256), False
         await self.repo.update(row.id, {"updated_at": now, "version": row.version + 1})
         out = represent_media(media, self.settings.public_url)
-        self._emit(
+        await self._emit(
             UPDATED, row.id, {"id": row.id, "version": row.version + 1, "changed": {"media": [out]}}
         )
         return out, True
@@ -683,6 +708,7 @@ class IngestService:
                 "quality_assessed_at": when,
             },
         )
+        metrics.observation_scored(row.dataset_id, scored.grade)
 
     async def apply_identified(self, identified: ObservationIdentified, when: datetime) -> None:
         row = await self.repo.get(identified.observation_id, for_update=True)
@@ -763,6 +789,10 @@ class IngestService:
                 )
             )
         return observation_id
+
+
+def _subject(observation_id: str) -> str:
+    return f"observation/{observation_id}"
 
 
 def _type_of(media: MediaRow) -> MediaType:

@@ -11,11 +11,6 @@ class IngestSettings(ServiceSettings):
     service_name: ClassVar[str] = "ingest"
 
     port: int = 8001
-    public_url: str = Field(
-        "http://127.0.0.1:8000",
-        description="Base URL clients reach the suite at (the gateway); media URLs in "
-        "answers, events and exports start with it.",
-    )
     batch_max_items: int = Field(
         1000, ge=1, description="Most observations in one POST /observations:batch."
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,8 +22,9 @@ class OutboxSink:
         self.runtime = runtime
         self.session = session
 
-    def emit(self, type: str, data: dict[str, Any], subject: str) -> None:
-        self.runtime.outbox.add(self.session, self.runtime.event(type, data, subject=subject))
+    async def emit(self, type: str, items: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        events = [self.runtime.event(type, data, subject=subject) for subject, data in items]
+        await self.runtime.outbox.add_many(self.session, events)
 
 
 class Parts:

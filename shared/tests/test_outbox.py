@@ -1,0 +1,157 @@
+"""The outbox relay on PostgreSQL: one relay per service at a time (replicas included), the
+lock handed over when its holder stops or its connection dies; events written in bulk with
+the caller's transaction; pooled connections the server closed replaced before use."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+
+from c4c.shared.bus import CloudEvent, InProcessBus, new_event
+from c4c.shared.db import Database
+from c4c.shared.outbox import Outbox, OutboxRow
+
+pytestmark = pytest.mark.postgres
+
+
+class RecordingBus(InProcessBus):
+    """The in-process bus, remembering what it was asked to publish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[CloudEvent] = []
+
+    async def publish(self, event: CloudEvent) -> None:
+        self.published.append(event)
+
+
+@pytest.fixture
+async def replicas(postgres_url: str, postgres_schema: str) -> AsyncIterator[list[Database]]:
+    """Two replicas of one service: two engines on the same schema."""
+    dbs = [Database(postgres_url, schema=postgres_schema) for _ in range(2)]
+    await dbs[0].migrate([])
+    yield dbs
+    for db in dbs:
+        await db.dispose()
+
+
+async def write(db: Database, outbox: Outbox, n: int, subject: str = "obs/1") -> list[str]:
+    events = [new_event("demo", "demo.happened", {"n": i}, subject=subject) for i in range(n)]
+    async with db.sessions() as session, session.begin():
+        await outbox.add_many(session, events)
+    return [e.id for e in events]
+
+
+async def test_one_relay_per_service_and_the_other_takes_over_when_it_stops(
+    replicas: list[Database], eventually: Any
+) -> None:
+    buses = [RecordingBus(), RecordingBus()]
+    relays = [
+        Outbox(db, bus, service="demo", poll_interval=0.05)
+        for db, bus in zip(replicas, buses, strict=True)
+    ]
+    await relays[0].start()
+
+    async def holds_lock() -> bool:
+        return relays[0]._lock is not None
+
+    await eventually(holds_lock)
+    await relays[1].start()
+    first = await write(replicas[0], relays[0], 30)
+    first += await write(replicas[1], relays[1], 30)  # written by the other replica
+    await eventually(lambda: len(buses[0].published) == 60)
+    assert [e.id for e in buses[0].published] == first  # in order, all by the lock holder
+    assert buses[1].published == []
+
+    await relays[0].stop()
+    second = await write(replicas[1], relays[1], 10)
+    await eventually(lambda: [e.id for e in buses[1].published] == second, timeout=10)
+    await relays[1].stop()
+    assert len(buses[0].published) == 60  # nothing twice
+
+
+async def test_relay_hands_over_when_its_lock_connection_dies(
+    replicas: list[Database], eventually: Any
+) -> None:
+    buses = [RecordingBus(), RecordingBus()]
+    relays = [
+        Outbox(db, bus, service="demo", poll_interval=0.05)
+        for db, bus in zip(replicas, buses, strict=True)
+    ]
+    await relays[0].start()
+
+    async def holds_lock() -> bool:
+        return relays[0]._lock is not None
+
+    await eventually(holds_lock)
+    await relays[1].start()
+    holder = relays[0]._lock
+    assert holder is not None
+    pid = await holder.scalar(text("SELECT pg_backend_pid()"))
+    async with replicas[1].engine.connect() as conn:
+        await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    ids = await write(replicas[1], relays[1], 5)
+
+    async def all_published_once() -> bool:
+        published = [e.id for bus in buses for e in bus.published]
+        return sorted(published) == sorted(ids)
+
+    await eventually(all_published_once, timeout=15)
+    for relay in relays:
+        await relay.stop()
+    async with replicas[0].sessions() as session:
+        pending = await session.scalar(
+            select(func.count()).select_from(OutboxRow).where(OutboxRow.published_at.is_(None))
+        )
+    assert pending == 0
+
+
+async def test_a_pass_run_by_hand_keeps_no_lock(replicas: list[Database]) -> None:
+    first = Outbox(replicas[0], RecordingBus(), service="demo")
+    second_bus = RecordingBus()
+    second = Outbox(replicas[1], second_bus, service="demo")
+    await write(replicas[0], first, 3)
+    assert (await first.relay_once()).published == 3
+    await write(replicas[0], first, 2)
+    assert (await second.relay_once()).published == 2  # the lock was free again
+    assert len(second_bus.published) == 2
+
+
+async def test_add_many_is_rolled_back_with_its_transaction(replicas: list[Database]) -> None:
+    db = replicas[0]
+    outbox = Outbox(db, RecordingBus(), service="demo")
+
+    async def failing_request() -> None:
+        async with db.sessions() as session, session.begin():
+            await outbox.add_many(session, [new_event("demo", "demo.lost", {}, subject="s")])
+            raise RuntimeError("the request failed")
+
+    with pytest.raises(RuntimeError):
+        await failing_request()
+    ids = await write(db, outbox, 4, subject=f"obs/{uuid.uuid4()}")
+    async with db.sessions() as session:
+        stored = list(await session.scalars(select(OutboxRow.event_id).order_by(OutboxRow.id)))
+    assert stored == ids
+
+
+async def test_pooled_connection_closed_by_the_server_is_replaced(
+    replicas: list[Database], eventually: Any
+) -> None:
+    db, other = replicas
+    async with db.engine.connect() as conn:
+        pid = await conn.scalar(text("SELECT pg_backend_pid()"))  # back to the pool after
+    async with other.engine.connect() as conn:
+        await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    async def gone() -> bool:
+        async with other.engine.connect() as conn:
+            query = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+            return await conn.scalar(query, {"pid": pid}) == 0
+
+    await eventually(gone)  # meanwhile the loop read the server's goodbye on that socket
+    async with db.engine.connect() as conn:  # no error: a fresh connection
+        assert await conn.scalar(text("SELECT pg_backend_pid()")) != pid
