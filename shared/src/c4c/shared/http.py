@@ -13,7 +13,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from c4c.shared.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
-from c4c.shared.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS
+from c4c.shared.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, labelled
 from c4c.shared.problems import BodyTooLarge, LengthRequired, problem_response, problem_type
 
 log = logging.getLogger("c4c.http")
@@ -41,11 +41,14 @@ def route_template(scope: Scope) -> str:
 class RequestContextMiddleware:
     """Gives each request an id (the caller's ``X-Request-ID`` when sane), echoes it, logs and
     measures the request by route template, and turns an uncaught exception into a 500
-    problem document that leaks nothing."""
+    problem document that leaks nothing. ``access_log=False`` drops the log line (about a
+    tenth of a millisecond per request in JSON), keeping the metrics."""
 
-    def __init__(self, app: ASGIApp, *, service: str) -> None:
+    def __init__(self, app: ASGIApp, *, service: str, access_log: bool = True) -> None:
         self.app = app
         self.service = service
+        self.access_log = access_log
+        self.in_flight = HTTP_IN_FLIGHT.labels(service)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,7 +70,7 @@ class RequestContextMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        in_flight = HTTP_IN_FLIGHT.labels(self.service)
+        in_flight = self.in_flight
         in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
@@ -88,22 +91,27 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = route_template(scope)
             method = scope["method"]
-            HTTP_REQUESTS.labels(self.service, method, route, str(status)).inc()
-            HTTP_DURATION.labels(self.service, method, route).observe(elapsed)
-            log.info(
-                "%s %s %s",
-                method,
-                scope.get("path"),
-                status,
-                extra={
-                    "method": method,
-                    "path": scope.get("path"),
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 2),
-                },
-            )
+            labelled(HTTP_REQUESTS, self.service, method, route, str(status)).inc()
+            labelled(HTTP_DURATION, self.service, method, route).observe(elapsed)
+            if self.access_log:
+                self._log(scope, method, route, status, elapsed)
             request_id_var.reset(token)
+
+    @staticmethod
+    def _log(scope: Scope, method: str, route: str, status: int, elapsed: float) -> None:
+        log.info(
+            "%s %s %s",
+            method,
+            scope.get("path"),
+            status,
+            extra={
+                "method": method,
+                "path": scope.get("path"),
+                "route": route,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+            },
+        )
 
 
 class BodyLimitMiddleware:

@@ -67,6 +67,11 @@ class ServiceSettings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Root log level.")
     log_format: Literal["json", "text"] = Field("json", description="Log line format.")
+    access_log: bool = Field(
+        True,
+        description="Log a line per HTTP request (metrics are kept either way; off saves "
+        "about 0.1 ms a request).",
+    )
     host: str = Field("127.0.0.1", description="Address a service alone listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port a service alone listens on.")
     principal_secret: SecretStr | None = Field(
