@@ -31,9 +31,9 @@ from c4c.plantid.service import (
     ORGANS,
     SECONDARY_ORGANS,
     Engine,
+    Identifier,
     ImportRunner,
     PlantidService,
-    Quota,
     rate_limit_headers,
 )
 from c4c.plantid.settings import PlantidSettings
@@ -56,13 +56,19 @@ def _engine(request: Request) -> Engine:
     return engine
 
 
-def _service(session: SessionDep, request: Request) -> PlantidService:
+def _identifier(request: Request) -> Identifier:
+    identifier: Identifier = request.app.state.plantid_identifier
+    return identifier
+
+
+async def _service(session: SessionDep, request: Request) -> PlantidService:
     return PlantidService(Repository(session), _engine(request), _settings(request))
 
 
-def _caller(request: Request) -> str:
+async def _caller(request: Request) -> str:
     """Who is identifying (the quota's key): the principal the gateway vouched for, else the
-    API key — required when ``api_keys`` is set — else 'anonymous'."""
+    API key — required when ``api_keys`` is set — else 'anonymous'. Async, as every
+    dependency of the identify route: FastAPI runs a plain function in a worker thread."""
     principal = current_principal(request)
     if principal is not None:
         return f"{principal.kind}:{principal.id}"
@@ -158,15 +164,6 @@ async def _form_photos(request: Request) -> tuple[list[bytes], list[str], list[s
     return photos, organs, names
 
 
-async def _charge(request: Request, caller: str, moment: datetime) -> Quota:
-    """Count the identification in a transaction of its own, committed at once: the request's
-    own transaction must not hold SQLite's write lock while the photos are identified."""
-    database = request.app.state.runtime.db
-    async with database.sessions() as session, session.begin():
-        service = PlantidService(Repository(session), _engine(request), _settings(request))
-        return await service.use_quota(caller, moment)
-
-
 @plantnet.post(
     "/identify/{project}",
     response_model=schemas.IdentifyResponse,
@@ -183,7 +180,6 @@ async def _charge(request: Request, caller: str, moment: datetime) -> Quota:
 async def identify(
     project: str,
     request: Request,
-    service: ServiceDep,
     caller: CallerDep,
     include_related_images: Annotated[bool, Query(alias="include-related-images")] = False,
     no_reject: Annotated[bool, Query(alias="no-reject")] = False,
@@ -191,12 +187,20 @@ async def identify(
     lang: Annotated[str, Query(pattern=r"^[a-z]{2}$")] = "en",
     api_key: Annotated[str | None, Query(alias="api-key", include_in_schema=True)] = None,
 ) -> Any:
+    # No database session of the request's own: the identifier opens one short transaction
+    # (quota, gallery version) before inference and none after.
     photos, organs, filenames = await _form_photos(request)
     moment = datetime.now(UTC)
-    quota = await _charge(request, caller, moment)
-    outcome = await service.identify(
-        project, photos, organs, results=nb_results, related_images=include_related_images
+    outcome, quota = await _identifier(request).identify(
+        project,
+        photos,
+        organs,
+        caller=caller,
+        moment=moment,
+        results=nb_results,
+        related_images=include_related_images,
     )
+    assert quota is not None  # charged to the caller
     if outcome.rejected and not no_reject:
         raise SpeciesNotFound("Species not found")
     query = schemas.Query(
@@ -215,8 +219,9 @@ async def identify(
         service_version=VERSION,
         base_url=str(request.base_url),
     )
-    return JSONResponse(
-        body.model_dump(mode="json", exclude_none=True),
+    return Response(  # serialised by pydantic-core, without an intermediate dict
+        body.model_dump_json(exclude_none=True),
+        media_type="application/json",
         headers=rate_limit_headers(quota, moment),
     )
 
@@ -357,8 +362,8 @@ async def delete_reference(reference_id: str, service: ServiceDep) -> Response:
 
 
 @router.get("/projects/{project}/gallery", response_model=schemas.GalleryOut)
-async def gallery(project: str, service: ServiceDep) -> schemas.GalleryOut:
-    built = await service.gallery(project)
+async def gallery(project: str, request: Request) -> schemas.GalleryOut:
+    built = await _identifier(request).gallery(project)
     return schemas.GalleryOut(
         project=project,
         version=built.version,

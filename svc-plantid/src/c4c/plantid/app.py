@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from c4c.plantid.api import VERSION, PlantNetFailure, on_plantnet_failure, plantnet, router
 from c4c.plantid.consumers import plantid_consumers
-from c4c.plantid.service import Engine, Fetch, ImportRunner
+from c4c.plantid.service import Engine, Fetch, Identifier, ImportRunner
 from c4c.plantid.settings import PlantidSettings
 from c4c.shared.app import ServiceRuntime, create_service_app
 from c4c.shared.bus import EventBus
@@ -52,6 +52,7 @@ def create_app(settings: PlantidSettings | None = None, bus: EventBus | None = N
     runtime: ServiceRuntime = app.state.runtime
     app.add_exception_handler(PlantNetFailure, on_plantnet_failure)
     app.state.plantid_engine = engine
+    app.state.plantid_identifier = Identifier(runtime.db.sessions, engine, settings)
     imports = ImportRunner(runtime.db.sessions, engine, settings, photo_fetcher(runtime))
     app.state.plantid_imports = imports
     # Interrupted imports resume once the service is up; the engine closes only after the

@@ -25,7 +25,7 @@ from c4c.plantid import metrics
 from c4c.plantid.errors import EmptyGallery
 from c4c.plantid.models import IdentificationRow
 from c4c.plantid.repository import Repository
-from c4c.plantid.service import Engine, Fetch, IdentifyOutcome, PlantidService
+from c4c.plantid.service import Engine, Fetch, Identifier, IdentifyOutcome
 from c4c.plantid.settings import PlantidSettings
 from c4c.shared.app import Consumers, ServiceRuntime
 from c4c.shared.bus import CloudEvent
@@ -78,6 +78,8 @@ def identified_event_data(observation_id: str, outcome: IdentifyOutcome) -> dict
 def plantid_consumers(
     runtime: ServiceRuntime, engine: Engine, settings: PlantidSettings, fetch: Fetch
 ) -> Consumers:
+    identifier = Identifier(runtime.db.sessions, engine, settings)
+
     async def identify(event: CloudEvent, observation: dict[str, Any]) -> None:
         observation_id = str(observation.get("id") or "")
         urls = photo_urls(observation)
@@ -99,18 +101,15 @@ def plantid_consumers(
                 raise  # the bus tries the event again later
             log.info("observation photos not fetched", extra={"detail": exc.detail})
             return
-        async with runtime.db.sessions() as session:
-            service = PlantidService(Repository(session), engine, settings)
-            try:
-                outcome = await service.identify(project, photos, ["auto"] * len(photos))
-            except EmptyGallery:
-                log.info("no gallery yet; observation not identified", extra={"project": project})
-                return
-            except ProblemError as exc:  # photos that are not images: nothing to identify
-                log.info("observation photos refused", extra={"detail": exc.detail})
-                return
-            body = identified_event_data(observation_id, outcome)
-            await session.commit()  # references re-embedded for a new model, if any
+        try:
+            outcome, _ = await identifier.identify(project, photos, ["auto"] * len(photos))
+        except EmptyGallery:
+            log.info("no gallery yet; observation not identified", extra={"project": project})
+            return
+        except ProblemError as exc:  # photos that are not images: nothing to identify
+            log.info("observation photos refused", extra={"detail": exc.detail})
+            return
+        body = identified_event_data(observation_id, outcome)
 
         async def record(session: AsyncSession, _: CloudEvent) -> None:
             await Repository(session).add_identification(

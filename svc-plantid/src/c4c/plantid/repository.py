@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,6 +20,26 @@ from c4c.plantid.models import (
     ReferenceRow,
     SpeciesRow,
 )
+
+# The statements of every identification, built once: building one costs more than running it.
+_ALL_GALLERY_VERSIONS = select(ProjectRow.id, ProjectRow.gallery_version)
+_GALLERY_VERSION = _ALL_GALLERY_VERSIONS.where(ProjectRow.id == bindparam("project_id"))
+
+
+@functools.cache
+def _use_quota_statement(dialect: str) -> Any:
+    table = cast(Table, QuotaRow.__table__)
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return (
+        insert(table)
+        .values(caller=bindparam("quota_caller"), day=bindparam("quota_day"), used=1)
+        .on_conflict_do_update(
+            index_elements=["caller", "day"],
+            set_={"used": table.c.used + 1},
+            where=table.c.used < bindparam("quota_limit"),
+        )
+        .returning(table.c.used)
+    )
 
 
 class Repository:
@@ -49,6 +70,26 @@ class Repository:
             .where(ProjectRow.id == project_id)
             .values(gallery_version=ProjectRow.gallery_version + 1, updated_at=datetime.now(UTC))
         )
+
+    async def bump_galleries_holding(self, scientific_name: str) -> None:
+        """A new gallery version for every project with references of this species: their
+        cached galleries carry its metadata."""
+        holding = select(ReferenceRow.project_id).where(
+            ReferenceRow.scientific_name == scientific_name
+        )
+        await self.session.execute(
+            update(ProjectRow)
+            .where(ProjectRow.id.in_(holding))
+            .values(gallery_version=ProjectRow.gallery_version + 1, updated_at=datetime.now(UTC))
+        )
+
+    async def gallery_versions(self, project_id: str | None) -> dict[str, int]:
+        """Gallery version by project: of ``project_id``, or of every project when None."""
+        if project_id is None:
+            rows = await self.session.execute(_ALL_GALLERY_VERSIONS)
+        else:
+            rows = await self.session.execute(_GALLERY_VERSION, {"project_id": project_id})
+        return {row.id: row.gallery_version for row in rows}
 
     async def species_counts(self) -> dict[str, int]:
         rows = await self.session.execute(
@@ -109,12 +150,6 @@ class Repository:
         )
         return rows.all()
 
-    async def references_by_id(self, ids: Sequence[str]) -> list[ReferenceRow]:
-        """The references of ``ids``, in that order."""
-        rows = await self.session.scalars(select(ReferenceRow).where(ReferenceRow.id.in_(ids)))
-        by_id = {row.id: row for row in rows}
-        return [by_id[i] for i in ids if i in by_id]
-
     async def delete_reference(self, reference_id: str) -> None:
         await self.session.execute(delete(ReferenceRow).where(ReferenceRow.id == reference_id))
 
@@ -148,20 +183,9 @@ class Repository:
     async def use_quota(self, caller: str, day: str, limit: int) -> int | None:
         """Count one identification for ``caller`` today and return how many it has used;
         None, counting nothing, when it has used ``limit`` already."""
-        table = cast(Table, QuotaRow.__table__)
-        dialect = self.session.get_bind().dialect.name
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        statement = (
-            insert(table)
-            .values(caller=caller, day=day, used=1)
-            .on_conflict_do_update(
-                index_elements=["caller", "day"],
-                set_={"used": table.c.used + 1},
-                where=table.c.used < limit,
-            )
-            .returning(table.c.used)
-        )
-        used = (await self.session.execute(statement)).scalar_one_or_none()
+        statement = _use_quota_statement(self.session.get_bind().dialect.name)
+        values = {"quota_caller": caller, "quota_day": day, "quota_limit": limit}
+        used = (await self.session.execute(statement, values)).scalar_one_or_none()
         return None if used is None or limit < 1 else int(used)
 
     async def quota_used(self, caller: str, day: str) -> int:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from c4c.plantid.models import ImportRow, ProjectRow, ReferenceRow, SpeciesRow
-from c4c.plantid.service import IdentifyOutcome, RankedSpecies
+from c4c.plantid.service import IdentifyOutcome, RankedSpecies, ReferencePhoto
 
 ProjectId = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Slug: a-z, 0-9, '-'.")
 
@@ -247,7 +247,7 @@ def _species(ranked: RankedSpecies, language: str) -> Species:
     )
 
 
-def _related(row: ReferenceRow, base_url: str) -> RelatedImage:
+def _related(row: ReferencePhoto, base_url: str) -> RelatedImage:
     url = f"{base_url.rstrip('/')}/plantid/v1/references/{row.id}/image"
     return RelatedImage(
         organ=row.organ,

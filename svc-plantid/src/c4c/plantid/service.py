@@ -76,6 +76,49 @@ class Quota:
         return max(self.limit - self.used, 0)
 
 
+@dataclass(frozen=True)
+class GalleryKey:
+    """Which gallery answers for ``project``: the gallery versions of the projects it spans
+    (one, or all for 'all') and the model's version."""
+
+    project: str
+    versions: tuple[tuple[str, int], ...]
+    model: str
+
+    @property
+    def version(self) -> str:
+        spans = ",".join(f"{project}:{version}" for project, version in self.versions)
+        return f"{self.project}/{spans}/{self.model}"
+
+
+@dataclass(frozen=True)
+class ReferencePhoto:
+    """What an answer shows of a reference photo."""
+
+    id: str
+    project_id: str
+    organ: str
+    author: str | None
+    license: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: ReferenceRow) -> ReferencePhoto:
+        return cls(row.id, row.project_id, row.organ, row.author, row.license, row.created_at)
+
+
+@dataclass(frozen=True)
+class Flora:
+    """A gallery with the species metadata and reference photos answers show, cached
+    together: identification reads nothing from the database after inference. Enrolment
+    bumps the gallery version of every project whose species or photos it changes."""
+
+    gallery: Gallery
+    species: dict[str, SpeciesRow]
+    photos: list[ReferencePhoto]
+    """By gallery index."""
+
+
 class Engine:
     """The model and the galleries built with it, shared by every request of the process.
     The model is built (first start) and loaded on first use, in a worker thread; a gallery
@@ -87,8 +130,8 @@ class Engine:
         self.storage = storage
         self._embedder: Embedder | None = None
         self._lock = asyncio.Lock()
-        self._galleries: dict[tuple[str, ...], Gallery] = {}
-        self._gallery_locks: dict[tuple[str, ...], asyncio.Lock] = {}
+        self._floras: dict[GalleryKey, Flora] = {}
+        self._flora_locks: dict[str, asyncio.Lock] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
     def _spec(self) -> ModelSpec:
@@ -137,27 +180,29 @@ class Engine:
 
         return await asyncio.get_running_loop().run_in_executor(embedder.pool, work)
 
-    async def gallery(
-        self,
-        key: tuple[str, ...],
-        rows: Callable[[], Awaitable[Sequence[ReferenceRow]]],
-        reembed: Callable[[Sequence[tuple[str, bytes]], str], Awaitable[None]],
-    ) -> Gallery:
-        cached = self._galleries.get(key)
+    async def flora(self, key: GalleryKey, sessions: Callable[[], Any]) -> Flora:
+        """The flora of ``key``, built from the database unless cached. References made with
+        another model are re-embedded (and stored) first. The fit (and any re-embedding)
+        runs outside a transaction: with SQLite, one holds the database's only writer."""
+        cached = self._floras.get(key)
         if cached is not None:
             return cached
-        lock = self._gallery_locks.setdefault(key, asyncio.Lock())
+        lock = self._flora_locks.setdefault(key.project, asyncio.Lock())
         async with lock:
-            if key in self._galleries:
-                return self._galleries[key]
+            if key in self._floras:
+                return self._floras[key]
             embedder = await self.embedder()
-            references = await rows()
+            async with sessions() as session, session.begin():
+                repo = Repository(session)
+                references = await repo.gallery_rows([project for project, _ in key.versions])
+                species = await repo.get_species([r.scientific_name for r in references])
             if not references:
                 raise EmptyGallery("Enrol reference photos of the flora before identifying.")
             stale = [r for r in references if r.model_version != embedder.version]
             if stale:
                 fresh = await self._reembed(stale)
-                await reembed(fresh, embedder.version)
+                async with sessions() as session, session.begin():
+                    await Repository(session).set_embeddings(fresh, embedder.version)
                 refreshed = dict(fresh)
                 vectors = [refreshed.get(r.id, r.embedding) for r in references]
             else:
@@ -165,7 +210,7 @@ class Engine:
             s = self.settings
             gallery = await asyncio.to_thread(
                 Gallery.fit,
-                "/".join(key),
+                key.version,
                 np.stack([np.frombuffer(v, dtype=np.float32) for v in vectors]),
                 [r.scientific_name for r in references],
                 [r.organ for r in references],
@@ -174,10 +219,11 @@ class Engine:
                 reject_quantile=s.reject_quantile,
                 reject_similarity=s.reject_similarity,
             )
-            # One gallery per project and version: older versions of this project go.
-            self._galleries = {k: g for k, g in self._galleries.items() if k[:-1] != key[:-1]}
-            self._galleries[key] = gallery
-            return gallery
+            flora = Flora(gallery, species, [ReferencePhoto.of(r) for r in references])
+            # One flora per project: older versions of this project go.
+            self._floras = {k: f for k, f in self._floras.items() if k.project != key.project}
+            self._floras[key] = flora
+            return flora
 
     async def _reembed(self, stale: Sequence[ReferenceRow]) -> list[tuple[str, bytes]]:
         """Embeddings of references made with another model, from their stored photos."""
@@ -202,7 +248,7 @@ class Engine:
 class RankedSpecies:
     candidate: Candidate
     species: SpeciesRow | None
-    related: list[ReferenceRow] = field(default_factory=list)
+    related: list[ReferencePhoto] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -259,6 +305,7 @@ class PlantidService:
     async def _species(self, info: SpeciesInfo) -> SpeciesRow:
         name = taxonomy.canonical_name(info.scientific_name)
         row = (await self.repo.get_species([name])).get(name)
+        described = _described(row) if row is not None else None
         if row is None:
             taxon = await asyncio.to_thread(taxonomy.lookup, name)
             row = SpeciesRow(
@@ -279,6 +326,8 @@ class PlantidService:
             names[language] = sorted(set(names.get(language, [])) | set(values))
         row.common_names = names
         await self.repo.save_species(row)
+        if described is not None and _described(row) != described:
+            await self.repo.bump_galleries_holding(name)  # their cached floras show it
         return row
 
     async def enrol(
@@ -349,100 +398,14 @@ class PlantidService:
         # a row costs only disk (content-addressed, so a re-enrolment reuses it).
 
     # --- identification ---------------------------------------------------------------------
-    async def gallery(self, project_id: str) -> Gallery:
+    async def gallery_key(self, project_id: str) -> GalleryKey:
         embedder = await self.engine.embedder()
-        if project_id == ALL_PROJECTS:
-            projects = list(await self.repo.list_projects())
-        else:
-            projects = [await self.project(project_id)]
-        ids = [p.id for p in projects]
-        key = (
-            project_id,
-            ",".join(f"{p.id}:{p.gallery_version}" for p in projects),
-            embedder.version,
+        versions = await self.repo.gallery_versions(
+            None if project_id == ALL_PROJECTS else project_id
         )
-
-        async def rows() -> Sequence[ReferenceRow]:
-            return await self.repo.gallery_rows(ids)
-
-        return await self.engine.gallery(key, rows, self.repo.set_embeddings)
-
-    async def identify(
-        self,
-        project_id: str,
-        photos: Sequence[bytes],
-        organs: Sequence[str],
-        *,
-        results: int = 10,
-        related_images: bool = False,
-    ) -> IdentifyOutcome:
-        """The ranked species of one plant's photos, counted in the metrics."""
-        started = time.perf_counter()
-        try:
-            outcome = await self._identify(
-                project_id, photos, organs, results=results, related_images=related_images
-            )
-        except ProjectNotFound:
-            metrics.failed(metrics.UNKNOWN_PROJECT)
-            raise
-        except ProblemError:
-            metrics.failed(project_id)
-            raise
-        metrics.identified(
-            project_id, rejected=outcome.rejected, seconds=time.perf_counter() - started
-        )
-        return outcome
-
-    async def _identify(
-        self,
-        project_id: str,
-        photos: Sequence[bytes],
-        organs: Sequence[str],
-        *,
-        results: int,
-        related_images: bool,
-    ) -> IdentifyOutcome:
-        # Inference first: with SQLite a transaction holds the write lock from its first
-        # statement, so no statement may come before the slow part.
-        embedder = await self.engine.embedder()
-        vectors = await self.engine.embed_photos(photos)
-        if embedder.spec.kind == "classifier":
-            return await self._classify(project_id, vectors, results)
-        gallery = await self.gallery(project_id)
-        identification = gallery.identify(vectors, organs)
-        top = identification.candidates[:results]
-        species = await self.repo.get_species([c.species for c in top])
-        ranked = []
-        for candidate in top:
-            related: list[ReferenceRow] = []
-            if related_images:
-                related = list(
-                    await self.repo.references_by_id(
-                        [gallery.reference_ids[i] for i in candidate.nearest]
-                    )
-                )
-            ranked.append(RankedSpecies(candidate, species.get(candidate.species), related))
-        return IdentifyOutcome(
-            project_id, identification, ranked, embedder.version, gallery.version
-        )
-
-    async def _classify(self, project_id: str, scores: np.ndarray, results: int) -> IdentifyOutcome:
-        """A classifier model: its own labels, no gallery; 'not found' below a score."""
-        embedder = await self.engine.embedder()
-        probabilities = scores.mean(axis=0)
-        order = np.argsort(-probabilities)[:results]
-        labels = embedder.spec.labels
-        candidates = [Candidate(labels[i], float(probabilities[i]), ()) for i in order]
-        best = float(probabilities[order[0]])
-        identification = Identification(
-            candidates,
-            best,
-            self.settings.classifier_min_score,
-            best < self.settings.classifier_min_score,
-        )
-        species = await self.repo.get_species([c.species for c in candidates])
-        ranked = [RankedSpecies(c, species.get(c.species)) for c in candidates]
-        return IdentifyOutcome(project_id, identification, ranked, embedder.version, "classifier")
+        if project_id != ALL_PROJECTS and not versions:
+            raise ProjectNotFound(f"There is no project {project_id!r}.")
+        return GalleryKey(project_id, tuple(sorted(versions.items())), embedder.version)
 
     # --- quota ------------------------------------------------------------------------------
     async def use_quota(self, caller: str, moment: datetime) -> Quota:
@@ -483,6 +446,118 @@ class PlantidService:
         if row is None:
             raise ImportNotFound(f"There is no import {import_id!r}.")
         return row
+
+
+class Identifier:
+    """Identification as requests and observation events ask for it, with the fewest
+    database round trips: one short transaction before inference charges the caller's quota
+    and reads the gallery version; after inference none, unless the flora changed and must
+    be rebuilt (or a classifier model names species, whose metadata is read then)."""
+
+    def __init__(
+        self, sessions: Callable[[], Any], engine: Engine, settings: PlantidSettings
+    ) -> None:
+        self.sessions = sessions
+        self.engine = engine
+        self.settings = settings
+
+    def _service(self, session: Any) -> PlantidService:
+        return PlantidService(Repository(session), self.engine, self.settings)
+
+    async def identify(
+        self,
+        project_id: str,
+        photos: Sequence[bytes],
+        organs: Sequence[str],
+        *,
+        caller: str | None = None,
+        moment: datetime | None = None,
+        results: int = 10,
+        related_images: bool = False,
+    ) -> tuple[IdentifyOutcome, Quota | None]:
+        """The ranked species of one plant's photos, counted in the metrics, and what is left
+        of ``caller``'s quota once this identification is charged to it (None: no caller,
+        nothing charged). An unknown project charges nothing."""
+        embedder = await self.engine.embedder()
+        quota: Quota | None = None
+        key: GalleryKey | None = None
+        started = time.perf_counter()
+        try:
+            if caller is not None or embedder.spec.kind == "embedder":
+                async with self.sessions() as session, session.begin():
+                    service = self._service(session)
+                    if embedder.spec.kind == "embedder":
+                        key = await service.gallery_key(project_id)
+                    if caller is not None:
+                        quota = await service.use_quota(caller, moment or now())
+            vectors = await self.engine.embed_photos(photos)
+            if key is None:
+                outcome = await self._classify(project_id, vectors, results)
+            else:
+                outcome = await self._match(key, vectors, organs, results, related_images)
+        except QuotaExceeded:
+            raise  # refused before identifying: not an identification
+        except ProjectNotFound:
+            metrics.failed(metrics.UNKNOWN_PROJECT)
+            raise
+        except ProblemError:
+            metrics.failed(project_id)
+            raise
+        metrics.identified(
+            project_id, rejected=outcome.rejected, seconds=time.perf_counter() - started
+        )
+        return outcome, quota
+
+    async def gallery(self, project_id: str) -> Gallery:
+        async with self.sessions() as session, session.begin():
+            key = await self._service(session).gallery_key(project_id)
+        return (await self.engine.flora(key, self.sessions)).gallery
+
+    async def _match(
+        self,
+        key: GalleryKey,
+        vectors: np.ndarray,
+        organs: Sequence[str],
+        results: int,
+        related_images: bool,
+    ) -> IdentifyOutcome:
+        """Against the project's gallery."""
+        flora = await self.engine.flora(key, self.sessions)  # rebuilt when its version changed
+        gallery = flora.gallery
+        identification = gallery.identify(vectors, organs, limit=results)
+        ranked = [
+            RankedSpecies(
+                candidate,
+                flora.species.get(candidate.species),
+                [flora.photos[i] for i in candidate.nearest] if related_images else [],
+            )
+            for candidate in identification.candidates
+        ]
+        return IdentifyOutcome(key.project, identification, ranked, key.model, gallery.version)
+
+    async def _classify(self, project_id: str, scores: np.ndarray, results: int) -> IdentifyOutcome:
+        """A classifier model: its own labels, no gallery; 'not found' below a score."""
+        embedder = await self.engine.embedder()
+        probabilities = scores.mean(axis=0)
+        order = np.argsort(-probabilities)[:results]
+        labels = embedder.spec.labels
+        candidates = [Candidate(labels[i], float(probabilities[i]), ()) for i in order]
+        best = float(probabilities[order[0]])
+        identification = Identification(
+            candidates,
+            best,
+            self.settings.classifier_min_score,
+            best < self.settings.classifier_min_score,
+        )
+        async with self.sessions() as session, session.begin():
+            species = await Repository(session).get_species([c.species for c in candidates])
+        ranked = [RankedSpecies(c, species.get(c.species)) for c in candidates]
+        return IdentifyOutcome(project_id, identification, ranked, embedder.version, "classifier")
+
+
+def _described(row: SpeciesRow) -> tuple[Any, ...]:
+    """What an answer shows of a species."""
+    return (row.authorship, row.genus, row.family, row.gbif_id, row.common_names, row.taxon_rank)
 
 
 def resolve_import_source(settings: PlantidSettings, relative: str) -> Path:

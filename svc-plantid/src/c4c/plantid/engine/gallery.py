@@ -67,6 +67,11 @@ class Gallery:
     weights: np.ndarray
     temperature: float
     threshold: float
+    _members: list[np.ndarray] = field(init=False, repr=False)
+    """Per species, the indices of its references."""
+
+    def __post_init__(self) -> None:
+        self._members = [np.flatnonzero(self.labels == i) for i in range(len(self.species))]
 
     @classmethod
     def fit(
@@ -113,8 +118,14 @@ class Gallery:
         return np.asarray(_with_bias(queries) @ self.weights)
 
     def identify(
-        self, queries: np.ndarray, organs: Sequence[str], *, nearest: int = 3
+        self,
+        queries: np.ndarray,
+        organs: Sequence[str],
+        *,
+        nearest: int = 3,
+        limit: int | None = None,
     ) -> Identification:
+        """The species ranked by probability (the ``limit`` most probable, else all)."""
         weights = np.array([ORGAN_WEIGHTS.get(organ, 1.0) for organ in organs])
         fused = (weights[:, None] * self.scores(queries)).sum(axis=0) / weights.sum()
         probabilities = _softmax(fused / self.temperature)
@@ -122,11 +133,11 @@ class Gallery:
         best_similarity = float(similarities.max())
         closest = similarities.max(axis=0)
         candidates = []
-        for i in np.argsort(-probabilities):
-            own = np.flatnonzero(self.labels == i)
-            order = own[np.argsort(-closest[own])][:nearest]
+        for i in np.argsort(-probabilities)[:limit].tolist():
+            own = self._members[i]
+            order = own[np.argsort(-closest[own])[:nearest]]
             candidates.append(
-                Candidate(self.species[i], float(probabilities[i]), tuple(int(j) for j in order))
+                Candidate(self.species[i], float(probabilities[i]), tuple(order.tolist()))
             )
         return Identification(
             candidates=candidates,
@@ -137,7 +148,9 @@ class Gallery:
         )
 
     def _organ_of(self, similarities: np.ndarray, k: int = 5) -> tuple[str, float]:
-        neighbours = np.argsort(-similarities)[:k]
+        k = min(k, len(similarities))
+        closest = np.argpartition(-similarities, k - 1)[:k]
+        neighbours = closest[np.argsort(-similarities[closest])].tolist()  # ties: nearest first
         organ, votes = Counter(self.organs[j] for j in neighbours).most_common(1)[0]
         return organ, votes / len(neighbours)
 
