@@ -1,5 +1,446 @@
-"""HTTP routes of the mobis service (thin: they call ``service``)."""
+"""HTTP routes of the mobis service (thin: they parse, call ``service``, shape the answer)."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter(prefix="/mobis/v1", tags=["mobis"])
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import UploadFile
+
+from c4c.mobis import metrics
+from c4c.mobis.apps import AppCatalogue
+from c4c.mobis.models import NotificationRow, UserRow
+from c4c.mobis.remote import UpstreamRefused
+from c4c.mobis.repository import utc
+from c4c.mobis.schemas import (
+    Account,
+    AccountDeletion,
+    Login,
+    Logout,
+    MarkRead,
+    MediaState,
+    MissingMedia,
+    MyObservation,
+    MyObservationPage,
+    Notification,
+    NotificationPage,
+    PasswordChange,
+    Refresh,
+    Register,
+    SyncRequest,
+    SyncResult,
+    Tokens,
+)
+from c4c.mobis.service.accounts import Accounts, TooManyAttempts, account
+from c4c.mobis.service.observations import ContentRange, Observations
+from c4c.mobis.settings import MobisSettings
+from c4c.mobis.wiring import Parts
+from c4c.shared.auth import PrincipalDep
+from c4c.shared.db import SessionDep
+from c4c.shared.problems import BadRequest, BodyTooLarge, ProblemError
+
+PREFIX = "/mobis/v1"
+JWKS_PATH = f"{PREFIX}/.well-known/jwks.json"
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+
+class TooManyItems(BodyTooLarge):
+    code, title = "sync-too-large", "Too many observations in one sync"
+
+
+def _parts(request: Request) -> Parts:
+    parts: Parts = request.app.state.parts
+    return parts
+
+
+def _accounts(request: Request, session: SessionDep) -> Accounts:
+    return _parts(request).accounts(session)
+
+
+def _observations(request: Request) -> Observations:
+    return _parts(request).observations
+
+
+AccountsDep = Annotated[Accounts, Depends(_accounts)]
+ObservationsDep = Annotated[Observations, Depends(_observations)]
+
+
+async def _user(principal: PrincipalDep, request: Request) -> UserRow:
+    # A transaction of its own, ended at once: the route may open others (SQLite allows
+    # one writer, and a request's session holds the lock until the request ends).
+    parts = _parts(request)
+    async with parts.runtime.db.sessions() as session, session.begin():
+        return await parts.accounts(session).user_of(principal)
+
+
+UserDep = Annotated[UserRow, Depends(_user)]
+
+
+def _client_address(request: Request, principal: PrincipalDep) -> str:
+    """On public routes the gateway names the caller by its address."""
+    if principal is not None and principal.kind == "anonymous":
+        return principal.id
+    return request.client.host if request.client else "unknown"
+
+
+def _answer(outcome: Tokens | ProblemError, request: Request) -> Response:
+    if isinstance(outcome, ProblemError):
+        return outcome.to_response(instance=request.url.path)
+    return JSONResponse(outcome.model_dump(), headers={"Cache-Control": "no-store"})
+
+
+def _weak_etag(body: Any) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return f'W/"{hashlib.sha256(canonical.encode()).hexdigest()[:32]}"'
+
+
+def _matches(request: Request, tag: str) -> bool:
+    sent = request.headers.get("if-none-match", "")
+    return any(t.strip() in (tag, "*") for t in sent.split(","))
+
+
+def build_router(settings: MobisSettings) -> APIRouter:
+    router = APIRouter(prefix=PREFIX, tags=["mobis"])
+    catalogue = AppCatalogue.load(settings.apps_file)
+
+    # --- keys and accounts -----------------------------------------------------------------
+
+    @router.get("/.well-known/jwks.json", summary="The public keys access tokens are signed with")
+    async def jwks(request: Request) -> Response:
+        return JSONResponse(
+            _parts(request).signer.jwks(), headers={"Cache-Control": "public, max-age=300"}
+        )
+
+    @router.post("/auth/register", status_code=201, response_model=Account)
+    async def register(body: Register, accounts: AccountsDep) -> Account:
+        return await accounts.register(body)
+
+    @router.post(
+        "/auth/login",
+        response_model=Tokens,
+        summary="Log in: an OAuth 2.0 token response",
+        responses={429: {"description": "Too many failed logins: wait Retry-After seconds."}},
+    )
+    async def login(
+        body: Login, request: Request, principal: PrincipalDep, accounts: AccountsDep
+    ) -> Response:
+        address = _client_address(request, principal)
+        outcome = await accounts.login(body.email, body.password, address, body.deviceId)
+        if isinstance(outcome, TooManyAttempts):
+            metrics.LOGINS.labels("throttled").inc()
+        else:
+            metrics.LOGINS.labels(
+                "failure" if isinstance(outcome, ProblemError) else "success"
+            ).inc()
+        return _answer(outcome, request)
+
+    @router.post(
+        "/auth/refresh",
+        response_model=Tokens,
+        summary="New tokens for a refresh token (used once; a reuse ends the session)",
+    )
+    async def refresh(body: Refresh, request: Request, accounts: AccountsDep) -> Response:
+        return _answer(await accounts.refresh(body.refresh_token), request)
+
+    @router.post("/auth/logout", status_code=204, summary="End this session, or every one")
+    async def logout(body: Logout, user: UserDep, accounts: AccountsDep) -> Response:
+        await accounts.logout(user, body.refresh_token, body.everywhere)
+        return Response(status_code=204)
+
+    @router.get("/me", response_model=Account)
+    async def me(user: UserDep) -> Account:
+        return account(user)
+
+    @router.post(
+        "/me/password", response_model=Tokens, summary="Change the password; ends every session"
+    )
+    async def change_password(
+        body: PasswordChange, request: Request, user: UserDep, accounts: AccountsDep
+    ) -> Response:
+        return _answer(
+            await accounts.change_password(user, body.current_password, body.new_password),
+            request,
+        )
+
+    @router.delete(
+        "/me",
+        status_code=204,
+        summary="Forget me: delete the account; observations stay, pseudonymised",
+    )
+    async def delete_me(
+        body: Annotated[AccountDeletion, Body()],
+        request: Request,
+        user: UserDep,
+        accounts: AccountsDep,
+    ) -> Response:
+        await accounts.forget(user, body.password)
+        _parts(request).pseudonymiser.wake()
+        return Response(status_code=204)
+
+    # --- app configuration -----------------------------------------------------------------
+
+    @router.get("/apps/{app}/config", summary="An app's configuration (ETag; ?version=N)")
+    async def app_config(
+        app: Annotated[str, Path(max_length=100)],
+        request: Request,
+        version: Annotated[str | None, Query(max_length=20, pattern=r"^[0-9]+$")] = None,
+    ) -> Response:
+        config = catalogue.config(app, version)
+        headers = {"ETag": config.etag, "Cache-Control": "private, max-age=60"}
+        if _matches(request, config.etag):
+            return Response(status_code=304, headers=headers)
+        return JSONResponse(config.body, headers=headers)
+
+    # --- sync ------------------------------------------------------------------------------
+
+    @router.post(
+        "/sync",
+        response_model=SyncResult,
+        summary="Send observations queued offline; an outcome per item, retries are safe",
+    )
+    async def sync(body: SyncRequest, user: UserDep, observations: ObservationsDep) -> SyncResult:
+        if len(body.observations) > settings.sync_max_items:
+            raise TooManyItems(
+                f"Send at most {settings.sync_max_items} observations at once.",
+                max_items=settings.sync_max_items,
+            )
+        return SyncResult(items=await observations.sync(user, body.observations))
+
+    # --- my observations -------------------------------------------------------------------
+
+    @router.get("/me/observations", response_model=MyObservationPage)
+    async def my_observations(
+        request: Request,
+        user: UserDep,
+        observations: ObservationsDep,
+        cursor: Annotated[str | None, Query(max_length=100)] = None,
+        limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    ) -> Response:
+        page = await observations.mine(user, cursor, limit)
+        body = page.model_dump(mode="json")
+        tag = _weak_etag(body)
+        headers = {"ETag": tag, "Cache-Control": "private, no-cache"}
+        if _matches(request, tag):
+            return Response(status_code=304, headers=headers)
+        if page.next:
+            headers["Link"] = f'<{request.url.include_query_params(cursor=page.next)}>; rel="next"'
+        return JSONResponse(body, headers=headers)
+
+    @router.get("/me/observations/{observation_id}", response_model=MyObservation)
+    async def my_observation(
+        observation_id: str, user: UserDep, observations: ObservationsDep
+    ) -> MyObservation:
+        return await observations.one(user, observation_id)
+
+    @router.get(
+        "/me/observations/{observation_id}/missing-media",
+        response_model=MissingMedia,
+        summary="The media of an observation the server still lacks",
+    )
+    async def missing_media(
+        observation_id: str, user: UserDep, observations: ObservationsDep
+    ) -> MissingMedia:
+        return await observations.missing_media(user, observation_id)
+
+    # --- resumable media -------------------------------------------------------------------
+
+    @router.get("/media/{media_id}", response_model=MediaState, summary="How much is uploaded")
+    async def media_status(media_id: str, user: UserDep, observations: ObservationsDep) -> Response:
+        state = await observations.media_status(user, _uuid(media_id))
+        return JSONResponse(state.model_dump(), headers={"Upload-Offset": str(state.received)})
+
+    @router.put(
+        "/media/{media_id}",
+        response_model=MediaState,
+        summary="Upload a media file, whole or in chunks (Content-Range: bytes a-b/total)",
+        openapi_extra={
+            "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}
+        },
+    )
+    async def upload_media(
+        media_id: str,
+        request: Request,
+        user: UserDep,
+        observations: ObservationsDep,
+        content_range: Annotated[str | None, Header(alias="Content-Range", max_length=100)] = None,
+    ) -> Response:
+        length = request.headers.get("content-length")
+        span = ContentRange.parse(
+            content_range, int(length) if length and length.isdigit() else None
+        )
+        if span.end - span.start + 1 > settings.media_chunk_max_bytes:
+            raise BodyTooLarge(
+                f"Send chunks of at most {settings.media_chunk_max_bytes} bytes.",
+                limit_bytes=settings.media_chunk_max_bytes,
+            )
+        state = await observations.upload_chunk(user, _uuid(media_id), span, request.stream())
+        status = 200 if state.stored else 202
+        return JSONResponse(
+            state.model_dump(), status_code=status, headers={"Upload-Offset": str(state.received)}
+        )
+
+    # --- notifications and the live stream -------------------------------------------------
+
+    @router.get("/me/notifications", response_model=NotificationPage)
+    async def notifications(
+        request: Request,
+        user: UserDep,
+        after: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    ) -> NotificationPage:
+        async with _parts(request).unit() as repo:
+            rows = await repo.notifications(user.id, after=after, limit=limit)
+            unread = await repo.unread_count(user.id)
+        items = [_notification(row) for row in rows]
+        return NotificationPage(
+            items=items, unread=unread, next=items[-1].id if len(items) == limit else None
+        )
+
+    @router.post("/me/notifications:read", status_code=204)
+    async def mark_read(body: MarkRead, request: Request, user: UserDep) -> Response:
+        async with _parts(request).unit() as repo:
+            await repo.mark_read(user.id, body.upTo, datetime.now(UTC))
+        return Response(status_code=204)
+
+    @router.get(
+        "/me/events",
+        summary="Live Server-Sent Events of changes to my observations (Last-Event-ID resumes)",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def events(
+        request: Request,
+        user: UserDep,
+        after: Annotated[int, Query(ge=0)] = 0,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+    ) -> StreamingResponse:
+        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        return StreamingResponse(
+            _event_stream(request, _parts(request), user.id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    # --- identification --------------------------------------------------------------------
+
+    @router.post(
+        "/identify",
+        summary="Instant suggestions for one photo (multipart field 'image', or the raw body)",
+    )
+    async def identify(
+        request: Request,
+        user: UserDep,
+        project: Annotated[str, Query(min_length=1, max_length=200, pattern=r"^[\w.-]+$")],
+        organ: Annotated[str, Query(pattern=r"^(auto|leaf|flower|fruit|bark|habit)$")] = "auto",
+    ) -> Response:
+        photo, content_type = await _photo(request, settings.identify_max_bytes)
+        status, body = await _parts(request).plantid.identify(project, photo, content_type, organ)
+        if status == 404 and body.get("message") == "Species not found":
+            return JSONResponse({"project": project, "rejected": True, "suggestions": []})
+        if status != 200:
+            raise UpstreamRefused(
+                body.get("message") or body.get("detail") or "Identification refused.",
+                status=status if 400 <= status < 500 else 502,
+                problem=body,
+            )
+        suggestions = [
+            {
+                "scientificName": r["species"]["scientificNameWithoutAuthor"],
+                "score": r.get("score"),
+                "family": (r["species"].get("family") or {}).get("scientificNameWithoutAuthor"),
+                "commonNames": r["species"].get("commonNames", []),
+            }
+            for r in body.get("results", [])
+            if isinstance(r, dict) and isinstance(r.get("species"), dict)
+        ]
+        return JSONResponse({"project": project, "rejected": False, "suggestions": suggestions})
+
+    return router
+
+
+def _uuid(value: str) -> str:
+    if not re.match(UUID_PATTERN, value):
+        raise BadRequest("Media ids are UUIDs.")
+    return value.lower()
+
+
+def _notification(row: NotificationRow) -> Notification:
+    return Notification(
+        id=row.seq,
+        observationId=row.observation_id,
+        kind=row.kind,
+        data=row.data,
+        createdAt=utc(row.created_at) or row.created_at,
+        read=row.read_at is not None,
+    )
+
+
+async def _photo(request: Request, max_bytes: int) -> tuple[bytes, str]:
+    content_type = request.headers.get("content-type", "")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise BodyTooLarge(f"Send a photo of at most {max_bytes} bytes.", limit_bytes=max_bytes)
+    if content_type.startswith("multipart/form-data"):
+        async with request.form(max_files=1, max_fields=2) as form:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise BadRequest("Send the photo in a multipart field named 'image'.")
+            data = await upload.read(max_bytes + 1)
+            content_type = upload.content_type or "application/octet-stream"
+    else:
+        received = bytearray()
+        async for chunk in request.stream():
+            received += chunk
+            if len(received) > max_bytes:
+                break
+        data = bytes(received)
+    if len(data) > max_bytes:
+        raise BodyTooLarge(f"Send a photo of at most {max_bytes} bytes.", limit_bytes=max_bytes)
+    if not data:
+        raise BadRequest("Send a photo.")
+    return bytes(data), content_type
+
+
+async def _event_stream(
+    request: Request, parts: Parts, user_id: str, after: int
+) -> AsyncIterator[bytes]:
+    """Notifications after ``after`` as they come; a comment now and then keeps proxies
+    from closing a quiet stream. Ends when the app goes or the account is deleted."""
+    settings = parts.settings
+    wake = parts.notifier.listen(user_id)
+    metrics.SSE_CLIENTS.inc()
+    loop = asyncio.get_running_loop()
+    quiet_since = ends = loop.time()
+    ends += settings.sse_max_seconds
+    try:
+        yield b"retry: 2000\n\n"
+        while loop.time() < ends and not await request.is_disconnected():
+            wake.clear()
+            async with parts.unit() as repo:
+                if await repo.user(user_id) is None:
+                    return
+                rows = await repo.notifications(user_id, after=after, limit=100)
+            for row in rows:
+                note = _notification(row)
+                data = json.dumps(note.model_dump(mode="json"), separators=(",", ":"))
+                yield f"id: {note.id}\nevent: {note.kind}\ndata: {data}\n\n".encode()
+                after = note.id
+            if rows:
+                quiet_since = loop.time()
+                continue
+            if loop.time() - quiet_since >= settings.sse_keepalive_seconds:
+                yield b": keep-alive\n\n"
+                quiet_since = loop.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), settings.sse_poll_seconds)
+    finally:
+        metrics.SSE_CLIENTS.dec()
+        parts.notifier.forget(user_id, wake)

@@ -1,6 +1,9 @@
 """Settings of the mobis service: ``C4C_MOBIS_*``, else ``C4C_*``."""
 
+from pathlib import Path
 from typing import ClassVar
+
+from pydantic import Field, SecretStr
 
 from c4c.shared.settings import ServiceSettings
 
@@ -9,3 +12,65 @@ class MobisSettings(ServiceSettings):
     service_name: ClassVar[str] = "mobis"
 
     port: int = 8005
+    signing_key: SecretStr | None = Field(
+        None,
+        description="PEM private key (Ed25519 or RSA) access tokens are signed with; unset = "
+        "one generated on first start and kept in <data_dir>/mobis-signing-key.pem (mode 600). "
+        "Replicas must share it (this setting, or the data directory).",
+    )
+    jwt_audience: str = Field("c4c", description="Audience of access tokens (the gateway's).")
+    jwt_issuer: str = Field("c4c-mobis", description="Issuer named in access tokens.")
+    access_token_seconds: int = Field(900, ge=30, description="Lifetime of an access token.")
+    refresh_token_days: float = Field(30.0, gt=0, description="Lifetime of a refresh token.")
+    token_scope: str = Field(
+        "mobis", description="Scopes (space-separated) an app user's access token carries."
+    )
+    password_min_length: int = Field(10, ge=8, description="Shortest password accepted.")
+    password_hash_memory_kib: int = Field(
+        65536, ge=1024, description="Memory argon2id uses per password hash (KiB)."
+    )
+    password_hash_time_cost: int = Field(3, ge=1, description="argon2id passes per hash.")
+    login_free_failures: int = Field(
+        5, ge=1, description="Failed logins of one account before each try is slowed."
+    )
+    login_free_failures_per_ip: int = Field(
+        20, ge=1, description="Failed logins from one address before each try is slowed."
+    )
+    login_max_delay_seconds: float = Field(
+        900.0, gt=0, description="Longest wait imposed between tries (doubles per failure)."
+    )
+    sync_max_items: int = Field(200, ge=1, le=1000, description="Most items in one sync.")
+    media_max_bytes: int = Field(
+        200 * 1024 * 1024, ge=1024, description="Largest media file an app may upload."
+    )
+    media_chunk_max_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest chunk of a resumable upload."
+    )
+    upload_dir: Path | None = Field(
+        None, description="Partial uploads; unset = <data_dir>/mobis-uploads (shared by replicas)."
+    )
+    identify_max_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Largest photo POST /identify forwards."
+    )
+    page_size: int = Field(50, ge=1, le=500, description="Default page of my observations.")
+    sse_poll_seconds: float = Field(
+        1.0, gt=0, description="SSE streams look for new notifications at least this often."
+    )
+    sse_keepalive_seconds: float = Field(
+        15.0, gt=0, description="Seconds between keep-alive comments on a quiet SSE stream."
+    )
+    sse_max_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="A live stream ends after this long; the app reconnects with Last-Event-ID "
+        "(so no stream outlives a deploy or a proxy's limits).",
+    )
+    apps_file: Path | None = Field(
+        None,
+        description="JSON file of app configurations ({app: {versions: [...]}}); unset = the "
+        "built-in demo configuration.",
+    )
+
+    @property
+    def resolved_upload_dir(self) -> Path:
+        return self.upload_dir or self.data_dir / "mobis-uploads"

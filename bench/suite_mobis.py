@@ -1,0 +1,516 @@
+"""MOBIS: sync throughput (observations/s, batches of 50 with one photo each: the sync call
+and each photo's upload, which MOBIS streams on to ingest) and the p95 time from a sync to
+"scored" visible in the user's "my observations", offered at 50 observations/s — embedded
+(ingest, quality and MOBIS in one process on SQLite and the in-process bus, through ASGI
+transports) and distributed (each its own process, RabbitMQ and PostgreSQL, over loopback
+HTTP).
+
+Baselines, measured in the same run and the same mode: the same observations and photos
+written straight into ingest (its batch endpoint, then each photo), and the p95 from that
+write to the score visible in ingest itself. The targets are absolute (the issue's):
+≥ 50 observations/s and p95 ≤ 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from bench._core import Context, Result, ServiceUnavailable
+
+SUITE = "mobis"
+BATCH = 50
+RATE = 50.0  # observations/s offered while latency is measured
+THROUGHPUT_BATCHES, THROUGHPUT_QUICK = 10, 2
+LATENCY_SECONDS, LATENCY_QUICK = 10, 2
+VISIBLE_TIMEOUT = 30.0
+UPLOADS_IN_FLIGHT = 8
+TARGET_RATE, TARGET_P95 = 50.0, 1.0
+SERVICES = ("ingest", "quality", "mobis")
+POSTGRES_URL = os.environ.get(
+    "C4C_BENCH_POSTGRES_URL",
+    os.environ.get("C4C_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"),
+)
+SECRET = "bench-principal-secret"
+
+log = logging.getLogger("bench.mobis")
+
+
+def photo(seed: int) -> bytes:
+    image = Image.new("RGB", (320, 240), (seed % 256, (seed * 7) % 256, 120))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def observation(project: str) -> dict[str, Any]:
+    return {
+        "datasetID": project,
+        "eventDate": "2024-05-03T10:15:00+02:00",
+        "decimalLatitude": 41.3851,
+        "decimalLongitude": 2.1734,
+        "coordinateUncertaintyInMeters": 10.0,
+        "countryCode": "ES",
+        "scientificName": "Bellis perennis",
+        "license": "CC-BY",
+    }
+
+
+def sync_batch(project: str) -> tuple[list[dict[str, Any]], list[bytes]]:
+    photos = [photo(i) for i in range(BATCH)]
+    items = [
+        {
+            "id": str(uuid.uuid4()),
+            "createdAt": "2024-05-03T08:15:00Z",
+            "observation": observation(project),
+            "media": [
+                {
+                    "id": str(uuid.uuid4()),
+                    "sha256": hashlib.sha256(p).hexdigest(),
+                    "size": len(p),
+                    "contentType": "image/jpeg",
+                }
+            ],
+        }
+        for p in photos
+    ]
+    return items, photos
+
+
+# --- the two ways in: through MOBIS, and straight into ingest -------------------------------
+
+Send = Callable[[], Awaitable[list[str]]]
+"""Sends one batch of observations with their photos; the observation ids."""
+
+
+async def _bounded(calls: list[Awaitable[httpx.Response]], ok: tuple[int, ...]) -> None:
+    gate = asyncio.Semaphore(UPLOADS_IN_FLIGHT)
+
+    async def one(call: Awaitable[httpx.Response]) -> None:
+        async with gate:
+            response = await call
+        if response.status_code not in ok:
+            raise RuntimeError(response.text[:500])
+
+    await asyncio.gather(*(one(c) for c in calls))
+
+
+def via_mobis(client: httpx.AsyncClient, project: str) -> Send:
+    async def send() -> list[str]:
+        items, photos = sync_batch(project)
+        answer = await client.post("/mobis/v1/sync", json={"observations": items})
+        statuses = [o["status"] for o in answer.json()["items"]]
+        if answer.status_code != 200 or set(statuses) != {"created"}:
+            raise RuntimeError(answer.text[:500])
+        await _bounded(
+            [
+                client.put(f"/mobis/v1/media/{item['media'][0]['id']}", content=data)
+                for item, data in zip(items, photos, strict=True)
+            ],
+            (200,),
+        )
+        return [item["id"] for item in items]
+
+    return send
+
+
+def via_ingest(client: httpx.AsyncClient, project: str) -> Send:
+    async def send() -> list[str]:
+        items, photos = sync_batch(project)
+        bodies = [item["observation"] | {"id": item["id"], "recordedBy": "bench"} for item in items]
+        answer = await client.post("/ingest/v1/observations:batch", json=bodies)
+        if answer.status_code != 200 or answer.json()["created"] != BATCH:
+            raise RuntimeError(answer.text[:500])
+        await _bounded(
+            [
+                client.post(
+                    f"/ingest/v1/observations/{item['id']}/media",
+                    content=data,
+                    headers={"Content-Type": "image/jpeg"},
+                )
+                for item, data in zip(items, photos, strict=True)
+            ],
+            (201,),
+        )
+        return [item["id"] for item in items]
+
+    return send
+
+
+Scored = Callable[[], Awaitable[set[str]]]
+"""The ids whose score is visible now."""
+
+
+def scored_in_mobis(client: httpx.AsyncClient) -> Scored:
+    async def scored() -> set[str]:
+        found: set[str] = set()
+        cursor = None
+        while True:
+            params = {"limit": 500} | ({"cursor": cursor} if cursor else {})
+            page = (await client.get("/mobis/v1/me/observations", params=params)).json()
+            found |= {o["id"] for o in page["items"] if o["scored"]}
+            cursor = page["next"]
+            if cursor is None:
+                return found
+
+    return scored
+
+
+def scored_in_ingest(client: httpx.AsyncClient, project: str) -> Scored:
+    async def scored() -> set[str]:
+        found: set[str] = set()
+        cursor = None
+        while True:
+            params = {"project": project, "limit": 500} | ({"cursor": cursor} if cursor else {})
+            page = (await client.get("/ingest/v1/observations", params=params)).json()
+            found |= {o["id"] for o in page["items"] if o["quality"]["score"] is not None}
+            cursor = page["next"]
+            if cursor is None:
+                return found
+
+    return scored
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+
+async def throughput(send: Send, batches: int) -> float:
+    """Observations/s, two batches in flight (an app syncs one batch at a time; two apps)."""
+    queue = iter(range(batches))
+
+    async def worker() -> None:
+        for _ in queue:
+            await send()
+
+    started = time.perf_counter()
+    await asyncio.gather(worker(), worker())
+    return batches * BATCH / (time.perf_counter() - started)
+
+
+async def visible_latency(send: Send, scored: Scored, seconds: float) -> tuple[float, int]:
+    """(p95 in s, observations) from sending to the score being visible, at ``RATE``."""
+    sent: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    failed: list[float] = []
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        deadline = None
+        while not done.is_set() or len(seen) < len(sent):
+            now = time.perf_counter()
+            if done.is_set():
+                deadline = deadline or now + VISIBLE_TIMEOUT
+                if now > deadline:
+                    break
+            for observation_id in await scored() - seen.keys():
+                if observation_id in sent:
+                    seen[observation_id] = time.perf_counter()
+            await asyncio.sleep(0.02)  # polling interval of the watcher, like an app's
+
+    async def offer() -> None:
+        tasks = []
+        for _ in range(max(1, int(seconds * RATE / BATCH))):
+            started = time.perf_counter()
+
+            async def one(at: float = started) -> None:
+                try:
+                    ids = await send()
+                except RuntimeError as exc:  # overloaded: counted as never visible
+                    log.warning("a batch failed: %s", str(exc)[:300])
+                    failed.append(at)
+                    return
+                for observation_id in ids:
+                    sent[observation_id] = at
+
+            tasks.append(asyncio.create_task(one()))
+            await asyncio.sleep(max(0.0, BATCH / RATE - (time.perf_counter() - started)))
+        await asyncio.gather(*tasks)
+        done.set()
+
+    await asyncio.gather(watch(), offer())
+    # Never seen, or failed: infinitely late.
+    latencies = sorted(
+        [seen.get(i, float("inf")) - at for i, at in sent.items()]
+        + [float("inf")] * (BATCH * len(failed))
+    )
+    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    log.info("%d of %d observations scored visibly", len(seen), len(latencies))
+    return p95, len(latencies)
+
+
+def rows(
+    mode: str, rate: float, base_rate: float, p95: float, base_p95: float, n: int
+) -> list[Result]:
+    return [
+        Result(
+            SUITE,
+            f"sync throughput, {mode}",
+            rate,
+            "obs/s",
+            baseline=base_rate,
+            target=f">= {TARGET_RATE:g} obs/s",
+            met=rate >= TARGET_RATE,
+            detail=f"batches of {BATCH}, one photo each; baseline: the same straight into ingest",
+        ),
+        Result(
+            SUITE,
+            f"p95 sync -> scored visible, {mode}",
+            p95,
+            "s",
+            baseline=base_p95,
+            target=f"<= {TARGET_P95:g} s",
+            met=p95 <= TARGET_P95,
+            detail=f"{n} observations at {RATE:g}/s; baseline: ingest write -> score in ingest",
+        ),
+    ]
+
+
+# --- embedded -------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def embedded(data_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """(MOBIS as one app user, ingest) in one process on one in-process bus."""
+    from c4c.ingest.app import create_app as create_ingest
+    from c4c.ingest.settings import IngestSettings
+    from c4c.mobis.app import create_app as create_mobis
+    from c4c.mobis.settings import MobisSettings
+    from c4c.quality.app import create_app as create_quality
+    from c4c.quality.settings import QualitySettings
+    from c4c.shared.app import run_together
+    from c4c.shared.bus import bus_from_settings
+
+    common: dict[str, Any] = {
+        "data_dir": data_dir,
+        "outbox_poll_interval": 0.05,
+        "log_level": "WARNING",
+        "principal_secret": SECRET,
+    }
+    mobis_settings = MobisSettings(**common)
+    bus = bus_from_settings(mobis_settings)
+    apps = [
+        create_ingest(IngestSettings(**common), bus=bus),
+        create_quality(QualitySettings(**common), bus=bus),
+        create_mobis(mobis_settings, bus=bus),
+    ]
+    async with run_together([a.state.runtime for a in apps], bus):
+        transports = [httpx.ASGITransport(app=a) for a in apps]
+        async with (
+            httpx.AsyncClient(
+                transport=transports[2], base_url="http://mobis", timeout=60
+            ) as mobis,
+            httpx.AsyncClient(
+                transport=transports[0], base_url="http://ingest", timeout=60
+            ) as ingest,
+        ):
+            await sign_in(mobis)
+            yield mobis, ingest
+
+
+async def sign_in(mobis: httpx.AsyncClient) -> None:
+    """Register a user and send its principal on every request, as the gateway would."""
+    from c4c.shared.auth import PRINCIPAL_HEADER, Principal, sign_principal
+
+    account = await mobis.post(
+        "/mobis/v1/auth/register",
+        json={"email": f"bench-{uuid.uuid4().hex[:8]}@example.org", "password": "bench password"},
+    )
+    if account.status_code != 201:
+        raise RuntimeError(account.text)
+    principal = Principal("user", account.json()["id"], scopes=frozenset({"mobis"}))
+
+    class AsUser(httpx.Auth):
+        def auth_flow(self, request: httpx.Request) -> Any:
+            request.headers[PRINCIPAL_HEADER] = sign_principal(principal, SECRET.encode())
+            yield request
+
+    mobis.auth = AsUser()
+
+
+# --- distributed ----------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [int(sock.getsockname()[1]) for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@contextlib.asynccontextmanager
+async def distributed(
+    data_dir: Path, broker_url: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    run = uuid.uuid4().hex[:8]
+    ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("C4C_")} | {
+        "C4C_BROKER_URL": broker_url,
+        "C4C_DATABASE_URL": POSTGRES_URL,
+        "C4C_BUS_EXCHANGE": f"bench.{run}.events",
+        "C4C_BUS_QUEUE_PREFIX": f"bench.{run}",
+        "C4C_DATA_DIR": str(data_dir),
+        "C4C_LOG_LEVEL": "WARNING",
+        "C4C_OUTBOX_POLL_INTERVAL": "0.05",
+        "C4C_PRINCIPAL_SECRET": SECRET,
+        "C4C_SERVICE_URLS": json.dumps(urls),
+    }
+    for name, port in ports.items():
+        env |= {f"C4C_{name.upper()}_PORT": str(port)}
+        env |= {f"C4C_{name.upper()}_DATABASE_SCHEMA": f"bench_{run}_{name}"}
+    processes = start(SERVICES, env, data_dir)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=urls["mobis"], timeout=60) as mobis,
+            httpx.AsyncClient(base_url=urls["ingest"], timeout=60) as ingest,
+        ):
+            await _ready(urls, list(processes.values()))
+            await sign_in(mobis)
+            yield mobis, ingest
+    finally:
+        stop(processes)
+        await clean(broker_url, POSTGRES_URL, f"bench.{run}", f"bench_{run}", SERVICES)
+
+
+def start(names: Sequence[str], env: dict[str, str], folder: Path) -> dict[str, Popen[bytes]]:
+    """``python -m c4c.<name>`` for each, logging to ``<folder>/<name>.log``."""
+    processes = {}
+    for name in names:
+        with (folder / f"{name}.log").open("wb") as log_file:
+            processes[name] = subprocess.Popen(
+                [sys.executable, "-m", f"c4c.{name}"],
+                cwd=folder,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+    return processes
+
+
+def stop(processes: dict[str, Popen[bytes]]) -> None:
+    for process in processes.values():
+        process.terminate()
+    for process in processes.values():
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+async def _ready(urls: dict[str, str], processes: list[Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 120
+    async with httpx.AsyncClient(timeout=2) as probe:
+        for url in urls.values():
+            while True:
+                if any(p.poll() is not None for p in processes):
+                    raise RuntimeError("a service exited while starting; see its log")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await probe.get(f"{url}/readyz")).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url} not ready")
+                await asyncio.sleep(0.2)
+
+
+async def clean(
+    broker_url: str, postgres_url: str, prefix: str, schema_prefix: str, names: Sequence[str]
+) -> None:
+    """Drop a run's schemas (``<schema_prefix>_<name>``), queues and exchange (``<prefix>.*``)."""
+    import aio_pika
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(postgres_url)
+    async with engine.begin() as conn:
+        for name in names:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema_prefix}_{name}" CASCADE'))
+    await engine.dispose()
+    connection = await aio_pika.connect(broker_url)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(f"{prefix}.{name}")
+            await channel.queue_delete(f"{prefix}.{name}.dlq")
+        for exchange in (f"{prefix}.events", f"{prefix}.events.dlx"):
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(exchange)
+
+
+async def _services_up(broker_url: str) -> None:
+    import aio_pika
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    try:
+        connection = await aio_pika.connect(broker_url, timeout=5)
+        await connection.close()
+        engine = create_async_engine(POSTGRES_URL)
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        await engine.dispose()
+    except Exception as exc:
+        raise ServiceUnavailable(f"RabbitMQ or PostgreSQL unreachable: {exc!r}") from exc
+
+
+# --- the suite ------------------------------------------------------------------------------
+
+
+async def measure(mode: str, suite: Callable[[], Any], ctx: Context) -> list[Result]:
+    batches = THROUGHPUT_QUICK if ctx.quick else THROUGHPUT_BATCHES
+    seconds = LATENCY_QUICK if ctx.quick else LATENCY_SECONDS
+    async with suite() as (mobis, ingest):
+        base_rate = await throughput(via_ingest(ingest, "bench-direct"), batches)
+        rate = await throughput(via_mobis(mobis, "bench-mobis"), batches)
+        base_p95, _ = await visible_latency(
+            via_ingest(ingest, "bench-direct-latency"),
+            scored_in_ingest(ingest, "bench-direct-latency"),
+            seconds,
+        )
+        await sign_in(mobis)  # a new user: "my observations" holds only these
+        p95, n = await visible_latency(
+            via_mobis(mobis, "bench-mobis"), scored_in_mobis(mobis), seconds
+        )
+    log.info(
+        "mobis %s: %.1f obs/s (direct %.1f), p95 %.3f s (direct %.3f)",
+        mode,
+        rate,
+        base_rate,
+        p95,
+        base_p95,
+    )
+    return rows(mode, rate, base_rate, p95, base_p95, n)
+
+
+async def run(ctx: Context) -> list[Result]:
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-mobis-") as folder:
+        root = Path(folder)
+        (root / "embedded").mkdir()
+        results += await measure("embedded", lambda: embedded(root / "embedded"), ctx)
+        await _services_up(ctx.broker_url)
+        (root / "distributed").mkdir()
+        results += await measure(
+            "distributed", lambda: distributed(root / "distributed", ctx.broker_url), ctx
+        )
+    return results

@@ -1,0 +1,107 @@
+"""Tables of MOBIS: accounts and their tokens, login throttling, the observations each user
+owns (with what MOBIS has learnt about them from events), expected media and notifications.
+Observations themselves live in ingest; MOBIS never reads ingest's tables."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+Sequence = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER only
+When = DateTime(timezone=True)
+
+
+class MobisBase(DeclarativeBase):
+    pass
+
+
+class UserRow(MobisBase):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    display_name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(When)
+    password_changed_at: Mapped[datetime] = mapped_column(When)
+
+
+class RefreshTokenRow(MobisBase):
+    __tablename__ = "refresh_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    family_id: Mapped[str] = mapped_column(String(36), index=True)
+    user_id: Mapped[str] = mapped_column(String(36), index=True)
+    device_id: Mapped[str | None] = mapped_column(String(100))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    issued_at: Mapped[datetime] = mapped_column(When)
+    expires_at: Mapped[datetime] = mapped_column(When)
+    used_at: Mapped[datetime | None] = mapped_column(When)
+    revoked_at: Mapped[datetime | None] = mapped_column(When)
+
+
+class LoginThrottleRow(MobisBase):
+    """Consecutive failed logins of one key (``account:<email>`` or ``ip:<address>``)."""
+
+    __tablename__ = "login_throttle"
+
+    key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    blocked_until: Mapped[datetime] = mapped_column(When)
+
+
+class OwnedObservationRow(MobisBase):
+    """An observation a user synced, and its state as events told MOBIS."""
+
+    __tablename__ = "owned_observations"
+    __table_args__ = (Index("ix_owned_user_seq", "user_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(Sequence, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    user_id: Mapped[str | None] = mapped_column(String(36))
+    project: Mapped[str] = mapped_column(String(200))
+    body_hash: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON)
+    score: Mapped[float | None] = mapped_column(Float)
+    grade: Mapped[str | None] = mapped_column(String(50))
+    flags: Mapped[list[Any] | None] = mapped_column(JSON)
+    scored_at: Mapped[datetime | None] = mapped_column(When)
+    suggestions: Mapped[list[Any] | None] = mapped_column(JSON)
+    identification_rejected: Mapped[bool | None] = mapped_column()
+    identified_at: Mapped[datetime | None] = mapped_column(When)
+    pseudonym: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(When)
+    updated_at: Mapped[datetime] = mapped_column(When)
+
+
+class ExpectedMediaRow(MobisBase):
+    """A media file the app announced with an observation; ``stored_at`` once in ingest."""
+
+    __tablename__ = "expected_media"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    observation_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("owned_observations.id", ondelete="CASCADE"), index=True
+    )
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(String(100))
+    received: Mapped[int] = mapped_column(BigInteger)
+    stored_at: Mapped[datetime | None] = mapped_column(When)
+
+
+class NotificationRow(MobisBase):
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_user_seq", "user_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(Sequence, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(36))
+    observation_id: Mapped[str] = mapped_column(String(36))
+    kind: Mapped[str] = mapped_column(String(30))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(When)
+    read_at: Mapped[datetime | None] = mapped_column(When)

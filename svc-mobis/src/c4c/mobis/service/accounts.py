@@ -1,0 +1,293 @@
+"""Accounts: registration, login slowed against brute force, access and rotating refresh
+tokens with reuse detection, logout, password change and "forget me". No HTTP, no SQL."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import anyio
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from c4c.mobis.keys import Signer
+from c4c.mobis.models import RefreshTokenRow, UserRow
+from c4c.mobis.repository import Repository, utc
+from c4c.mobis.schemas import Account, Register, Tokens
+from c4c.mobis.settings import MobisSettings
+from c4c.shared.auth import Principal
+from c4c.shared.problems import Conflict, ProblemError
+
+DEFAULT_NAME = "MOBIS user"
+
+
+class Unauthenticated(ProblemError):
+    status, code, title = 401, "unauthenticated", "Not signed in"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="mobis"'})
+
+
+class InvalidCredentials(ProblemError):
+    status, code, title = 401, "invalid-credentials", "Wrong email or password"
+
+
+class InvalidRefreshToken(ProblemError):
+    status, code, title = 401, "invalid-refresh-token", "The refresh token is not valid"
+
+
+class RefreshTokenReused(ProblemError):
+    status, code, title = 401, "refresh-token-reused", "The refresh token was already used"
+
+
+class TooManyAttempts(ProblemError):
+    status, code, title = 429, "too-many-login-attempts", "Too many failed logins"
+
+    def __init__(self, retry_after: float) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(
+            f"Try again in {seconds} s.",
+            headers={"Retry-After": str(seconds)},
+            retry_after=seconds,
+        )
+
+
+class EmailTaken(Conflict):
+    code, title = "email-taken", "An account with this email exists"
+
+
+class WeakPassword(ProblemError):
+    status, code, title = 422, "weak-password", "The password is too weak"
+
+
+class NotAnAppUser(ProblemError):
+    status, code, title = 403, "not-an-app-user", "Only app users have an account here"
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Passwords:
+    """argon2id hashing, off the event loop (each hash takes tens of milliseconds)."""
+
+    def __init__(self, settings: MobisSettings) -> None:
+        self.hasher = PasswordHasher(
+            time_cost=settings.password_hash_time_cost,
+            memory_cost=settings.password_hash_memory_kib,
+        )
+        # Verified when the account does not exist, so that a wrong email costs as long as
+        # a wrong password and timing does not tell which accounts exist.
+        self.dummy = self.hasher.hash(secrets.token_urlsafe(16))
+
+    async def hash(self, password: str) -> str:
+        return await anyio.to_thread.run_sync(self.hasher.hash, password)
+
+    async def matches(self, stored: str, password: str) -> bool:
+        def verify() -> bool:
+            try:
+                return self.hasher.verify(stored, password)
+            except (VerificationError, InvalidHashError):
+                return False
+
+        return await anyio.to_thread.run_sync(verify)
+
+
+@dataclass(frozen=True)
+class Throttle:
+    key: str
+    free_failures: int
+
+
+class Accounts:
+    def __init__(
+        self,
+        repo: Repository,
+        signer: Signer,
+        passwords: Passwords,
+        settings: MobisSettings,
+        *,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.repo = repo
+        self.signer = signer
+        self.passwords = passwords
+        self.settings = settings
+        self.now = now
+
+    # --- who is calling --------------------------------------------------------------------
+
+    async def user_of(self, principal: Principal | None) -> UserRow:
+        """The signed-in user: the gateway's principal must name an existing account (a
+        deleted account's tokens, still unexpired, are refused here)."""
+        if principal is None or principal.kind == "anonymous":
+            raise Unauthenticated("Sign in: send your access token as a bearer token.")
+        if principal.kind != "user":
+            raise NotAnAppUser("Call MOBIS with an app user's access token.")
+        user = await self.repo.user(principal.id)
+        if user is None:
+            raise Unauthenticated("This account does not exist (any more).")
+        return user
+
+    # --- registration and login ------------------------------------------------------------
+
+    def _check_password(self, password: str, email: str) -> None:
+        if len(password) < self.settings.password_min_length:
+            raise WeakPassword(
+                f"Use at least {self.settings.password_min_length} characters.",
+                min_length=self.settings.password_min_length,
+            )
+        if password.strip().lower() == email:
+            raise WeakPassword("The password must not be the email address.")
+
+    async def register(self, request: Register) -> Account:
+        self._check_password(request.password, request.email)
+        if await self.repo.user_by_email(request.email) is not None:
+            raise EmailTaken("Log in, or use another email address.")
+        now = self.now()
+        user = UserRow(
+            id=str(uuid.uuid4()),
+            email=request.email,
+            password_hash=await self.passwords.hash(request.password),
+            display_name=request.displayName or DEFAULT_NAME,
+            created_at=now,
+            password_changed_at=now,
+        )
+        await self.repo.add_user(user)
+        return account(user)
+
+    def _throttles(self, email: str, address: str) -> list[Throttle]:
+        return [
+            Throttle(f"account:{email}", self.settings.login_free_failures),
+            Throttle(f"ip:{address}", self.settings.login_free_failures_per_ip),
+        ]
+
+    async def login(
+        self, email: str, password: str, address: str, device_id: str | None
+    ) -> Tokens | ProblemError:
+        """Tokens, or the problem to answer with. Returned, not raised: the failure count
+        it recorded must be committed."""
+        throttles = self._throttles(email, address)
+        now = self.now()
+        rows = {row.key: row for row in await self.repo.throttles([t.key for t in throttles])}
+        waits = [(utc(r.blocked_until) or now) - now for r in rows.values()]
+        longest = max(waits, default=timedelta(0))
+        if longest > timedelta(0):
+            return TooManyAttempts(longest.total_seconds())
+        user = await self.repo.user_by_email(email)
+        valid = await self.passwords.matches(
+            user.password_hash if user else self.passwords.dummy, password
+        )
+        if user is None or not valid:
+            for throttle in throttles:
+                row = rows.get(throttle.key)
+                failures = (row.failures if row else 0) + 1
+                excess = failures - throttle.free_failures
+                delay = (
+                    0.0
+                    if excess < 0
+                    else min(2.0 ** (excess + 1), self.settings.login_max_delay_seconds)
+                )
+                await self.repo.save_throttle(
+                    throttle.key, failures, now + timedelta(seconds=delay)
+                )
+            return InvalidCredentials("Check the email address and the password.")
+        for throttle in throttles:
+            if throttle.key in rows:
+                await self.repo.clear_throttle(throttle.key)
+        if self.passwords.hasher.check_needs_rehash(user.password_hash):
+            await self.repo.set_password(
+                user.id, await self.passwords.hash(password), user.password_changed_at
+            )
+        return await self._issue(user, family_id=str(uuid.uuid4()), device_id=device_id)
+
+    async def _issue(self, user: UserRow, *, family_id: str, device_id: str | None) -> Tokens:
+        now = self.now()
+        token_id = str(uuid.uuid4())
+        refresh = f"{token_id}.{secrets.token_urlsafe(32)}"
+        lifetime = timedelta(days=self.settings.refresh_token_days)
+        await self.repo.add_refresh_token(
+            RefreshTokenRow(
+                id=token_id,
+                family_id=family_id,
+                user_id=user.id,
+                device_id=device_id,
+                token_hash=_token_hash(refresh),
+                issued_at=now,
+                expires_at=now + lifetime,
+            )
+        )
+        access = self.signer.access_token(user.id, user.display_name, self.settings.token_scope)
+        return Tokens(
+            access_token=access.token,
+            expires_in=access.expires_in,
+            refresh_token=refresh,
+            refresh_expires_in=int(lifetime.total_seconds()),
+            scope=self.settings.token_scope,
+        )
+
+    async def refresh(self, token: str) -> Tokens | ProblemError:
+        """New tokens for a refresh token, which is used up. A token used twice means it
+        was stolen (or the app is confused): its whole family is revoked, so neither the
+        thief nor the victim can go on without logging in again. Returned, not raised: the
+        revocation must be committed."""
+        now = self.now()
+        row = await self.repo.refresh_token(_token_hash(token))
+        if row is None or row.revoked_at is not None:
+            return InvalidRefreshToken("Log in again.")
+        if row.used_at is not None or not await self.repo.use_refresh_token(row.id, now):
+            await self.repo.revoke_family(row.family_id, now)
+            return RefreshTokenReused("This session is ended for safety; log in again.")
+        if (utc(row.expires_at) or now) <= now:
+            return InvalidRefreshToken("The session expired; log in again.")
+        user = await self.repo.user(row.user_id)
+        if user is None:
+            return InvalidRefreshToken("Log in again.")
+        return await self._issue(user, family_id=row.family_id, device_id=row.device_id)
+
+    async def logout(self, user: UserRow, token: str | None, everywhere: bool) -> None:
+        now = self.now()
+        if everywhere:
+            await self.repo.revoke_user_tokens(user.id, now)
+            return
+        if token is None:
+            raise InvalidRefreshToken("Send the refresh token of the session to end.")
+        row = await self.repo.refresh_token(_token_hash(token))
+        if row is None or row.user_id != user.id:
+            raise InvalidRefreshToken("This refresh token is not one of your sessions.")
+        await self.repo.revoke_family(row.family_id, now)
+
+    async def change_password(self, user: UserRow, current: str, new: str) -> Tokens:
+        """Every session ends; the answer is a fresh one for the device that asked."""
+        if not await self.passwords.matches(user.password_hash, current):
+            raise InvalidCredentials("The current password is wrong.")
+        self._check_password(new, user.email)
+        now = self.now()
+        await self.repo.set_password(user.id, await self.passwords.hash(new), now)
+        await self.repo.revoke_user_tokens(user.id, now)
+        return await self._issue(user, family_id=str(uuid.uuid4()), device_id=None)
+
+    async def forget(self, user: UserRow, password: str) -> int:
+        """Delete the account and everything personal MOBIS holds; the user's observations
+        stay (under their licence) and are handed over to pseudonymisation in ingest.
+        Returns how many observations await it."""
+        if not await self.passwords.matches(user.password_hash, password):
+            raise InvalidCredentials("The password is wrong.")
+        pseudonym = f"anonymous-{secrets.token_hex(8)}"
+        handed_over = await self.repo.disown(user.id, pseudonym)
+        await self.repo.delete_user(user.id)
+        return handed_over
+
+
+def account(user: UserRow) -> Account:
+    return Account(
+        id=user.id,
+        email=user.email,
+        displayName=user.display_name,
+        createdAt=utc(user.created_at) or user.created_at,
+    )

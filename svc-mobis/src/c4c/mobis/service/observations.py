@@ -1,0 +1,644 @@
+"""Offline sync, "my observations", resumable media and the state events bring (scores,
+identifications). Observations live in ingest (reached through the :class:`Ingest` port);
+MOBIS keeps who owns which, what the app announced, and what events said. Each step opens
+its own short transaction (``units``): no database lock is held while ingest is called or
+while a chunk streams in."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from c4c.mobis import metrics
+from c4c.mobis.models import ExpectedMediaRow, NotificationRow, OwnedObservationRow, UserRow
+from c4c.mobis.remote import Ingest, UpstreamRefused
+from c4c.mobis.repository import Repository, utc
+from c4c.mobis.schemas import (
+    MediaState,
+    MissingMedia,
+    MyObservation,
+    MyObservationPage,
+    ObservationIdentified,
+    ObservationScored,
+    ObservationUpdated,
+    QualityView,
+    Suggestion,
+    SyncItem,
+    SyncOutcome,
+)
+from c4c.mobis.settings import MobisSettings
+from c4c.shared.problems import BadRequest, Conflict, NotFound, ProblemError
+
+Units = Callable[[], AbstractAsyncContextManager[Repository]]
+"""A new unit of work: a repository in a transaction committed when the block ends."""
+
+READ_CHUNK = 1 << 16
+
+
+class ObservationNotFound(NotFound):
+    code, title = "observation-not-found", "No such observation of yours"
+
+
+class MediaNotFound(NotFound):
+    code, title = "media-not-found", "No such media of yours"
+
+
+class InvalidCursor(BadRequest):
+    code, title = "invalid-cursor", "The cursor is not valid"
+
+
+class UploadOutOfOrder(Conflict):
+    code, title = "upload-offset-mismatch", "The chunk does not start where the upload is"
+
+
+class ChecksumMismatch(ProblemError):
+    status, code, title = 422, "checksum-mismatch", "The file is not the one announced"
+
+
+class InvalidRange(ProblemError):
+    status, code, title = 416, "invalid-content-range", "The Content-Range is not valid"
+
+
+def _problem(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": f"urn:c4c:problem:{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
+
+
+def item_hash(item: SyncItem) -> str:
+    """What the app asked for, canonically: a retry hashes the same."""
+    content = {
+        "observation": item.observation,
+        "media": [m.model_dump(mode="json") for m in item.media],
+        "createdAt": item.createdAt.isoformat(),
+        "formVersion": item.formVersion,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, seq = text.partition(":")
+        if kind != "o" or not seq.isdigit():
+            raise ValueError(cursor)
+        return int(seq)
+    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
+        raise InvalidCursor("Use the cursor of the previous page.") from exc
+
+
+def tips(flags: Sequence[Any] | None) -> list[str]:
+    """Advice for the volunteer: each flag's tip, else the message of what went wrong."""
+    out: list[str] = []
+    for flag in flags or ():
+        if not isinstance(flag, dict):
+            continue
+        tip = flag.get("tip") or (
+            flag.get("message") if flag.get("severity") in ("warning", "error") else None
+        )
+        if isinstance(tip, str) and tip not in out:
+            out.append(tip)
+    return out
+
+
+def media_state(row: ExpectedMediaRow) -> MediaState:
+    return MediaState(
+        id=row.id,
+        contentType=row.content_type,
+        size=row.size,
+        received=row.size if row.stored_at else row.received,
+        stored=row.stored_at is not None,
+    )
+
+
+def my_observation(row: OwnedObservationRow, media: Sequence[ExpectedMediaRow]) -> MyObservation:
+    suggestions = [Suggestion.model_validate(s) for s in row.suggestions or []]
+    scored, identified = row.scored_at is not None, bool(suggestions)
+    if row.grade == "research":
+        status = "research"
+    elif identified:
+        status = "identified"
+    elif scored:
+        status = "scored"
+    elif any(m.stored_at is None for m in media):
+        status = "awaiting-media"
+    else:
+        status = "uploaded"
+    return MyObservation(
+        id=row.id,
+        project=row.project,
+        version=row.version,
+        status=status,
+        scored=scored,
+        identified=identified,
+        observation=row.summary,
+        quality=QualityView(score=row.score, grade=row.grade, tips=tips(row.flags)),
+        suggestions=suggestions,
+        media=[media_state(m) for m in media],
+        createdAt=utc(row.created_at) or row.created_at,
+        updatedAt=utc(row.updated_at) or row.updated_at,
+    )
+
+
+@dataclass(frozen=True)
+class ContentRange:
+    start: int
+    end: int  # inclusive
+    total: int
+
+    @classmethod
+    def parse(cls, header: str | None, length: int | None) -> ContentRange:
+        """``bytes start-end/total``; without the header, the whole file in one go."""
+        if header is None:
+            if length is None:
+                raise InvalidRange("Send Content-Length, and Content-Range for a chunk.")
+            return cls(0, length - 1, length)
+        try:
+            unit, _, spec = header.strip().partition(" ")
+            span, _, total = spec.partition("/")
+            first, _, last = span.partition("-")
+            parsed = cls(int(first), int(last), int(total))
+        except ValueError as exc:
+            raise InvalidRange("Use Content-Range: bytes <start>-<end>/<total>.") from exc
+        if unit != "bytes" or not 0 <= parsed.start <= parsed.end < parsed.total:
+            raise InvalidRange("Use Content-Range: bytes <start>-<end>/<total>.")
+        if length is not None and length != parsed.end - parsed.start + 1:
+            raise InvalidRange("Content-Length does not match the Content-Range.")
+        return parsed
+
+
+class Observations:
+    def __init__(self, units: Units, ingest: Ingest, settings: MobisSettings) -> None:
+        self.units = units
+        self.ingest = ingest
+        self.settings = settings
+        self.upload_dir = settings.resolved_upload_dir
+
+    # --- sync ------------------------------------------------------------------------------
+
+    async def sync(self, user: UserRow, items: Sequence[SyncItem]) -> list[SyncOutcome]:
+        """One outcome per item, in order; new observations go to ingest in one batch,
+        edits one PATCH each (If-Match: the version the app edited)."""
+        ids = [str(item.id) for item in items]
+        announced = [str(m.id) for item in items for m in item.media]
+        async with self.units() as repo:
+            owned = await repo.owned(ids)
+            known_media = await repo.media(announced)
+            media_of = await repo.media_of([i for i, r in owned.items() if r.user_id == user.id])
+        outcomes: dict[int, SyncOutcome] = {}
+        creates: list[tuple[int, SyncItem, str]] = []
+        edits: list[tuple[int, SyncItem, str, OwnedObservationRow]] = []
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            observation_id, digest = str(item.id), item_hash(item)
+            row = owned.get(observation_id)
+            taken = [
+                str(m.id)
+                for m in item.media
+                if (k := known_media.get(str(m.id))) is not None
+                and k.observation_id != observation_id
+            ]
+            if observation_id in seen:
+                outcomes[index] = _error(index, observation_id, 422, "duplicate-item", "Repeated")
+            elif (row is not None and row.user_id != user.id) or taken:
+                # Never say whose: to this user the id is simply not available.
+                outcomes[index] = _error(
+                    index, observation_id, 409, "id-taken", "Use new ids (UUIDs) for new things"
+                )
+            elif row is not None and row.body_hash == digest:
+                missing = [m.id for m in media_of.get(observation_id, []) if m.stored_at is None]
+                outcomes[index] = SyncOutcome(
+                    index=index,
+                    id=observation_id,
+                    status="duplicate",
+                    version=row.version,
+                    missingMedia=missing,
+                )
+            elif row is not None and item.baseVersion is None:
+                outcomes[index] = await self._conflict(index, observation_id)
+            elif row is not None:
+                edits.append((index, item, digest, row))
+            elif item.baseVersion is not None:
+                outcomes[index] = _error(
+                    index, observation_id, 404, "observation-not-found", "Not on the server"
+                )
+            else:
+                creates.append((index, item, digest))
+            seen.add(observation_id)
+        if creates:
+            outcomes.update(await self._create(user, creates))
+        for index, item, digest, row in edits:
+            outcomes[index] = await self._edit(user, index, item, digest, row)
+        result = [outcomes[i] for i in range(len(items))]
+        for outcome in result:
+            metrics.SYNC_ITEMS.labels(outcome.status).inc()
+        return result
+
+    def _ingest_body(self, user: UserRow, item: SyncItem) -> dict[str, Any]:
+        return {**item.observation, "id": str(item.id), "recordedBy": user.display_name}
+
+    @staticmethod
+    def _summary(item: SyncItem) -> dict[str, Any]:
+        return {
+            **item.observation,
+            "createdAt": item.createdAt.isoformat(),
+            "formVersion": item.formVersion,
+        }
+
+    async def _create(
+        self, user: UserRow, creates: Sequence[tuple[int, SyncItem, str]]
+    ) -> dict[int, SyncOutcome]:
+        answers = await self.ingest.create_batch(
+            [self._ingest_body(user, i) for _, i, _ in creates]
+        )
+        now = datetime.now(UTC)
+        outcomes: dict[int, SyncOutcome] = {}
+        rows: list[dict[str, Any]] = []
+        media: list[dict[str, Any]] = []
+        for (index, item, digest), answer in zip(creates, answers, strict=True):
+            observation_id = str(item.id)
+            if answer.get("status") not in ("created", "duplicate"):
+                problem = answer.get("problem") or {}
+                outcomes[index] = SyncOutcome(
+                    index=index, id=observation_id, status="error", problem=problem
+                )
+                continue
+            rows.append(
+                {
+                    "id": observation_id,
+                    "user_id": user.id,
+                    "project": str(item.observation.get("datasetID", "")),
+                    "body_hash": digest,
+                    "version": 1,
+                    "summary": self._summary(item),
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+            media += [_media_row(observation_id, m) for m in item.media]
+            outcomes[index] = SyncOutcome(
+                index=index,
+                id=observation_id,
+                status="created",
+                version=1,
+                missingMedia=[str(m.id) for m in item.media],
+            )
+        async with self.units() as repo:
+            inserted = await repo.add_owned(rows)
+            await repo.add_media([m for m in media if m["observation_id"] in inserted])
+        for index, outcome in list(outcomes.items()):
+            if outcome.status == "created" and outcome.id not in inserted:
+                # A concurrent sync of the same item won: answer as its retry would be.
+                outcomes[index] = outcome.model_copy(update={"status": "duplicate"})
+        return outcomes
+
+    async def _conflict(self, index: int, observation_id: str) -> SyncOutcome:
+        server = await self.ingest.get(observation_id)
+        return SyncOutcome(
+            index=index,
+            id=observation_id,
+            status="conflict",
+            version=server["version"] if server else None,
+            serverVersion=server,
+            problem=_problem(
+                409,
+                "stale-version",
+                "Changed on the server",
+                "Merge with serverVersion and send again with its version as baseVersion.",
+            ),
+        )
+
+    async def _edit(
+        self, user: UserRow, index: int, item: SyncItem, digest: str, row: OwnedObservationRow
+    ) -> SyncOutcome:
+        observation_id = str(item.id)
+        assert item.baseVersion is not None
+        try:
+            answer = await self.ingest.patch(observation_id, item.baseVersion, item.observation)
+        except UpstreamRefused as exc:
+            return SyncOutcome(
+                index=index,
+                id=observation_id,
+                status="error",
+                problem=exc.extensions.get("problem")
+                or _problem(exc.status, "upstream-refused", exc.title, str(exc.detail)),
+            )
+        if answer.gone or answer.observation is None:
+            return _error(index, observation_id, 410, "observation-deleted", "Deleted")
+        if answer.stale:
+            return await self._conflict(index, observation_id)
+        version = int(answer.observation["version"])
+        async with self.units() as repo:
+            known = await repo.media_of([observation_id])
+            have = {m.id for m in known[observation_id]}
+            new_media = [_media_row(observation_id, m) for m in item.media if str(m.id) not in have]
+            await repo.add_media(new_media)
+            await repo.update_owned(
+                observation_id,
+                {
+                    "body_hash": digest,
+                    "version": max(version, row.version),
+                    "summary": self._summary(item),
+                    "updated_at": datetime.now(UTC),
+                },
+            )
+            missing = [m.id for m in known[observation_id] if m.stored_at is None]
+        return SyncOutcome(
+            index=index,
+            id=observation_id,
+            status="updated",
+            version=version,
+            missingMedia=missing + [m["id"] for m in new_media],
+        )
+
+    # --- my observations -------------------------------------------------------------------
+
+    async def mine(self, user: UserRow, cursor: str | None, limit: int | None) -> MyObservationPage:
+        size = min(limit or self.settings.page_size, 500)
+        before = decode_cursor(cursor) if cursor else None
+        async with self.units() as repo:
+            rows = await repo.page_of(user.id, before=before, limit=size + 1)
+            more, rows = len(rows) > size, rows[:size]
+            media = await repo.media_of([r.id for r in rows])
+        items = [my_observation(r, media[r.id]) for r in rows]
+        return MyObservationPage(
+            items=items, next=encode_cursor(rows[-1].seq) if more and rows else None
+        )
+
+    async def one(self, user: UserRow, observation_id: str) -> MyObservation:
+        async with self.units() as repo:
+            row = (await repo.owned([observation_id])).get(observation_id)
+            if row is None or row.user_id != user.id:
+                raise ObservationNotFound(f"You have no observation {observation_id}.")
+            media = await repo.media_of([observation_id])
+        return my_observation(row, media[observation_id])
+
+    # --- media -----------------------------------------------------------------------------
+
+    async def missing_media(self, user: UserRow, observation_id: str) -> MissingMedia:
+        mine = await self.one(user, observation_id)
+        return MissingMedia(
+            observationId=observation_id, missing=[m for m in mine.media if not m.stored]
+        )
+
+    async def _my_media(self, repo: Repository, user: UserRow, media_id: str) -> ExpectedMediaRow:
+        media = await repo.media_of_user(media_id, user.id)
+        if media is None:
+            raise MediaNotFound(f"You have no media {media_id}.")
+        return media
+
+    async def media_status(self, user: UserRow, media_id: str) -> MediaState:
+        async with self.units() as repo:
+            return media_state(await self._my_media(repo, user, media_id))
+
+    def _part(self, media_id: str) -> Path:
+        return self.upload_dir / f"{uuid.UUID(media_id)}.part"
+
+    async def upload_chunk(
+        self,
+        user: UserRow,
+        media_id: str,
+        span: ContentRange,
+        chunks: AsyncIterator[bytes],
+    ) -> MediaState:
+        """Append one chunk at the offset the server holds; the last one sends the whole
+        file on to ingest. A chunk cut off by a dropped connection is not counted: the app
+        asks for the offset and sends it again."""
+        async with self.units() as repo:
+            media = await self._my_media(repo, user, media_id)
+        if media.stored_at is not None:
+            return media_state(media)
+        if span.total != media.size:
+            raise InvalidRange(f"The file announced has {media.size} bytes.", size=media.size)
+        if span.start != media.received:
+            raise UploadOutOfOrder(
+                f"Send the bytes from offset {media.received}.", received=media.received
+            )
+        if span.start == 0 and span.end == span.total - 1:
+            return await self._store_whole(media, await _collect(chunks, span.total))
+        part = self._part(media_id)
+        received = await _append(part, media.received, span.end - span.start + 1, chunks)
+        if received < media.size:
+            async with self.units() as repo:
+                await repo.update_media(media_id, {"received": received})
+            return media_state(_with(media, received=received))
+        if await _sha256(part) != media.sha256.lower():
+            part.unlink(missing_ok=True)
+            async with self.units() as repo:
+                await repo.update_media(media_id, {"received": 0})
+            raise ChecksumMismatch(
+                "The bytes received do not match the sha256 announced; "
+                "upload the file again from offset 0."
+            )
+        state = await self._send_on(media, _read(part))
+        part.unlink(missing_ok=True)
+        return state
+
+    async def _store_whole(self, media: ExpectedMediaRow, data: bytes) -> MediaState:
+        """A file sent in one request (the usual photo): checked in memory, no staging."""
+        if hashlib.sha256(data).hexdigest() != media.sha256:
+            raise ChecksumMismatch("The bytes received do not match the sha256 announced.")
+
+        async def once() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self._send_on(media, once())
+
+    async def _send_on(self, media: ExpectedMediaRow, chunks: AsyncIterator[bytes]) -> MediaState:
+        await self.ingest.upload_media(
+            media.observation_id, media.id, media.content_type, media.size, chunks
+        )
+        now = datetime.now(UTC)
+        async with self.units() as repo:
+            await repo.update_media(media.id, {"received": media.size, "stored_at": now})
+        return media_state(_with(media, received=media.size, stored_at=now))
+
+    # --- events ----------------------------------------------------------------------------
+
+    @staticmethod
+    async def apply_scored(
+        repo: Repository, event: ObservationScored, when: datetime
+    ) -> str | None:
+        """The score on the observation and a notification; the owner to tell, if any."""
+        row = await repo.owned_one(event.observation_id)
+        if row is None or row.user_id is None:
+            return None
+        if (utc(row.scored_at) or when) > when:
+            return None  # an older assessment, late
+        flags = [f.model_dump(exclude_none=True) for f in event.flags]
+        values: dict[str, Any] = {
+            "score": event.score,
+            "grade": event.grade,
+            "flags": flags,
+            "scored_at": when,
+            "updated_at": datetime.now(UTC),
+        }
+        await repo.update_owned(row.id, values)
+        data = {"score": event.score, "grade": event.grade, "tips": tips(flags)}
+        await repo.add_notification(_notification(row, "scored", data, when))
+        return row.user_id
+
+    @staticmethod
+    async def apply_identified(
+        repo: Repository, event: ObservationIdentified, when: datetime
+    ) -> str | None:
+        row = await repo.owned_one(event.observation_id)
+        if row is None or row.user_id is None:
+            return None
+        if (utc(row.identified_at) or when) > when:
+            return None
+        suggestions = (
+            [] if event.rejected else [c.model_dump(exclude_none=True) for c in event.candidates]
+        )
+        await repo.update_owned(
+            row.id,
+            {
+                "suggestions": suggestions,
+                "identification_rejected": event.rejected,
+                "identified_at": when,
+                "updated_at": datetime.now(UTC),
+            },
+        )
+        data = {"rejected": event.rejected, "suggestions": suggestions[:5]}
+        await repo.add_notification(_notification(row, "identified", data, when))
+        return row.user_id
+
+    @staticmethod
+    async def apply_updated(repo: Repository, event: ObservationUpdated) -> None:
+        row = await repo.owned_one(event.id)
+        if row is not None and event.version > row.version:
+            await repo.update_owned(row.id, {"version": event.version})
+
+    # --- forget me -------------------------------------------------------------------------
+
+    async def pseudonymise_pending(self, batch: int = 50) -> int:
+        """Replace the deleted users' names on their observations in ingest, then forget
+        the observations here; how many were done (failures stay for the next round)."""
+        async with self.units() as repo:
+            rows = await repo.awaiting_pseudonym(batch)
+            media = await repo.media_of([r.id for r in rows])
+        done = 0
+        for row in rows:
+            if await self._pseudonymise(row.id, row.pseudonym or "anonymous"):
+                async with self.units() as repo:
+                    await repo.forget_observation(row.id)
+                for m in media[row.id]:
+                    self._part(m.id).unlink(missing_ok=True)
+                done += 1
+        return done
+
+    async def _pseudonymise(self, observation_id: str, pseudonym: str) -> bool:
+        for _ in range(3):  # the observation may change between our read and our write
+            current = await self.ingest.get(observation_id)
+            if current is None:
+                return True
+            if current.get("recordedBy") == pseudonym:
+                return True
+            outcome = await self.ingest.patch(
+                observation_id, int(current["version"]), {"recordedBy": pseudonym}
+            )
+            if not outcome.stale:
+                return True
+        return False
+
+
+def _error(index: int, observation_id: str, status: int, code: str, title: str) -> SyncOutcome:
+    return SyncOutcome(
+        index=index,
+        id=observation_id,
+        status="error",
+        problem=_problem(status, code, title, title + "."),
+    )
+
+
+def _media_row(observation_id: str, media: Any) -> dict[str, Any]:
+    return {
+        "id": str(media.id),
+        "observation_id": observation_id,
+        "sha256": media.sha256.lower(),
+        "size": media.size,
+        "content_type": media.contentType,
+        "received": 0,
+        "stored_at": None,
+    }
+
+
+def _with(media: ExpectedMediaRow, **values: Any) -> ExpectedMediaRow:
+    fields = {
+        c: getattr(media, c)
+        for c in ("id", "observation_id", "sha256", "size", "content_type", "received", "stored_at")
+    }
+    return ExpectedMediaRow(**(fields | values))
+
+
+def _notification(
+    row: OwnedObservationRow, kind: str, data: dict[str, Any], when: datetime
+) -> NotificationRow:
+    assert row.user_id is not None
+    return NotificationRow(
+        user_id=row.user_id, observation_id=row.id, kind=kind, data=data, created_at=when
+    )
+
+
+async def _append(path: Path, offset: int, length: int, chunks: AsyncIterator[bytes]) -> int:
+    """Write exactly ``length`` bytes at ``offset`` (dropping anything past it from an
+    earlier, cut-off try); the new size."""
+    folder = anyio.Path(path.parent)
+    await folder.mkdir(parents=True, exist_ok=True)
+    exists = await anyio.Path(path).exists()
+    async with await anyio.open_file(path, "r+b" if exists else "w+b") as file:
+        await file.truncate(offset)
+        await file.seek(offset)
+        written = 0
+        async for chunk in chunks:
+            written += len(chunk)
+            if written > length:
+                raise InvalidRange("The body is longer than its Content-Range.")
+            await file.write(chunk)
+        if written != length:
+            raise InvalidRange("The body is shorter than its Content-Range.")
+    return offset + length
+
+
+async def _collect(chunks: AsyncIterator[bytes], length: int) -> bytes:
+    data = bytearray()
+    async for chunk in chunks:
+        data += chunk
+        if len(data) > length:
+            raise InvalidRange("The body is longer than its Content-Range.")
+    if len(data) != length:
+        raise InvalidRange("The body is shorter than its Content-Range.")
+    return bytes(data)
+
+
+async def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    async with await anyio.open_file(path, "rb") as file:
+        while chunk := await file.read(READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def _read(path: Path) -> AsyncIterator[bytes]:
+    async with await anyio.open_file(path, "rb") as file:
+        while chunk := await file.read(READ_CHUNK):
+            yield chunk

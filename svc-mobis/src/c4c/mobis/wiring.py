@@ -1,0 +1,48 @@
+"""How the service's parts meet, made once per app: the signing key, the ports to ingest
+and plant identification, units of work, live-stream wake-ups."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from c4c.mobis.keys import Signer
+from c4c.mobis.live import Notifier
+from c4c.mobis.remote import Ingest, IngestOverHttp, PlantId, PlantIdOverHttp
+from c4c.mobis.repository import Repository
+from c4c.mobis.service.accounts import Accounts, Passwords
+from c4c.mobis.service.observations import Observations
+from c4c.mobis.settings import MobisSettings
+from c4c.mobis.workers import Pseudonymiser
+from c4c.shared.app import ServiceRuntime
+
+
+class Parts:
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        settings: MobisSettings,
+        *,
+        ingest: Ingest | None = None,
+        plantid: PlantId | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.signer = Signer.from_settings(settings)
+        self.passwords = Passwords(settings)
+        self.notifier = Notifier()
+        self.ingest = ingest or IngestOverHttp(lambda: runtime.clients.client("ingest"))
+        self.plantid = plantid or PlantIdOverHttp(lambda: runtime.clients.client("plantid"))
+        self.observations = Observations(self.unit, self.ingest, settings)
+        self.pseudonymiser = Pseudonymiser(self.observations)
+        runtime.add_background(self.pseudonymiser.start, self.pseudonymiser.stop)
+
+    @contextlib.asynccontextmanager
+    async def unit(self) -> AsyncIterator[Repository]:
+        async with self.runtime.db.sessions() as session, session.begin():
+            yield Repository(session)
+
+    def accounts(self, session: AsyncSession) -> Accounts:
+        return Accounts(Repository(session), self.signer, self.passwords, self.settings)

@@ -1,0 +1,331 @@
+"""Offline sync into a real ingest (through its API), resumable media, my observations
+updated by score and identification events, notifications, ownership and forget-me."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from c4c.shared.bus import new_event
+
+PASSWORD = "correct horse battery"
+Observation = Callable[..., dict[str, Any]]
+
+
+def item(body: dict[str, Any], photos: list[bytes] = (), **extra: Any) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "createdAt": "2024-05-03T08:15:00Z",
+        "formVersion": "plant-v1",
+        "observation": body,
+        "media": [
+            {
+                "id": str(uuid.uuid4()),
+                "sha256": hashlib.sha256(p).hexdigest(),
+                "size": len(p),
+                "contentType": "image/png",
+            }
+            for p in photos
+        ],
+    } | extra
+
+
+def png(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (seed % 256, 80, 120)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def test_sync_creates_once_and_retries_are_duplicates(
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    ingest_client: httpx.AsyncClient,
+) -> None:
+    _, me = await signed_up("ha@example.org")
+    readings = [
+        {"measurementType": "odour intensity", "measurementValue": 3, "measurementUnit": "level"}
+    ]
+    items = [
+        item(observation(), [png(1)]),
+        item(observation(datasetID="odourcollect", measurements=readings)),
+        item(observation(decimalLatitude=123)),  # invalid: ingest says why
+    ]
+    first = await anonymous.post("/mobis/v1/sync", json={"observations": items}, headers=me)
+    assert first.status_code == 200, first.text
+    outcomes = first.json()["items"]
+    assert [o["status"] for o in outcomes] == ["created", "created", "error"]
+    assert outcomes[0]["missingMedia"] == [items[0]["media"][0]["id"]]
+    assert "/decimalLatitude" in str(outcomes[2]["problem"])
+    again = await anonymous.post("/mobis/v1/sync", json={"observations": items[:2]}, headers=me)
+    assert [o["status"] for o in again.json()["items"]] == ["duplicate", "duplicate"]
+    stored = (await ingest_client.get(f"/ingest/v1/observations/{items[1]['id']}")).json()
+    assert stored["recordedBy"] == "ha"
+    assert stored["measurements"][0]["measurementValue"] == 3
+    listing = (await ingest_client.get("/ingest/v1/observations?recordedBy=ha")).json()
+    assert len(listing["items"]) == 2
+
+
+async def test_a_stale_edit_is_a_conflict_carrying_the_server_version(
+    anonymous: httpx.AsyncClient, signed_up: Any, observation: Observation
+) -> None:
+    _, me = await signed_up("ib@example.org")
+    new = item(observation())
+    await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=me)
+    edit = new | {"observation": observation(individualCount=3), "baseVersion": 1}
+    done = await anonymous.post("/mobis/v1/sync", json={"observations": [edit]}, headers=me)
+    assert done.json()["items"][0]["status"] == "updated"
+    assert done.json()["items"][0]["version"] == 2
+    retry = await anonymous.post("/mobis/v1/sync", json={"observations": [edit]}, headers=me)
+    assert retry.json()["items"][0]["status"] == "duplicate"
+    stale = new | {"observation": observation(individualCount=9), "baseVersion": 1}
+    conflict = (
+        await anonymous.post("/mobis/v1/sync", json={"observations": [stale]}, headers=me)
+    ).json()["items"][0]
+    assert conflict["status"] == "conflict"
+    assert conflict["serverVersion"]["version"] == 2
+    assert conflict["serverVersion"]["individualCount"] == 3
+
+
+async def test_media_resume_after_a_drop_then_reach_ingest(
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    ingest_client: httpx.AsyncClient,
+) -> None:
+    _, me = await signed_up("jo@example.org")
+    photo = png(7) + b"\0" * 5000  # trailing bytes after IEND are still a PNG
+    new = item(observation(), [photo])
+    await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=me)
+    media_id = new["media"][0]["id"]
+    half = len(photo) // 2
+    part = await anonymous.put(
+        f"/mobis/v1/media/{media_id}",
+        content=photo[:half],
+        headers=me | {"Content-Range": f"bytes 0-{half - 1}/{len(photo)}"},
+    )
+    assert part.status_code == 202, part.text
+    # The connection drops here; the app asks where to resume.
+    state = await anonymous.get(f"/mobis/v1/media/{media_id}", headers=me)
+    assert state.json()["received"] == half
+    assert state.headers["upload-offset"] == str(half)
+    wrong = await anonymous.put(
+        f"/mobis/v1/media/{media_id}",
+        content=photo[:10],
+        headers=me | {"Content-Range": f"bytes 0-9/{len(photo)}"},
+    )
+    assert wrong.status_code == 409
+    assert wrong.json()["received"] == half
+    rest = await anonymous.put(
+        f"/mobis/v1/media/{media_id}",
+        content=photo[half:],
+        headers=me | {"Content-Range": f"bytes {half}-{len(photo) - 1}/{len(photo)}"},
+    )
+    assert rest.status_code == 200, rest.text
+    assert rest.json()["stored"] is True
+    missing = await anonymous.get(
+        f"/mobis/v1/me/observations/{new['id']}/missing-media", headers=me
+    )
+    assert missing.json()["missing"] == []
+    stored = (await ingest_client.get(f"/ingest/v1/observations/{new['id']}")).json()
+    assert [m["id"] for m in stored["media"]] == [media_id]
+    assert stored["media"][0]["sha256"] == hashlib.sha256(photo).hexdigest()
+
+
+async def test_a_corrupted_upload_is_refused_and_restarts(
+    anonymous: httpx.AsyncClient, signed_up: Any, observation: Observation
+) -> None:
+    _, me = await signed_up("ka@example.org")
+    photo = png(9)
+    new = item(observation(), [photo])
+    await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=me)
+    media_id = new["media"][0]["id"]
+    bad = await anonymous.put(f"/mobis/v1/media/{media_id}", content=b"x" * len(photo), headers=me)
+    assert bad.status_code == 422
+    assert bad.json()["type"] == "urn:c4c:problem:checksum-mismatch"
+    state = await anonymous.get(f"/mobis/v1/media/{media_id}", headers=me)
+    assert state.json()["received"] == 0
+
+
+async def test_scores_and_identifications_reach_my_observations_and_notifications(
+    app: FastAPI,
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    eventually: Any,
+) -> None:
+    _, me = await signed_up("lu@example.org")
+    items = [item(observation()) for _ in range(3)]
+    await anonymous.post("/mobis/v1/sync", json={"observations": items}, headers=me)
+    bus = app.state.runtime.bus
+    target = items[1]["id"]
+    scored = new_event(
+        "quality",
+        "observation.scored",
+        {
+            "observation_id": target,
+            "observation_version": 1,
+            "assessment_id": "a1",
+            "score": 62,
+            "grade": "needs_id",
+            "flags": [
+                {
+                    "code": "blurry",
+                    "severity": "warning",
+                    "message": "Blurry photo",
+                    "evidence": {},
+                    "effect": 20,
+                    "tip": "Hold the phone still: the photo is blurry.",
+                }
+            ],
+            "ruleset": {"project": "natusfera", "version": "1"},
+        },
+    )
+    identified = new_event(
+        "plantid",
+        "observation.identified",
+        {
+            "observation_id": target,
+            "project": "natusfera",
+            "rejected": False,
+            "candidates": [
+                {
+                    "scientificName": "Bellis perennis",
+                    "score": 0.91,
+                    "taxonRank": "species",
+                    "family": "Asteraceae",
+                    "gbifId": 3117424,
+                }
+            ],
+            "model_version": "m1",
+            "gallery_version": 3,
+            "best_similarity": 0.8,
+        },
+    )
+    await bus.publish(scored)
+    await bus.publish(scored)  # redelivered: applied once
+    await bus.publish(identified)
+
+    async def both() -> bool:
+        page = (await anonymous.get("/mobis/v1/me/notifications", headers=me)).json()
+        return len(page["items"]) == 2
+
+    await eventually(both, timeout=10)
+    page = await anonymous.get("/mobis/v1/me/observations", headers=me)
+    body = page.json()
+    mine = {o["id"]: o for o in body["items"]}
+    assert mine[target]["status"] == "identified"
+    assert mine[target]["scored"]
+    assert mine[target]["quality"]["tips"] == ["Hold the phone still: the photo is blurry."]
+    assert mine[target]["suggestions"][0]["scientificName"] == "Bellis perennis"
+    assert mine[items[0]["id"]]["status"] == "uploaded"
+    assert (
+        await anonymous.get(
+            "/mobis/v1/me/observations", headers=me | {"If-None-Match": page.headers["etag"]}
+        )
+    ).status_code == 304
+    first = (await anonymous.get("/mobis/v1/me/observations?limit=2", headers=me)).json()
+    rest = (
+        await anonymous.get(f"/mobis/v1/me/observations?limit=2&cursor={first['next']}", headers=me)
+    ).json()
+    assert len(first["items"]) == 2
+    assert len(rest["items"]) == 1
+    assert rest["next"] is None
+    assert {o["id"] for o in first["items"] + rest["items"]} == {i["id"] for i in items}
+    bad = await anonymous.get("/mobis/v1/me/observations?cursor=garbage!", headers=me)
+    assert bad.status_code == 400
+
+
+async def test_nobody_reaches_another_users_observations_or_media(
+    anonymous: httpx.AsyncClient, signed_up: Any, observation: Observation
+) -> None:
+    _, alice = await signed_up("ma@example.org")
+    _, mallory = await signed_up("ne@example.org")
+    photo = png(3)
+    theirs = item(observation(), [photo])
+    await anonymous.post("/mobis/v1/sync", json={"observations": [theirs]}, headers=alice)
+    oid, mid = theirs["id"], theirs["media"][0]["id"]
+    assert (
+        await anonymous.get(f"/mobis/v1/me/observations/{oid}", headers=mallory)
+    ).status_code == 404
+    assert (
+        await anonymous.get(f"/mobis/v1/me/observations/{oid}/missing-media", headers=mallory)
+    ).status_code == 404
+    assert (await anonymous.get(f"/mobis/v1/media/{mid}", headers=mallory)).status_code == 404
+    upload = await anonymous.put(f"/mobis/v1/media/{mid}", content=photo, headers=mallory)
+    assert upload.status_code == 404
+    # Re-sync with alice's ids: neither create, edit nor duplicate.
+    for attempt in (
+        theirs,
+        theirs | {"baseVersion": 1, "observation": observation(individualCount=666)},
+    ):
+        answer = await anonymous.post(
+            "/mobis/v1/sync", json={"observations": [attempt]}, headers=mallory
+        )
+        assert answer.json()["items"][0]["status"] == "error"
+        assert answer.json()["items"][0]["problem"]["status"] == 409
+    hijack = item(observation(), [photo])
+    hijack["media"][0]["id"] = mid
+    answer = await anonymous.post(
+        "/mobis/v1/sync", json={"observations": [hijack]}, headers=mallory
+    )
+    assert answer.json()["items"][0]["status"] == "error"
+    mine = (await anonymous.get("/mobis/v1/me/observations", headers=mallory)).json()
+    assert mine["items"] == []
+
+
+async def test_forget_me_pseudonymises_observations_in_ingest(
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    ingest_client: httpx.AsyncClient,
+    eventually: Any,
+) -> None:
+    _, me = await signed_up("olga.personal.name@example.org")
+    new = item(observation())
+    await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=me)
+    url = f"/ingest/v1/observations/{new['id']}"
+    assert (await ingest_client.get(url)).json()["recordedBy"] == "olga.personal.name"
+    gone = await anonymous.request(
+        "DELETE", "/mobis/v1/me", json={"password": PASSWORD}, headers=me
+    )
+    assert gone.status_code == 204
+
+    async def pseudonymised() -> bool:
+        return (await ingest_client.get(url)).json()["recordedBy"].startswith("anonymous-")
+
+    await eventually(pseudonymised, timeout=10)
+    kept = (await ingest_client.get(url)).json()
+    assert kept["license"] == "CC-BY"
+    assert "olga" not in str(kept)
+
+
+async def test_bad_sync_requests_are_problems(
+    anonymous: httpx.AsyncClient, signed_up: Any, observation: Observation
+) -> None:
+    _, me = await signed_up("sa@example.org")
+    cases = [
+        ({"observations": [item(observation(recordedBy="someone else"))]}, 422),
+        ({"observations": [item(observation()) for _ in range(201)]}, 413),
+        ({"observations": []}, 422),
+        ({"observations": [item(observation()) | {"id": "not-a-uuid"}]}, 422),
+        ({"observations": [item(observation(), [b"x"]) | {"baseVersion": -1}]}, 422),
+    ]
+    for body, status in cases:
+        answer = await anonymous.post("/mobis/v1/sync", json=body, headers=me)
+        assert answer.status_code == status, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+    garbage = await anonymous.post(
+        "/mobis/v1/sync", content=b"{not json", headers=me | {"Content-Type": "application/json"}
+    )
+    assert garbage.status_code == 422
+    assert (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"] == []
