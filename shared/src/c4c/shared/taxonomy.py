@@ -44,14 +44,19 @@ class Taxon:
     family: str | None
     genus: str | None
 
-    def ancestry(self) -> list[tuple[str, str]]:
-        """(rank, name) from the kingdom down to the taxon itself."""
-        path = [
+    def ancestry(self) -> tuple[tuple[str, str], ...]:
+        """(rank, name) from the kingdom down to the taxon itself (worked out once: grading
+        walks it for every identification)."""
+        return self._ancestry
+
+    @functools.cached_property
+    def _ancestry(self) -> tuple[tuple[str, str], ...]:
+        path = tuple(
             (rank, name)
             for rank, name in zip(RANKS[:-1], self._higher(), strict=True)
             if name is not None and name != self.scientific_name
-        ]
-        return [*path, (self.rank, self.scientific_name)]
+        )
+        return (*path, (self.rank, self.scientific_name))
 
     def _higher(self) -> tuple[str | None, ...]:
         return (self.kingdom, self.phylum, self.class_, self.order, self.family, self.genus)

@@ -3,8 +3,9 @@ Annotations are evaluated here (no ``from __future__``): the batch limit comes f
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Request
+from fastapi import APIRouter, Body, Path, Request, Response
 from pydantic import ValidationError
+from pydantic_core import to_json
 
 from c4c.quality.schemas import (
     AssessmentHistory,
@@ -18,7 +19,7 @@ from c4c.quality.service import QualityService
 from c4c.quality.settings import QualitySettings
 from c4c.quality.wiring import Parts
 from c4c.shared.db import SessionDep
-from c4c.shared.problems import BodyTooLarge, ProblemError, validation_errors
+from c4c.shared.problems import BodyTooLarge, validation_errors
 
 PREFIX = "/quality/v1"
 Project = Annotated[str, Path(min_length=1, max_length=200)]
@@ -34,6 +35,13 @@ def _service(request: Request, session: SessionDep) -> QualityService:
     return parts.service(session)
 
 
+def _json(content: dict[str, Any]) -> Response:
+    """An answer the service built in its documented shape, serialised as is: validating
+    it again against the response model cost as much as scoring a batch. Non-finite numbers
+    (echoed from the input as evidence) become null, as the model's serialiser does."""
+    return Response(to_json(content, inf_nan_mode="null"), media_type="application/json")
+
+
 def build_router(settings: QualitySettings) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["quality"])
 
@@ -45,8 +53,7 @@ def build_router(settings: QualitySettings) -> APIRouter:
     async def assess(
         observation: ObservationIn, request: Request, session: SessionDep
     ) -> dict[str, Any]:
-        out, _, _ = await _service(request, session).assess(observation)
-        return out
+        return await _service(request, session).assess(observation)
 
     @router.post(
         "/assessments:batch",
@@ -57,25 +64,24 @@ def build_router(settings: QualitySettings) -> APIRouter:
         items: Annotated[list[dict[str, Any]], Body(max_length=settings.batch_max_items)],
         request: Request,
         session: SessionDep,
-    ) -> dict[str, Any]:
-        service = _service(request, session)
-        outcomes = []
+    ) -> Response:
+        outcomes: list[dict[str, Any] | None] = [None] * len(items)
+        valid: list[tuple[int, ObservationIn]] = []
         for index, item in enumerate(items):
             try:
-                out, _, _ = await service.assess(ObservationIn.model_validate(item))
+                valid.append((index, ObservationIn.model_validate(item)))
             except ValidationError as exc:
                 problem = {
                     "type": "urn:c4c:problem:validation-error",
                     "status": 422,
                     "errors": validation_errors(exc.errors()),
                 }
-                outcomes.append({"index": index, "status": "error", "problem": problem})
-            except ProblemError as exc:
-                problem = {"status": exc.status, "title": exc.title, "detail": exc.detail}
-                outcomes.append({"index": index, "status": "error", "problem": problem})
-            else:
-                outcomes.append({"index": index, "status": "assessed", "assessment": out})
-        return {"items": outcomes}
+                outcomes[index] = {"index": index, "status": "error", "problem": problem}
+        # The valid ones together: what the suite knows around them is read once per batch.
+        assessed = await _service(request, session).assess_many([data for _, data in valid])
+        for (index, _), (out, _, _) in zip(valid, assessed, strict=True):
+            outcomes[index] = {"index": index, "status": "assessed", "assessment": out}
+        return _json({"items": outcomes})
 
     @router.get(
         "/assessments/{observation_id}",

@@ -11,12 +11,14 @@ import functools
 import importlib.util
 import threading
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 CELL_FINE = 12  # the mask's 1/120° cells per 0.1° cell
+COUNTRY_CACHE_SIZE = 200_000
 
 
 class OfflineGeography:
@@ -24,6 +26,7 @@ class OfflineGeography:
         self._lock = threading.Lock()
         self._open_sea: np.ndarray[Any, np.dtype[np.bool_]] | None = None
         self._geocoder: Any = None
+        self._countries: dict[tuple[float, float], str | None] = {}
 
     def load(self) -> OfflineGeography:
         with self._lock:
@@ -36,13 +39,36 @@ class OfflineGeography:
                 self._open_sea = _open_sea_cells()
         return self
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one instance per process
     def country_at(self, latitude: float, longitude: float) -> str | None:
+        point = (latitude, longitude)
+        if point not in self._countries:
+            self.prime([point])
+        return self._countries[point]
+
+    def prime(self, points: Iterable[tuple[float | None, float | None]]) -> None:
+        """Look the countries of many points up at once, ahead of :meth:`country_at` (one
+        vectorised tree query costs about what a single one does); points off the globe
+        are left out."""
         if self._geocoder is None:
             self.load()
-        place = self._geocoder.get((latitude, longitude))
-        code = place.get("country_code")
-        return str(code).upper() if code else None
+        todo = list(
+            {
+                (lat, lon)
+                for lat, lon in points
+                if lat is not None
+                and lon is not None
+                and abs(lat) <= 90
+                and abs(lon) <= 180
+                and (lat, lon) not in self._countries
+            }
+        )
+        if not todo:
+            return
+        if len(self._countries) + len(todo) > COUNTRY_CACHE_SIZE:
+            self._countries.clear()
+        for point, place in zip(todo, self._geocoder.search(todo), strict=True):
+            code = place.get("country_code")
+            self._countries[point] = str(code).upper() if code else None
 
     def in_open_sea(self, latitude: float, longitude: float) -> bool:
         if self._open_sea is None:

@@ -5,15 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from c4c.quality.models import AssessmentRow, ImageRow, MachineIdRow, RuleSetRow, SeenObservation
+from c4c.shared.inbox import ProcessedEvent
 
 
 class Repository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+
+    async def processed(self, consumer: str, event_id: str) -> bool:
+        """Whether this consumer already applied this event (read before costly work; the
+        claim itself stays in the effect's transaction)."""
+        return await self.session.get(ProcessedEvent, (consumer, event_id)) is not None
 
     # --- observations seen ------------------------------------------------------------------
 
@@ -28,58 +34,112 @@ class Repository:
     async def save_seen(self, row: SeenObservation) -> None:
         await self.session.merge(row)
 
-    async def set_grade(self, observation_id: str, grade: str) -> None:
-        await self.session.execute(
-            update(SeenObservation).where(SeenObservation.id == observation_id).values(grade=grade)
-        )
+    async def counted(
+        self, observation_ids: Sequence[str]
+    ) -> dict[str, tuple[str | None, str | None]]:
+        """Observer and grade of the observations seen here (not deleted), by id."""
+        if not observation_ids:
+            return {}
+        query = select(
+            SeenObservation.id, SeenObservation.recorded_by, SeenObservation.grade
+        ).where(SeenObservation.id.in_(observation_ids), SeenObservation.deleted.is_(False))
+        return {row[0]: (row[1], row[2]) for row in await self.session.execute(query)}
 
     async def accepted_records(
-        self, taxon: str, exclude_id: str | None, limit: int
-    ) -> Sequence[tuple[float, float, int | None]]:
-        query = (
-            select(SeenObservation.latitude, SeenObservation.longitude, SeenObservation.day_of_year)
+        self, taxa: Sequence[str], limit: int
+    ) -> dict[str, list[tuple[str, float, float, int | None]]]:
+        """Each taxon's most recent research-grade records with a position: (id, latitude,
+        longitude, day of year)."""
+        if not taxa:
+            return {}
+        recency = (
+            func.row_number()
+            .over(partition_by=SeenObservation.taxon, order_by=SeenObservation.updated_at.desc())
+            .label("recency")
+        )
+        ranked = (
+            select(
+                SeenObservation.taxon,
+                SeenObservation.id,
+                SeenObservation.latitude,
+                SeenObservation.longitude,
+                SeenObservation.day_of_year,
+                recency,
+            )
             .where(
-                SeenObservation.taxon == taxon,
+                SeenObservation.taxon.in_(taxa),
                 SeenObservation.grade == "research",
                 SeenObservation.deleted.is_(False),
                 SeenObservation.latitude.is_not(None),
                 SeenObservation.longitude.is_not(None),
             )
-            .order_by(SeenObservation.updated_at.desc())
-            .limit(limit)
+            .subquery()
         )
-        if exclude_id is not None:
-            query = query.where(SeenObservation.id != exclude_id)
-        rows = (await self.session.execute(query)).all()
-        return [(r[0], r[1], r[2]) for r in rows if r[0] is not None and r[1] is not None]
-
-    async def observer_counts(self, recorded_by: str, exclude_id: str | None) -> tuple[int, int]:
         query = select(
-            func.count(),
-            func.coalesce(func.sum(case((SeenObservation.grade == "research", 1), else_=0)), 0),
-        ).where(SeenObservation.recorded_by == recorded_by, SeenObservation.deleted.is_(False))
-        if exclude_id is not None:
-            query = query.where(SeenObservation.id != exclude_id)
-        total, research = (await self.session.execute(query)).one()
-        return int(total), int(research)
+            ranked.c.taxon, ranked.c.id, ranked.c.latitude, ranked.c.longitude, ranked.c.day_of_year
+        ).where(ranked.c.recency <= limit)
+        found: dict[str, list[tuple[str, float, float, int | None]]] = {t: [] for t in taxa}
+        for taxon, id_, latitude, longitude, day in await self.session.execute(query):
+            found[taxon].append((id_, latitude, longitude, day))
+        return found
+
+    async def observer_counts(self, observers: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(observations, research grade) of each observer, deleted ones aside."""
+        if not observers:
+            return {}
+        research = func.coalesce(
+            func.sum(case((SeenObservation.grade == "research", 1), else_=0)), 0
+        )
+        query = (
+            select(SeenObservation.recorded_by, func.count(), research)
+            .where(SeenObservation.recorded_by.in_(observers), SeenObservation.deleted.is_(False))
+            .group_by(SeenObservation.recorded_by)
+        )
+        counts = dict.fromkeys(observers, (0, 0))
+        for observer, total, researched in await self.session.execute(query):
+            counts[observer] = (int(total), int(researched))
+        return counts
 
     async def recent_measurements(
-        self, recorded_by: str, exclude_id: str | None, limit: int
-    ) -> Sequence[list[Any]]:
-        """The observer's last measurement lists, oldest first."""
-        query = (
-            select(SeenObservation.measurements)
+        self, observers: Sequence[str], limit: int
+    ) -> dict[str, list[tuple[str, list[Any]]]]:
+        """Each observer's last ``limit`` measurement lists (observation id, list), oldest
+        first."""
+        if not observers:
+            return {}
+        recency = (
+            func.row_number()
+            .over(
+                partition_by=SeenObservation.recorded_by,
+                order_by=SeenObservation.updated_at.desc(),
+            )
+            .label("recency")
+        )
+        ranked = (
+            select(
+                SeenObservation.recorded_by,
+                SeenObservation.id,
+                SeenObservation.measurements,
+                SeenObservation.updated_at,
+                recency,
+            )
             .where(
-                SeenObservation.recorded_by == recorded_by,
-                SeenObservation.measurements != [],
+                SeenObservation.recorded_by.in_(observers),
+                # json has no equality operator in PostgreSQL; both databases have this.
+                func.json_array_length(SeenObservation.measurements) > 0,
                 SeenObservation.deleted.is_(False),
             )
-            .order_by(SeenObservation.updated_at.desc())
-            .limit(limit)
+            .subquery()
         )
-        if exclude_id is not None:
-            query = query.where(SeenObservation.id != exclude_id)
-        return list(reversed((await self.session.execute(query)).scalars().all()))
+        query = (
+            select(ranked.c.recorded_by, ranked.c.id, ranked.c.measurements)
+            .where(ranked.c.recency <= limit)
+            .order_by(ranked.c.updated_at)
+        )
+        found: dict[str, list[tuple[str, list[Any]]]] = {o: [] for o in observers}
+        for observer, id_, measurements in await self.session.execute(query):
+            found[observer].append((id_, measurements))
+        return found
 
     # --- assessments ------------------------------------------------------------------------
 
@@ -122,24 +182,35 @@ class Repository:
         await self.session.merge(row)
 
     async def images_sharing_a_band(
-        self, bands: Sequence[int], exclude_observation: str | None
+        self, hashes_bands: Sequence[Sequence[int]], limit_each: int
     ) -> Sequence[ImageRow]:
+        """Photos that share at least one band with one of the hashes: candidates for
+        near-duplicates of any of them, for a whole batch in one query."""
+        if not hashes_bands:
+            return []
         query = select(ImageRow).where(
             or_(
-                ImageRow.band0 == bands[0],
-                ImageRow.band1 == bands[1],
-                ImageRow.band2 == bands[2],
-                ImageRow.band3 == bands[3],
+                *(
+                    column.in_(sorted({bands[i] for bands in hashes_bands}))
+                    for i, column in enumerate(
+                        (ImageRow.band0, ImageRow.band1, ImageRow.band2, ImageRow.band3)
+                    )
+                )
             )
         )
-        if exclude_observation is not None:
-            query = query.where(ImageRow.observation_id != exclude_observation)
-        return (await self.session.execute(query.limit(200))).scalars().all()
+        query = query.limit(limit_each * len(hashes_bands))
+        return (await self.session.execute(query)).scalars().all()
 
     # --- machine identifications ------------------------------------------------------------
 
     async def machine_id(self, observation_id: str) -> MachineIdRow | None:
         return await self.session.get(MachineIdRow, observation_id)
+
+    async def machine_ids(self, observation_ids: Sequence[str]) -> Sequence[MachineIdRow]:
+        if not observation_ids:
+            return []
+        query = select(MachineIdRow).where(MachineIdRow.observation_id.in_(observation_ids))
+        return (await self.session.execute(query)).scalars().all()
 
     async def save_machine_id(self, row: MachineIdRow) -> None:
         await self.session.merge(row)

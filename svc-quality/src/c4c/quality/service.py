@@ -1,15 +1,22 @@
 """The quality service's domain: turn what is known of an observation into an assessment
 (no HTTP, no SQL: the repository, the event sink, the media source and the offline
-knowledge are ports)."""
+knowledge are ports).
+
+Observations are assessed in batches (a batch of one for an event): what the suite knows
+around them is read in bulk (see ``background``), photos are fetched and analysed before
+any database work, and the checks then run on what is in hand."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -17,13 +24,21 @@ import anyio
 import anyio.to_thread
 
 from c4c.quality import images
+from c4c.quality.background import (
+    ACCEPTED_RECORDS_LIMIT,
+    MEASUREMENT_HISTORY,
+    Background,
+    ContextCache,
+    Counted,
+    TaxonPoints,
+    cached_or_loaded,
+)
 from c4c.quality.geography import OfflineGeography, offline_geography
 from c4c.quality.metrics import ASSESSMENT_DURATION, ASSESSMENTS
 from c4c.quality.models import AssessmentRow, ImageRow, MachineIdRow, RuleSetRow, SeenObservation
 from c4c.quality.repository import Repository
 from c4c.quality.rules import CHECKS, CheckSettings, Result, RuleSet, assess
 from c4c.quality.rules import dates as date_rules
-from c4c.quality.rules.evidence import haversine_km
 from c4c.quality.rules.model import (
     Context,
     Duplicate,
@@ -33,45 +48,34 @@ from c4c.quality.rules.model import (
     Measurement,
     Media,
     Observation,
-    ObserverRecord,
-    TaxonRecords,
 )
-from c4c.quality.rules.plausibility import measurement_key
 from c4c.quality.schemas import ObservationIn, RuleSetIn
 from c4c.quality.settings import QualitySettings
 from c4c.shared.problems import NotFound, ProblemError
 from c4c.shared.taxonomy import Backbone, Match, Taxon, load_backbone
 
 SCORED = "observation.scored"
-ACCEPTED_RECORDS_LIMIT = 2000
-MEASUREMENT_HISTORY = 20
 _NAME_CACHE_SIZE = 100_000
+DUPLICATE_CANDIDATES_EACH = 200
+"""Indexed photos read per photo assessed that share one of its hash bands."""
+DURATION = {
+    False: ASSESSMENT_DURATION.labels("metadata"),
+    True: ASSESSMENT_DURATION.labels("image"),
+}
+"""The duration histogram's children by whether photos were analysed (labels looked up
+once: per assessment they cost as much as a check)."""
 
-
-RULESET_TTL_S = 5.0  # another replica's new rule-set version is used within this delay
-
-
-class RuleSetCache:
-    """Rule sets by project, read from the database at most every few seconds."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[float, RuleSet]] = {}
-
-    def get(self, project: str) -> RuleSet | None:
-        entry = self._entries.get(project)
-        if entry is None or time.monotonic() - entry[0] > RULESET_TTL_S:
-            return None
-        return entry[1]
-
-    def put(self, ruleset: RuleSet) -> None:
-        self._entries[ruleset.project] = (time.monotonic(), ruleset)
-
-    def forget(self, project: str) -> None:
-        self._entries.pop(project, None)
+Assessed = tuple[dict[str, Any], Observation, Result]
+"""The assessment as published, the observation as the checks saw it, the engine's result."""
 
 
 class UnknownCheck(ProblemError):
     status, code, title = 422, "unknown-check", "The rule set names a check that does not exist"
+
+
+class PhotosChanged(Exception):
+    """A photo to assess was not fetched beforehand (the observation changed meanwhile):
+    fetch again, outside the transaction."""
 
 
 class EventSink(Protocol):
@@ -119,9 +123,74 @@ class Knowledge:
             self._matches[name] = found
         return found
 
-    async def taxa(self, names: set[str]) -> dict[str, Taxon]:
-        matched = {name: await self.match(name) for name in names}
-        return {name: m.taxon for name, m in matched.items() if m.taxon is not None}
+    async def matches(self, names: set[str]) -> dict[str, Match]:
+        return {name: await self.match(name) for name in names}
+
+
+def photos_of(obs: Observation, limit: int) -> list[Media]:
+    return [m for m in obs.media if m.url and m.type in ("image", None)][:limit]
+
+
+def _lacks_exif(media: Media) -> bool:
+    return media.exif_taken_at is None and media.exif_latitude is None
+
+
+@dataclass
+class Photos:
+    """Photos fetched and analysed ahead of an assessment, by URL, and why others could not
+    be fetched."""
+
+    analysed: dict[str, ImageFacts] = field(default_factory=dict)
+    unfetched: dict[str, str] = field(default_factory=dict)
+
+
+class PhotoAnalyser:
+    """Fetches photos and analyses them in worker threads (at most ``image_workers`` at
+    once), never holding a database session."""
+
+    def __init__(
+        self, media: MediaSource, settings: QualitySettings, limiter: anyio.CapacityLimiter
+    ) -> None:
+        self.media = media
+        self.settings = settings
+        self.limiter = limiter
+
+    def wanted(
+        self, observations: Sequence[Observation], stored: Mapping[str, ImageFacts]
+    ) -> list[Media]:
+        """The photos of ``observations`` to fetch: those not ``stored`` (by media id), each
+        URL once."""
+        wanted: dict[str, Media] = {}
+        for obs in observations:
+            for media in photos_of(obs, self.settings.max_media_per_observation):
+                if media.url and (media.id is None or media.id not in stored):
+                    wanted.setdefault(media.url, media)
+        return list(wanted.values())
+
+    async def collect(self, wanted: Sequence[Media], *, retry_on_failure: bool = False) -> Photos:
+        """Fetch and analyse photos. A fetch failure is a flag, unless it is worth retrying
+        and ``retry_on_failure`` (events) says to raise."""
+        photos = Photos()
+        await asyncio.gather(*(self._one(media, photos, retry_on_failure) for media in wanted))
+        return photos
+
+    async def _one(self, media: Media, photos: Photos, retry_on_failure: bool) -> None:
+        assert media.url is not None
+        try:
+            data = await self.media.fetch(media.url, max_bytes=self.settings.media_max_bytes)
+        except ProblemError as exc:
+            if getattr(exc, "retryable", False) and retry_on_failure:
+                raise  # the bus retries the event later
+            photos.unfetched[media.url] = str(exc.detail)[:300]
+            return
+        analyse = functools.partial(
+            images.analyse,
+            data,
+            media.id,
+            max_pixels=self.settings.media_max_pixels,
+            read_exif=_lacks_exif(media),
+        )
+        photos.analysed[media.url] = await anyio.to_thread.run_sync(analyse, limiter=self.limiter)
 
 
 def observation_from(data: ObservationIn) -> Observation:
@@ -189,11 +258,6 @@ def _day_of_year(event_date: str | None) -> int | None:
     return start.timetuple().tm_yday if (end - start).days <= 1 else None
 
 
-def _day_distance(a: int, b: int) -> int:
-    d = abs(a - b) % 366
-    return min(d, 366 - d)
-
-
 def merge_changes(body: dict[str, Any], changed: Mapping[str, Any]) -> dict[str, Any]:
     """An observation snapshot with an ``observation.updated`` applied: media and
     identifications are added (by id), other fields replaced."""
@@ -218,44 +282,101 @@ class QualityService:
         repo: Repository,
         events: EventSink | None,
         settings: QualitySettings,
-        media: MediaSource,
+        photos: PhotoAnalyser,
         knowledge: Knowledge,
-        image_limiter: anyio.CapacityLimiter,
-        rulesets: RuleSetCache,
+        cache: ContextCache,
     ) -> None:
         self.repo = repo
         self.events = events
         self.settings = settings
-        self.media = media
+        self.photos = photos
         self.knowledge = knowledge
-        self.image_limiter = image_limiter
-        self.rulesets = rulesets
+        self.cache = cache
 
     async def _ruleset(self, project: str) -> RuleSet:
-        ruleset = self.rulesets.get(project)
+        ruleset = self.cache.rulesets.get(project)
         if ruleset is None:
             ruleset = ruleset_from(project, await self.repo.latest_ruleset(project))
-            self.rulesets.put(ruleset)
+            self.cache.rulesets.put(project, ruleset)
         return ruleset
 
     # --- assessing --------------------------------------------------------------------------
 
-    async def assess(
-        self, data: ObservationIn, *, record: bool = False
-    ) -> tuple[dict[str, Any], Observation, Result]:
-        """Score an observation. Unrecorded (the synchronous API) nothing is written; recorded
-        (events) its photos' analyses join the duplicate index and the assessment is kept."""
+    async def assess(self, data: ObservationIn) -> dict[str, Any]:
+        """Score an observation now; nothing is written."""
+        return (await self.assess_many([data]))[0][0]
+
+    async def assess_many(
+        self, items: Sequence[ObservationIn], *, record: bool = False, photos: Photos | None = None
+    ) -> list[Assessed]:
+        """Score observations. Unrecorded (the synchronous API) nothing is written and photos
+        are fetched here, before the bulk reads; recorded (events)
+        the photos come analysed in ``photos`` (else :class:`PhotosChanged`), join the
+        duplicate index, and the assessments are kept by the caller."""
         started = time.perf_counter()
-        obs = observation_from(data)
+        observations = [observation_from(data) for data in items]
+        if not record:
+            # Before any database read: no connection (SQLite's single one) is held meanwhile.
+            photos = await self.photos.collect(self.photos.wanted(observations, {}))
         await self.knowledge.load()
-        ruleset = await self._ruleset(obs.project or "default")
-        facts, unfetched = await self._images(obs, record=record)
-        ctx = await self._context(obs, facts, unfetched)
-        result = assess(obs, ctx, ruleset)
-        kind = "image" if facts else "metadata"
-        ASSESSMENT_DURATION.labels(kind).observe(time.perf_counter() - started)
-        ASSESSMENTS.labels(ruleset.project, result.grade).inc()
-        out = {
+        rulesets = {
+            p: await self._ruleset(p) for p in {o.project or "default" for o in observations}
+        }
+        background, matches, taxa = await self._background(observations)
+        stored = await self._stored_photos(observations)
+        photos = photos or Photos()
+        candidates = await self._duplicate_candidates([*stored.values(), *photos.analysed.values()])
+        geography = self.knowledge.geography
+        geography.prime((o.latitude, o.longitude) for o in observations)
+        shared_s = (time.perf_counter() - started) / max(len(observations), 1)
+        now = datetime.now(UTC)
+        assessed_at = now.isoformat().replace("+00:00", "Z")
+        out = []
+        grades: Counter[tuple[str, str]] = Counter()
+        for obs in observations:
+            began = time.perf_counter()
+            obs, facts, unfetched = self._photo_facts(obs, stored, photos)
+            ruleset = rulesets[obs.project or "default"]
+            match = matches.get(obs.scientific_name) if obs.scientific_name else None
+            ctx = Context(
+                now=now,
+                geography=geography,
+                taxon_match=match,
+                taxon_of=taxa.get,
+                machine_id=background.machine_ids.get(obs.id or ""),
+                unfetched_media=unfetched,
+            )
+            if facts:
+                if record:
+                    await self._index(obs, facts)
+                ctx.images = tuple(facts.values())
+                max_distance = int(ruleset.params("duplicates")["max_distance"])
+                ctx.duplicates = tuple(self._duplicates(obs, facts, candidates, max_distance))
+            taxon = match.taxon.scientific_name if match and match.taxon else None
+            if taxon is not None and taxon in background.taxa:
+                ctx.taxon_records = background.taxa[taxon].records_for(
+                    obs.id, obs.latitude, obs.longitude, _day_of_year(obs.event_date)
+                )
+            if obs.recorded_by:
+                ctx.observer = background.observer(obs.id, obs.recorded_by)
+                if obs.measurements:
+                    ctx.recent_measurements = background.recent_measurements(
+                        obs.id, obs.recorded_by
+                    )
+            result = assess(obs, ctx, ruleset)
+            out.append((self._published(obs, result, ruleset, record, assessed_at), obs, result))
+            DURATION[bool(facts)].observe(shared_s + time.perf_counter() - began)
+            grades[(ruleset.project, result.grade)] += 1
+        for (project, grade), count in grades.items():
+            ASSESSMENTS.labels(project, grade).inc(count)
+        return out
+
+    @staticmethod
+    def _published(
+        obs: Observation, result: Result, ruleset: RuleSet, record: bool, assessed_at: str
+    ) -> dict[str, Any]:
+        community = result.community
+        return {
             "assessment_id": str(uuid.uuid4()) if record else None,
             "observation_id": obs.id,
             "observation_version": obs.version,
@@ -264,150 +385,143 @@ class QualityService:
             "flags": [f.as_dict() for f in result.flags],
             "community_taxon": (
                 {
-                    "scientificName": result.community.name,
-                    "taxonRank": result.community.rank,
-                    "supporting": result.community.supporting,
-                    "considered": result.community.considered,
+                    "scientificName": community.name,
+                    "taxonRank": community.rank,
+                    "supporting": community.supporting,
+                    "considered": community.considered,
                 }
-                if result.community
+                if community
                 else None
             ),
             "ruleset": {"project": ruleset.project, "version": ruleset.version},
-            "assessed_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "assessed_at": assessed_at,
         }
-        return out, obs, result
 
-    async def _context(
-        self, obs: Observation, facts: list[ImageFacts], unfetched: dict[str, str]
-    ) -> Context:
-        names = {i.scientific_name for i in obs.identifications}
-        machine = await self._machine_id(obs.id)
-        if obs.scientific_name:
-            names.add(obs.scientific_name)
-        if machine and machine.scientific_name:
-            names.add(machine.scientific_name)
-        taxa = await self.knowledge.taxa(names)
-        match = await self.knowledge.match(obs.scientific_name) if obs.scientific_name else None
-        ctx = Context(
-            now=datetime.now(UTC),
-            geography=self.knowledge.geography,
-            taxon_match=match,
-            taxon_of=taxa.get,
-            images=tuple(facts),
-            duplicates=tuple(await self._duplicates(obs, facts)),
-            machine_id=machine,
-            unfetched_media=unfetched,
-        )
-        taxon = match.taxon.scientific_name if match and match.taxon else None
-        if taxon:
-            ctx.taxon_records = await self._taxon_records(obs, taxon)
-        if obs.recorded_by:
-            total, research = await self.repo.observer_counts(obs.recorded_by, obs.id)
-            ctx.observer = ObserverRecord(total, research)
-            if obs.measurements:
-                ctx.recent_measurements = await self._recent_measurements(obs)
-        return ctx
-
-    async def _taxon_records(self, obs: Observation, taxon: str) -> TaxonRecords:
-        records = await self.repo.accepted_records(taxon, obs.id, ACCEPTED_RECORDS_LIMIT)
-        nearest_km = nearest_days = None
-        lat, lon = obs.latitude, obs.longitude
-        if records and lat is not None and lon is not None and math.isfinite(lat + lon):
-            nearest_km = min(haversine_km(lat, lon, r[0], r[1]) for r in records)
-        day = _day_of_year(obs.event_date)
-        days = [r[2] for r in records if r[2] is not None]
-        if day is not None and days:
-            nearest_days = min(_day_distance(day, d) for d in days)
-        return TaxonRecords(len(records), nearest_km, nearest_days)
-
-    async def _recent_measurements(self, obs: Observation) -> dict[str, tuple[float, ...]]:
-        assert obs.recorded_by is not None
-        series: dict[str, list[float]] = {}
-        for items in await self.repo.recent_measurements(
-            obs.recorded_by, obs.id, MEASUREMENT_HISTORY
-        ):
-            for m in items:
-                value = m.get("measurementValue")
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    key = measurement_key(str(m.get("measurementType")), m.get("measurementUnit"))
-                    series.setdefault(key, []).append(float(value))
-        return {k: tuple(v) for k, v in series.items()}
-
-    async def _machine_id(self, observation_id: str | None) -> MachineId | None:
-        if observation_id is None:
-            return None
-        row = await self.repo.machine_id(observation_id)
-        if row is None:
-            return None
-        best = (row.body.get("candidates") or [{}])[0]
-        return MachineId(
-            bool(row.body.get("rejected")), best.get("scientificName"), best.get("score")
-        )
-
-    # --- photos -----------------------------------------------------------------------------
-
-    async def _images(
-        self, obs: Observation, *, record: bool
-    ) -> tuple[list[ImageFacts], dict[str, str]]:
-        photos = [m for m in obs.media if m.url and m.type in ("image", None)]
-        photos = photos[: self.settings.max_media_per_observation]
-        known = await self.repo.images([m.id for m in photos if m.id])
-        facts: list[ImageFacts] = []
-        unfetched: dict[str, str] = {}
-        for media in photos:
-            stored = known.get(media.id or "")
-            if stored is not None:
-                facts.append(ImageFacts(**stored.facts))
-                continue
-            assert media.url is not None
-            try:
-                data = await self.media.fetch(media.url, max_bytes=self.settings.media_max_bytes)
-            except ProblemError as exc:
-                if getattr(exc, "retryable", False) and record:
-                    raise  # the bus retries the event later
-                unfetched[media.url] = str(exc.detail)[:300]
-                continue
-            async with self.image_limiter:
-                found = await anyio.to_thread.run_sync(
-                    functools.partial(
-                        images.analyse,
-                        data,
-                        media.id,
-                        max_pixels=self.settings.media_max_pixels,
-                    )
-                )
-            facts.append(found)
-            if record and media.id and obs.id:
-                await self._index(found, media.id, obs)
-        return facts, unfetched
-
-    async def _index(self, facts: ImageFacts, media_id: str, obs: Observation) -> None:
-        bands = _bands(facts.phash) if facts.phash is not None else [None] * 4
-        await self.repo.save_image(
-            ImageRow(
-                media_id=media_id,
-                observation_id=obs.id,
-                recorded_by=obs.recorded_by,
-                facts=facts.__dict__,
-                phash=_signed(facts.phash) if facts.phash is not None else None,
-                band0=bands[0],
-                band1=bands[1],
-                band2=bands[2],
-                band3=bands[3],
+    async def _background(
+        self, observations: Sequence[Observation]
+    ) -> tuple[Background, dict[str, Match], dict[str, Taxon]]:
+        """What the suite knows around these observations: one query per kind for the whole
+        batch, the observers' and taxa's summaries from the cache when fresh there."""
+        ids = sorted({o.id for o in observations if o.id})
+        background = Background()
+        background.counted = {
+            id_: Counted(*summary) for id_, summary in (await self.repo.counted(ids)).items()
+        }
+        for row in await self.repo.machine_ids(ids):
+            best = (row.body.get("candidates") or [{}])[0]
+            background.machine_ids[row.observation_id] = MachineId(
+                bool(row.body.get("rejected")), best.get("scientificName"), best.get("score")
             )
+        names = {i.scientific_name for o in observations for i in o.identifications}
+        names |= {o.scientific_name for o in observations if o.scientific_name}
+        names |= {m.scientific_name for m in background.machine_ids.values() if m.scientific_name}
+        matches = await self.knowledge.matches(names)
+        taxa = {name: m.taxon for name, m in matches.items() if m.taxon is not None}
+        wanted_taxa = {
+            t.scientific_name
+            for o in observations
+            if o.scientific_name and (t := taxa.get(o.scientific_name)) is not None
+        }
+        background.taxa = await cached_or_loaded(
+            self.cache.taxa,
+            wanted_taxa,
+            lambda missing: self.repo.accepted_records(missing, ACCEPTED_RECORDS_LIMIT),
+            TaxonPoints.of,
         )
+        observers = {o.recorded_by for o in observations if o.recorded_by}
+        background.observers = await cached_or_loaded(
+            self.cache.observers, observers, self.repo.observer_counts, lambda counts: counts
+        )
+        measured = sorted({o.recorded_by for o in observations if o.recorded_by and o.measurements})
+        background.measurements = await self.repo.recent_measurements(
+            measured,
+            MEASUREMENT_HISTORY + 1,  # one more: the observation itself may be there
+        )
+        return background, matches, taxa
 
-    async def _duplicates(self, obs: Observation, facts: list[ImageFacts]) -> list[Duplicate]:
+    async def _stored_photos(self, observations: Sequence[Observation]) -> dict[str, ImageFacts]:
+        """Analyses kept from earlier assessments, by media id."""
+        limit = self.settings.max_media_per_observation
+        media_ids = sorted({m.id for o in observations for m in photos_of(o, limit) if m.id})
+        rows = await self.repo.images(media_ids)
+        return {media_id: ImageFacts(**row.facts) for media_id, row in rows.items()}
+
+    def _photo_facts(
+        self, obs: Observation, stored: Mapping[str, ImageFacts], photos: Photos
+    ) -> tuple[Observation, dict[str, ImageFacts], dict[str, str]]:
+        """The observation's photo analyses by media URL, what could not be fetched, and the
+        observation with the EXIF read from its photos where it carried none."""
+        facts: dict[str, ImageFacts] = {}
+        unfetched: dict[str, str] = {}
+        for media in photos_of(obs, self.settings.max_media_per_observation):
+            assert media.url is not None
+            known = stored.get(media.id or "") or photos.analysed.get(media.url)
+            if known is not None:
+                facts[media.url] = known
+            elif media.url in photos.unfetched:
+                unfetched[media.url] = photos.unfetched[media.url]
+            else:
+                raise PhotosChanged(media.url)
+        if not facts:
+            return obs, facts, unfetched
+        with_exif = tuple(
+            dataclasses.replace(
+                m,
+                exif_taken_at=read.exif_taken_at,
+                exif_latitude=read.exif_latitude,
+                exif_longitude=read.exif_longitude,
+            )
+            if _lacks_exif(m) and (read := facts.get(m.url or "")) is not None
+            else m
+            for m in obs.media
+        )
+        return dataclasses.replace(obs, media=with_exif), facts, unfetched
+
+    async def _index(self, obs: Observation, facts: Mapping[str, ImageFacts]) -> None:
+        """Kept for later assessments and in the duplicate index."""
+        if obs.id is None:
+            return
+        for found in facts.values():
+            if found.media_id is None:
+                continue
+            bands = _bands(found.phash) if found.phash is not None else [None] * 4
+            await self.repo.save_image(
+                ImageRow(
+                    media_id=found.media_id,
+                    observation_id=obs.id,
+                    recorded_by=obs.recorded_by,
+                    facts=dataclasses.asdict(found),
+                    phash=_signed(found.phash) if found.phash is not None else None,
+                    band0=bands[0],
+                    band1=bands[1],
+                    band2=bands[2],
+                    band3=bands[3],
+                )
+            )
+
+    async def _duplicate_candidates(self, facts: Sequence[ImageFacts]) -> Sequence[ImageRow]:
+        """Indexed photos sharing a hash band with any of these: one query per batch."""
+        bands = [_bands(f.phash) for f in facts if f.phash is not None]
+        return await self.repo.images_sharing_a_band(bands, DUPLICATE_CANDIDATES_EACH)
+
+    @staticmethod
+    def _duplicates(
+        obs: Observation,
+        facts: Mapping[str, ImageFacts],
+        candidates: Sequence[ImageRow],
+        max_distance: int,
+    ) -> list[Duplicate]:
         found = []
-        ruleset_max = CHECKS["duplicates"].params["max_distance"]
-        for item in facts:
+        for item in facts.values():
             if item.phash is None:
                 continue
-            for other in await self.repo.images_sharing_a_band(_bands(item.phash), obs.id):
-                if other.phash is None:
+            for other in candidates:
+                if other.phash is None or obs.id == other.observation_id:
+                    continue  # the observation's own photos, indexed earlier
+                if item.media_id == other.media_id:
                     continue
                 distance = images.hamming(item.phash, other.phash % (1 << 64))
-                if distance <= ruleset_max:
+                if distance <= max_distance:
                     found.append(
                         Duplicate(
                             item.media_id,
@@ -421,15 +535,31 @@ class QualityService:
 
     # --- events -----------------------------------------------------------------------------
 
-    async def observed(self, body: dict[str, Any], when: datetime) -> None:
+    async def photos_to_fetch(self, body: dict[str, Any]) -> list[Media]:
+        """Read side of an event: the photos of this observation not analysed yet."""
+        obs = observation_from(ObservationIn.model_validate(body))
+        return self.photos.wanted([obs], await self._stored_photos([obs]))
+
+    async def snapshot(
+        self, observation_id: str, changed: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """The observation as this service has it, with ``changed`` applied; None when
+        unknown (read side: nothing locked)."""
+        prior = await self.repo.seen(observation_id)
+        if prior is None:
+            return None
+        return merge_changes(prior.body, changed or {})
+
+    async def observed(self, body: dict[str, Any], when: datetime, photos: Photos) -> None:
         """An observation created or changed: keep its snapshot, score it, publish."""
         data = ObservationIn.model_validate(body)
-        assessment, obs, result = await self.assess(data, record=True)
+        [(assessment, obs, result)] = await self.assess_many([data], record=True, photos=photos)
         match = await self.knowledge.match(obs.scientific_name) if obs.scientific_name else None
         taxon = result.community.name if result.community else None
         if taxon is None and match is not None and match.taxon is not None:
             taxon = match.taxon.scientific_name
         assert obs.id is not None
+        prior = self.cache_keys(await self.repo.seen(obs.id))
         await self.repo.save_seen(
             SeenObservation(
                 id=obs.id,
@@ -451,6 +581,7 @@ class QualityService:
                 updated_at=when,
             )
         )
+        self.cache.changed([prior[0], obs.recorded_by], [prior[1], taxon])
         await self.repo.add_assessment(
             AssessmentRow(
                 id=assessment["assessment_id"],
@@ -468,14 +599,24 @@ class QualityService:
         if self.events is not None:
             self.events.emit(SCORED, assessment, f"observation/{obs.id}")
 
-    async def created(self, body: dict[str, Any], when: datetime) -> None:
+    @staticmethod
+    def cache_keys(row: SeenObservation | None) -> tuple[str | None, str | None]:
+        """The observer and taxon whose cached summaries a change of ``row`` affects."""
+        return (row.recorded_by, row.taxon) if row is not None else (None, None)
+
+    async def created(self, body: dict[str, Any], when: datetime, photos: Photos) -> None:
         prior = await self.repo.seen(str(body.get("id")), for_update=True)
         if prior is not None and prior.version > int(body.get("version") or 0):
             return  # a later update already got here
-        await self.observed(body, when)
+        await self.observed(body, when, photos)
 
     async def updated(
-        self, observation_id: str, version: int | None, changed: Mapping[str, Any], when: datetime
+        self,
+        observation_id: str,
+        version: int | None,
+        changed: Mapping[str, Any],
+        when: datetime,
+        photos: Photos,
     ) -> bool:
         """False when the observation is unknown here (the caller may fetch it)."""
         prior = await self.repo.seen(observation_id, for_update=True)
@@ -485,15 +626,18 @@ class QualityService:
             return True
         body = merge_changes(prior.body, changed)
         body["version"] = max(prior.version, version or 0)
-        await self.observed(body, when)
+        await self.observed(body, when, photos)
         return True
 
     async def deleted(self, observation_id: str) -> None:
         prior = await self.repo.seen(observation_id, for_update=True)
         if prior is not None:
+            self.cache.changed([prior.recorded_by], [prior.taxon])
             await self.repo.save_seen(replace_row(prior, deleted=True))
 
-    async def identified(self, observation_id: str, body: dict[str, Any], when: datetime) -> None:
+    async def identified(
+        self, observation_id: str, body: dict[str, Any], when: datetime, photos: Photos
+    ) -> None:
         """Plant identification's verdict: kept, and the observation re-scored with it."""
         prior_id = await self.repo.machine_id(observation_id)
         if prior_id is not None and prior_id.identified_at.replace(tzinfo=UTC) > when:
@@ -503,7 +647,7 @@ class QualityService:
         )
         prior = await self.repo.seen(observation_id, for_update=True)
         if prior is not None and not prior.deleted:
-            await self.observed(prior.body, when)
+            await self.observed(prior.body, when, photos)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -546,7 +690,7 @@ class QualityService:
                 created_at=datetime.now(UTC),
             )
         )
-        self.rulesets.forget(project)
+        self.cache.rulesets.forget(project)
         return await self.ruleset(project)
 
 

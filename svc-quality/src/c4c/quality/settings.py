@@ -23,6 +23,12 @@ class QualitySettings(ServiceSettings):
     image_workers: int = Field(2, ge=1, description="Photos analysed at once (threads).")
     batch_max_items: int = Field(1000, ge=1, description="Observations in one :batch call.")
     history_limit: int = Field(50, ge=1, description="Assessments listed per observation.")
+    context_ttl_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds rule sets, observers' records and taxa's accepted records are "
+        "cached (this replica's own writes refresh them at once).",
+    )
     preload: bool = Field(
         True, description="Load the taxonomy and geography at start-up, in the background."
     )

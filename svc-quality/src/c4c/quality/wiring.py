@@ -1,5 +1,5 @@
 """How the service's parts meet: the outbox as event sink, the suite's clients as media
-source, the offline knowledge and the photo worker limit made once per app."""
+source, the offline knowledge, the caches and the photo worker limit made once per app."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from c4c.quality.background import ContextCache
 from c4c.quality.repository import Repository
-from c4c.quality.service import Knowledge, MediaSource, QualityService, RuleSetCache
+from c4c.quality.service import Knowledge, MediaSource, PhotoAnalyser, QualityService
 from c4c.quality.settings import QualitySettings
 from c4c.shared.app import ServiceRuntime
 
@@ -28,19 +29,28 @@ class Parts:
         self.runtime = runtime
         self.settings = settings
         self.knowledge = Knowledge()
-        self.image_limiter = anyio.CapacityLimiter(settings.image_workers)
-        self.media: MediaSource = runtime.clients
-        self.rulesets = RuleSetCache()
+        self.cache = ContextCache(settings.context_ttl_s)
+        self.photos = PhotoAnalyser(
+            runtime.clients, settings, anyio.CapacityLimiter(settings.image_workers)
+        )
+
+    @property
+    def media(self) -> MediaSource:
+        return self.photos.media
+
+    @media.setter
+    def media(self, source: MediaSource) -> None:
+        """Another media source (tests and benchmarks: a fake instead of the network)."""
+        self.photos.media = source
 
     def service(self, session: AsyncSession, *, publish: bool = False) -> QualityService:
         return QualityService(
             Repository(session),
             OutboxSink(self.runtime, session) if publish else None,
             self.settings,
-            self.media,
+            self.photos,
             self.knowledge,
-            self.image_limiter,
-            self.rulesets,
+            self.cache,
         )
 
     async def fetch_observation(self, observation_id: str) -> dict[str, Any] | None:

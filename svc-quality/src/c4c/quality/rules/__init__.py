@@ -6,6 +6,7 @@ the defaults below (version 0 is the built-in rule set)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,16 @@ class RuleSet:
     def enabled(self, name: str) -> bool:
         return self.settings(name).enabled
 
+    @functools.cached_property
+    def plan(self) -> tuple[tuple[str, Rule, Mapping[str, Any], float], ...]:
+        """The enabled checks with their merged parameters and weights, worked out once per
+        rule set rather than once per assessment."""
+        return tuple(
+            (name, check.rule, self.params(name), self.settings(name).weight)
+            for name, check in CHECKS.items()
+            if self.enabled(name)
+        )
+
 
 @dataclass(frozen=True)
 class Result:
@@ -182,13 +193,11 @@ class Result:
 
 
 def assess(obs: Observation, ctx: Context, ruleset: RuleSet) -> Result:
-    flags: list[Flag] = []
-    for name, check in CHECKS.items():
-        settings = ruleset.settings(name)
-        if not settings.enabled:
-            continue
-        for finding in check.rule(obs, ctx, ruleset.params(name)):
-            flags.append(_flag(finding, settings.weight, name))
+    flags = [
+        _flag(finding, weight, name)
+        for name, rule, params, weight in ruleset.plan
+        for finding in rule(obs, ctx, params)
+    ]
     score = round(max(0.0, 100.0 - sum(f.effect for f in flags)), 1)
     codes = {f.code for f in flags}
     result = grade(

@@ -3,6 +3,7 @@ interval), checked for being a real date, likely, and agreeing with the photos' 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -34,8 +35,10 @@ def _single(text: str) -> tuple[datetime, datetime]:
     return instant, instant + timedelta(microseconds=1)
 
 
+@functools.lru_cache(maxsize=8192)
 def event_period(text: str) -> tuple[datetime, datetime]:
-    """``[start, end)`` in UTC of an event date; ValueError when it is no real date."""
+    """``[start, end)`` in UTC of an event date; ValueError when it is no real date (cached:
+    several checks and the service parse the same date)."""
     first, slash, second = text.strip().partition("/")
     start, end = _single(first)
     if slash:

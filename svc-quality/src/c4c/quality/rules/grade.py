@@ -6,9 +6,10 @@ the species do not agree — is a species or lower, else it *needs an id*."""
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from c4c.quality.rules.model import Finding, Grade, Identification, Observation
@@ -19,7 +20,7 @@ SPECIES_OR_LOWER = frozenset(
     {"species", "hybrid", "subspecies", "variety", "form", "infrahybrid", "complex"}
 )
 NEEDS_ID_ANCESTOR_RANKS = frozenset({"family", "subfamily", "tribe", "subtribe", "genus"})
-AGREEMENT = Fraction(2, 3)
+MIN_SUPPORTING = 2
 
 
 @dataclass(frozen=True)
@@ -40,19 +41,37 @@ def community_taxon(
     for ident in identifications:
         if ident.kind == "human":
             latest[ident.identified_by] = ident
-    paths: list[list[tuple[str, str]]] = []
-    for ident in latest.values():
-        taxon = taxon_of(ident.scientific_name)
-        paths.append(taxon.ancestry() if taxon else [("unranked", ident.scientific_name)])
+    if len(latest) < MIN_SUPPORTING:
+        return None
+    paths = tuple(
+        taxon.ancestry() if (taxon := taxon_of(ident.scientific_name)) else _unranked(ident)
+        for ident in latest.values()
+    )
+    return _agreed(paths)
+
+
+def _unranked(ident: Identification) -> tuple[tuple[str, str], ...]:
+    return (("unranked", ident.scientific_name),)
+
+
+@functools.lru_cache(maxsize=8192)
+def _agreed(paths: tuple[tuple[tuple[str, str], ...], ...]) -> CommunityTaxon | None:
+    """The community taxon of identifications given as ancestries (cached: the same few
+    combinations of names recur across observations)."""
+    members = [frozenset(p) for p in paths]
+    support = Counter(node for m in members for node in m)
+    leaves = [(p[-1], m) for p, m in zip(paths, members, strict=True)]
     best: tuple[int, CommunityTaxon] | None = None
     for path in paths:
         for depth, node in enumerate(path):
-            supporting = sum(1 for p in paths if node in p)
+            supporting = support[node]
+            if supporting < MIN_SUPPORTING or (best is not None and depth <= best[0]):
+                continue
             # Identifications of an ancestor of this node neither support nor contradict it.
-            ancestors = sum(1 for p in paths if node not in p and p[-1] in path[:depth])
+            above = path[:depth]
+            ancestors = sum(1 for leaf, m in leaves if node not in m and leaf in above)
             considered = len(paths) - ancestors
-            agreed = supporting >= 2 and Fraction(supporting, considered) > AGREEMENT
-            if agreed and (best is None or depth > best[0]):
+            if 3 * supporting > 2 * considered:  # more than 2/3 agreement, in integers
                 best = (depth, CommunityTaxon(node[1], node[0], supporting, considered))
     return best[1] if best else None
 

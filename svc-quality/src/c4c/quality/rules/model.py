@@ -75,6 +75,10 @@ class ImageFacts:
     clipped_highlights: float = 0.0
     clipped_shadows: float = 0.0
     phash: int | None = None
+    exif_taken_at: str | None = None
+    exif_latitude: float | None = None
+    exif_longitude: float | None = None
+    """Read from the photo's bytes when the observation did not carry them."""
 
 
 @dataclass(frozen=True)

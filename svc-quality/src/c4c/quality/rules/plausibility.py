@@ -157,6 +157,8 @@ def measurement_key(type_: str, unit: str | None) -> str:
 
 
 def measurements(obs: Observation, ctx: Context, params: Mapping[str, Any]) -> list[Finding]:
+    if not obs.measurements:
+        return []
     findings = []
     ranges = {**PHYSICAL_RANGES, **{k.lower(): tuple(v) for k, v in params["ranges"].items()}}
     for m in obs.measurements:

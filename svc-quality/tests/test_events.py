@@ -1,0 +1,193 @@
+"""Scoring on events: a redelivered event scores once, photos are fetched with no database
+lock held, EXIF is read from the photo's bytes when the observation lacks it, and the
+duplicate check follows the project's rule set."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+from fastapi import FastAPI
+from PIL import Image
+from sqlalchemy import text
+
+from c4c.quality.images import analyse, hamming
+from c4c.shared.bus import CloudEvent, new_event
+
+PREFIX = "/quality/v1"
+PHOTO_URL = "http://media.test/photo.jpg"
+
+
+def created(body: dict[str, Any]) -> CloudEvent:
+    return new_event("ingest", "observation.created", body, subject=f"observation/{body['id']}")
+
+
+async def collect_scored(app: FastAPI, unique_name: Callable[[str], str]) -> list[CloudEvent]:
+    seen: list[CloudEvent] = []
+
+    async def keep(event: CloudEvent) -> None:
+        seen.append(event)
+
+    await app.state.runtime.bus.subscribe(unique_name("scored"), ["observation.scored"], keep)
+    return seen
+
+
+def photo(test_data: Path, species: str = "Helianthus_annuus") -> bytes:
+    return sorted((test_data / "plants" / species).glob("*.jpg"))[0].read_bytes()
+
+
+async def test_a_redelivered_event_is_scored_once(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    observation: Any,
+    unique_name: Callable[[str], str],
+    eventually: Any,
+) -> None:
+    scored = await collect_scored(app, unique_name)
+    event = created(observation())
+    bus = app.state.runtime.bus
+    await bus.publish(event)
+    await bus.publish(event)  # the same id again: a redelivery
+    await eventually(lambda: len(scored) >= 1, timeout=60)
+    await bus.drain(10)
+    assert len(scored) == 1
+    assert scored[0].data["observation_id"] == observation()["id"]
+    history = (await client.get(f"{PREFIX}/assessments/{observation()['id']}")).json()
+    assert len(history["history"]) == 1
+    assert history["latest"]["assessment_id"] == scored[0].data["assessment_id"]
+
+
+async def test_photos_are_fetched_with_no_database_lock_held(
+    app: FastAPI,
+    media: Any,
+    observation: Any,
+    test_data: Path,
+    unique_name: Callable[[str], str],
+    eventually: Any,
+) -> None:
+    """While the consumer fetches a photo, another session can write: the fetch does not
+    happen inside the consumer's transaction (SQLite's write lock, a pooled connection)."""
+    db = app.state.runtime.db
+    writes_during_fetch: list[bool] = []
+
+    class WritingWhileFetched:
+        async def fetch(self, url: str, *, max_bytes: int) -> bytes:
+            async def write() -> None:
+                async with db.sessions() as session, session.begin():
+                    await session.execute(text("CREATE TABLE IF NOT EXISTS probe (x INTEGER)"))
+
+            try:
+                await asyncio.wait_for(write(), timeout=5)
+                writes_during_fetch.append(True)
+            except TimeoutError:
+                writes_during_fetch.append(False)
+            return bytes(await media.fetch(url, max_bytes=max_bytes))
+
+    media.files[PHOTO_URL] = photo(test_data)
+    app.state.parts.media = WritingWhileFetched()
+    scored = await collect_scored(app, unique_name)
+    media_item = {"id": "m-1", "url": PHOTO_URL, "type": "image", "format": "image/jpeg"}
+    await app.state.runtime.bus.publish(created(observation(media=[media_item])))
+    await eventually(lambda: len(scored) >= 1, timeout=60)
+    assert writes_during_fetch == [True]
+    codes = {f["code"] for f in scored[0].data["flags"]}
+    assert "MEDIA_MISSING" not in codes
+    assert "MULTIMEDIA_URI_INVALID" not in codes
+
+
+def _with_exif_date(data: bytes, taken: str) -> bytes:
+    image = Image.open(io.BytesIO(data))
+    exif = Image.Exif()
+    exif[0x0132] = taken  # DateTime, what cameras write next to DateTimeOriginal
+    out = io.BytesIO()
+    image.save(out, format="JPEG", exif=exif.tobytes(), quality=90)
+    return out.getvalue()
+
+
+async def test_exif_is_read_from_the_photo_when_the_observation_lacks_it(
+    client: httpx.AsyncClient, media: Any, observation: Any, test_data: Path
+) -> None:
+    media.files[PHOTO_URL] = _with_exif_date(photo(test_data), "2019:08:01 12:00:00")
+    bare = {"id": "m-1", "url": PHOTO_URL, "type": "image"}  # no created/exifLatitude
+    response = await client.post(f"{PREFIX}/assessments", json=observation(media=[bare]))
+    assert response.status_code == 200, response.text
+    flags = {f["code"]: f for f in response.json()["flags"]}
+    assert flags["RECORDED_DATE_MISMATCH"]["evidence"]["exifDate"].startswith("2019-08-01")
+    # What the observation says wins over the bytes: a capture time that agrees.
+    stated = {**bare, "created": "2024-05-03T09:00:00+02:00"}
+    response = await client.post(f"{PREFIX}/assessments", json=observation(media=[stated]))
+    assert "RECORDED_DATE_MISMATCH" not in {f["code"] for f in response.json()["flags"]}
+
+
+async def test_duplicates_follow_the_rule_sets_max_distance(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    media: Any,
+    observation: Any,
+    test_data: Path,
+    unique_name: Callable[[str], str],
+    eventually: Any,
+) -> None:
+    original = photo(test_data, "Fritillaria_meleagris")
+    image = cv2.imdecode(np.frombuffer(original, dtype=np.uint8), cv2.IMREAD_COLOR)
+    # The same photo brightened and re-encoded: a near-duplicate a few bits away.
+    copy = cv2.imencode(".jpg", cv2.convertScaleAbs(image, alpha=1.3, beta=20))[1].tobytes()
+    first = analyse(original, "a", max_pixels=10**8).phash
+    second = analyse(copy, "b", max_pixels=10**8).phash
+    assert first is not None
+    assert second is not None
+    distance = hamming(first, second)
+    assert 0 < distance <= 6, "the copy must differ a little for this test to mean something"
+
+    media.files[PHOTO_URL] = original
+    media.files["http://media.test/copy.jpg"] = copy
+    scored = await collect_scored(app, unique_name)
+    indexed = {"id": "m-original", "url": PHOTO_URL, "type": "image"}
+    await app.state.runtime.bus.publish(
+        created(observation(id="obs-original", recordedBy="someone-else", media=[indexed]))
+    )
+    await eventually(lambda: len(scored) >= 1, timeout=60)
+
+    reused = observation(
+        id="obs-copy", media=[{"id": "m-copy", "url": "http://media.test/copy.jpg"}]
+    )
+
+    async def duplicate_flagged() -> bool:
+        body = (await client.post(f"{PREFIX}/assessments", json=reused)).json()
+        return "IMAGE_DUPLICATE" in {f["code"] for f in body["flags"]}
+
+    assert await duplicate_flagged()  # the built-in max_distance is 6
+    strict = {"checks": {"duplicates": {"params": {"max_distance": distance - 1}}}}
+    put = await client.put(f"{PREFIX}/rulesets/{reused['datasetID']}", json=strict)
+    assert put.status_code == 200, put.text
+    assert not await duplicate_flagged()
+
+
+async def test_an_observers_past_readings_flag_a_stuck_sensor(
+    app: FastAPI,
+    observation: Any,
+    unique_name: Callable[[str], str],
+    eventually: Any,
+) -> None:
+    """The observer's earlier readings come from the store (a JSON column queried on both
+    databases) and the fifth identical reading is flagged as stuck."""
+    scored = await collect_scored(app, unique_name)
+    bus = app.state.runtime.bus
+    reading = [{"measurementType": "PM2.5", "measurementValue": 12.0, "measurementUnit": "µg/m³"}]
+    for n in range(5):
+        body = observation(
+            id=f"0b7c6f5e-2222-4c1e-9c4e-00000000000{n}",
+            eventDate=f"2024-05-0{n + 1}T10:15:00+02:00",
+            measurements=reading,
+        )
+        await bus.publish(created(body))
+        await eventually(lambda n=n: len(scored) == n + 1, timeout=60)
+    codes = [[flag["code"] for flag in event.data["flags"]] for event in scored]
+    assert "MEASUREMENT_STUCK" not in codes[0]
+    assert "MEASUREMENT_STUCK" in codes[-1]
