@@ -39,12 +39,19 @@ class VideoSettings(ServiceSettings):
     analysis_fps: float = Field(
         10.0, ge=0, description="Frames analysed per second of video; 0 = every frame."
     )
-    analysis_width: int = Field(320, ge=32, description="Analysis downscales frames to this width.")
+    analysis_width: int = Field(
+        0,
+        ge=0,
+        description="Analysis downscales frames to this width; 0 = by frame size (a quarter "
+        "of the source width, between 240 and 320).",
+    )
     subtractor: Literal["mog2", "knn"] = Field("mog2", description="Background subtractor.")
     learning_rate: float = Field(
         -1.0, le=1.0, description="Background learning rate; -1 = automatic."
     )
-    var_threshold: float = Field(25.0, gt=0, description="Background subtractor threshold.")
+    var_threshold: float = Field(
+        16.0, gt=0, description="Background subtractor threshold (on the luma plane)."
+    )
     min_area: float = Field(
         0.001, gt=0, lt=1, description="Smallest blob, as a fraction of the frame."
     )
@@ -53,8 +60,7 @@ class VideoSettings(ServiceSettings):
     clip_width: int = Field(
         320,
         ge=32,
-        description="Width of event clips; equal to analysis_width, clips reuse the analysis "
-        "frame (no second resize).",
+        description="Width of event clips (colour, converted from the decoder's YUV at this size).",
     )
     clip_seconds: float = Field(15.0, gt=0, description="Longest event clip.")
     job_workers: int = Field(1, ge=1, description="Clips analysed at the same time.")

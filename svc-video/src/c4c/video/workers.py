@@ -26,10 +26,13 @@ import cv2
 from c4c.shared.app import ServiceRuntime
 from c4c.shared.urls import UnsafeURL, check_url
 from c4c.video import repository
-from c4c.video.analysis.pipeline import DetectedEvent, Frame
+from c4c.video.analysis.pictures import Picture
+from c4c.video.analysis.pipeline import DetectedEvent
 from c4c.video.analysis.sources import (
     Backoff,
     Cancelled,
+    Capture,
+    ClosedCapture,
     StreamWorker,
     VideoUnreadable,
     analyse_file,
@@ -279,13 +282,13 @@ class Workers:
         def sink(event: DetectedEvent) -> None:
             bridge.call(self._store_detection(source, event))
 
-        def opener(url: str) -> Any:
+        def opener(url: str) -> Capture:
             # DNS answers and redirects may have changed since the stream was registered.
             try:
                 target = bridge.call(check_url(url, policy), timeout=settings.open_timeout * 2)
             except UnsafeURL as exc:
                 log.warning("stream URL refused", extra={"stream": stream_id, "reason": str(exc)})
-                return _Closed()
+                return ClosedCapture()
             return open_capture(target, settings.open_timeout, settings.read_timeout)
 
         worker = StreamWorker(
@@ -323,18 +326,8 @@ class Workers:
         return await asyncio.to_thread(_jpeg, frame)
 
 
-class _Closed:
-    """A capture that never opened (the URL was refused on reconnection)."""
-
-    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
-        return False
-
-    def release(self) -> None:
-        return None
-
-
-def _jpeg(frame: Frame) -> bytes:
-    ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 85])
+def _jpeg(picture: Picture) -> bytes:
+    ok, data = cv2.imencode(".jpg", picture.colour(), [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:  # pragma: no cover - any uint8 BGR frame encodes
         raise RuntimeError("could not encode a snapshot")
     return bytes(data.tobytes())

@@ -1,8 +1,10 @@
 """Where frames come from: a clip on disk (every frame decoded, as fast as possible) or a
 live stream (real time: reconnects with backoff, skips frames when analysis falls behind).
 
-Each source runs a reader thread that decodes while the analysis thread analyses, so the
-two use both cores: OpenCV's decode and image calls release the GIL.
+Decoding is PyAV's (FFmpeg): frames stay YUV and the analysis reads their luma plane, so
+no frame pays for a full-size colour conversion it does not need; OpenCV is the fallback
+for inputs PyAV cannot decode. Each source runs a reader thread that decodes while the
+analysis thread analyses, so the two use both cores: FFmpeg and OpenCV release the GIL.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import av
+import av.container
 import cv2
 
 from c4c.video.analysis.counting import Counters
-from c4c.video.analysis.pipeline import AnalysisParams, Analyzer, EventSink, Frame, RateGate
+from c4c.video.analysis.pictures import ArrayPicture, DecodedPicture, Picture
+from c4c.video.analysis.pipeline import AnalysisParams, Analyzer, EventSink, RateGate
 
 log = logging.getLogger("c4c.video.sources")
 
@@ -64,9 +69,148 @@ class FrameObserver:
     def status(self, status: str) -> None: ...
 
 
-def open_capture(url: str, open_timeout: float = 10.0, read_timeout: float = 10.0) -> Any:
-    """An FFmpeg-backed capture with timeouts, so a dead source cannot hang a thread."""
-    return cv2.VideoCapture(
+class Capture(Protocol):
+    """An opened source: ``grab`` decodes the next frame, ``retrieve`` hands it over."""
+
+    @property
+    def fps(self) -> float: ...
+    @property
+    def frames_declared(self) -> int: ...
+    def isOpened(self) -> bool: ...  # noqa: N802 - OpenCV's name
+    def grab(self) -> bool: ...
+    def retrieve(self) -> Picture | None: ...
+    def release(self) -> None: ...
+
+
+def _rate(fps: float) -> float:
+    return float(fps) if math.isfinite(fps) and 0 < fps < 1000 else DEFAULT_FPS
+
+
+class PyAVCapture:
+    """FFmpeg through PyAV: frames stay in YUV until a use asks for colour (see
+    :mod:`c4c.video.analysis.pictures`). A packet that does not decode is skipped, like
+    OpenCV does; a read error or time-out ends the source."""
+
+    def __init__(self, container: av.container.InputContainer) -> None:
+        self.container = container
+        self.stream = container.streams.video[0]
+        # FFmpeg decodes on the reader thread alone (slice threads at most): the analysis
+        # thread has the other core, and frame threads only added CPU time in the bench.
+        self.stream.thread_type = "SLICE"
+        self.fps = _rate(float(self.stream.average_rate or self.stream.guessed_rate or 0))
+        self.frames_declared = self.stream.frames or self._estimated_frames()
+        self._frames = self._decode()
+        self._frame: av.VideoFrame | None = None
+
+    def _estimated_frames(self) -> int:
+        """Containers without a frame count (MPEG-PS, streams): from the duration, if any."""
+        stream, seconds = self.stream, 0.0
+        if stream.duration is not None and stream.time_base is not None:
+            seconds = float(stream.duration * stream.time_base)
+        elif self.container.duration is not None:
+            seconds = self.container.duration / av.time_base
+        return max(0, int(seconds * self.fps))
+
+    def _decode(self) -> Generator[av.VideoFrame]:
+        for packet in self.container.demux(self.stream):
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:  # a damaged packet: the next keyframe recovers
+                continue
+            for frame in frames:
+                if isinstance(frame, av.VideoFrame):
+                    yield frame
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return True
+
+    def grab(self) -> bool:
+        try:
+            self._frame = next(self._frames, None)
+        except (av.FFmpegError, OSError) as exc:  # read error, time-out, connection reset
+            log.info("source stopped: %s", exc)
+            self._frame = None
+        return self._frame is not None
+
+    def retrieve(self) -> Picture | None:
+        return DecodedPicture(self._frame) if self._frame is not None else None
+
+    def release(self) -> None:
+        self._frame = None
+        self._frames.close()
+        self.container.close()
+
+
+class OpenCVCapture:
+    """The fallback for what PyAV cannot open: OpenCV's own FFmpeg build, BGR frames."""
+
+    def __init__(self, capture: Any) -> None:
+        self.capture = capture
+        self.fps = _rate(float(capture.get(cv2.CAP_PROP_FPS) or 0.0))
+        self.frames_declared = max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0))
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return bool(self.capture.isOpened())
+
+    def grab(self) -> bool:
+        return bool(self.capture.grab())
+
+    def retrieve(self) -> Picture | None:
+        ok, pixels = self.capture.retrieve()
+        return ArrayPicture(pixels) if ok else None
+
+    def release(self) -> None:
+        self.capture.release()
+
+
+class ClosedCapture:
+    """A source that did not open (refused, unreachable, not a video)."""
+
+    fps = DEFAULT_FPS
+    frames_declared = 0
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return False
+
+    def grab(self) -> bool:
+        return False
+
+    def retrieve(self) -> Picture | None:
+        return None
+
+    def release(self) -> None:
+        return None
+
+
+# PyAV errors that say the input is not something it can decode, as opposed to a source
+# that is unreachable, slow or refusing: only those are worth a second try with OpenCV.
+_UNSUPPORTED = (
+    av.error.InvalidDataError,
+    av.error.DecoderNotFoundError,
+    av.error.DemuxerNotFoundError,
+    av.error.PatchWelcomeError,
+    IndexError,  # no video stream
+)
+
+
+def open_capture(url: str, open_timeout: float = 10.0, read_timeout: float = 10.0) -> Capture:
+    """Open a file path or an already-checked URL with time-outs, so a dead source cannot
+    hang a thread; OpenCV gets a second try only when PyAV says it cannot decode it."""
+    options = {"rtsp_transport": "tcp"} if url.lower().startswith("rtsp") else {}
+    container: av.container.InputContainer | None = None
+    try:
+        container = av.open(url, options=options, timeout=(open_timeout, read_timeout))
+        return PyAVCapture(container)
+    except _UNSUPPORTED as exc:
+        reason = str(exc)
+    except (av.FFmpegError, OSError) as exc:
+        log.info("source could not be opened: %s", exc)
+        if container is not None:
+            container.close()
+        return ClosedCapture()
+    if container is not None:
+        container.close()
+    capture = cv2.VideoCapture(
         url,
         cv2.CAP_FFMPEG,
         [
@@ -76,11 +220,11 @@ def open_capture(url: str, open_timeout: float = 10.0, read_timeout: float = 10.
             int(read_timeout * 1000),
         ],
     )
-
-
-def _fps(capture: Any) -> float:
-    fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
-    return float(fps) if math.isfinite(fps) and 0 < fps < 1000 else DEFAULT_FPS
+    if not capture.isOpened():
+        capture.release()
+        return ClosedCapture()
+    log.info("PyAV could not decode the source (%s): OpenCV does", reason)
+    return OpenCVCapture(capture)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +266,9 @@ def analyse_file(
             "not a readable video: no container or codec that FFmpeg can open was found "
             "(corrupt, truncated before its index, or not a video)"
         )
-    fps = _fps(capture)
-    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
-    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    declared = max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0))
+    fps = capture.fps
+    width = height = 0
+    declared = capture.frames_declared
     frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
     gate = RateGate(params.analysis_fps)
     counts = {"decoded": 0}
@@ -140,9 +283,9 @@ def analyse_file(
                 observer.decoded()
                 t = index / fps
                 if gate.due(t):
-                    ok, frame = capture.retrieve()
-                    if ok:
-                        frames.put((index, t, frame))
+                    picture = capture.retrieve()
+                    if picture is not None:
+                        frames.put((index, t, picture))
                 else:
                     observer.skipped()
                 index += 1
@@ -162,13 +305,13 @@ def analyse_file(
             item = frames.get()
             if item is _END:
                 break
-            index, t, frame = item
+            index, t, picture = item
             if analyzer is None:
-                height, width = frame.shape[:2]
+                width, height = picture.size
                 analyzer = Analyzer(
                     params, frame_size=(width, height), fps=fps, sink=sink, clip_dir=clip_dir
                 )
-            analyzer.process(index, t, frame)
+            analyzer.process(index, t, picture)
             analysed += 1
             observer.analysed()
             now = time.monotonic()
@@ -234,7 +377,7 @@ class StreamWorker:
         counters: Counters | None = None,
         backoff: Backoff | None = None,
         observer: FrameObserver | None = None,
-        opener: Callable[[str], Any] = open_capture,
+        opener: Callable[[str], Capture] = open_capture,
         paused: bool = False,
     ) -> None:
         self.name = name
@@ -248,7 +391,7 @@ class StreamWorker:
         self.observer = observer or FrameObserver()
         self.opener = opener
         self.stats = FrameStats()
-        self.latest: Frame | None = None
+        self.latest: Picture | None = None  # for snapshots
         self.status = "starting"
         self._paused = threading.Event()
         if paused:
@@ -325,10 +468,10 @@ class StreamWorker:
                 self._analyzer.flush()
         self._set_status("stopped", None)
 
-    def _consume(self, capture: Any) -> int:
+    def _consume(self, capture: Capture) -> int:
         """Read the stream until it ends; returns how many frames arrived."""
-        fps = _fps(capture)
-        mailbox: list[tuple[int, float, float, Frame] | None] = [None]
+        fps = capture.fps
+        mailbox: list[tuple[int, float, float, Picture] | None] = [None]
         ready = threading.Condition()
         done = threading.Event()
         gate = RateGate(self.params.analysis_fps)
@@ -347,24 +490,21 @@ class StreamWorker:
                         self.stats.skipped += 1
                         self.observer.skipped()
                         continue
+                    picture = capture.retrieve()
+                    if picture is None:
+                        continue
+                    self.latest = picture
                     if self._paused.is_set():  # keep the snapshot fresh, analyse nothing
-                        ok, frame = capture.retrieve()
-                        if ok:
-                            self.latest = frame
                         self.stats.skipped += 1
                         self.observer.skipped()
                         continue
-                    ok, frame = capture.retrieve()
-                    if not ok:
-                        continue
-                    self.latest = frame
                     with ready:
                         if mailbox[0] is not None:  # analysis is behind: skip, do not queue
                             self.stats.skipped += 1
                             self.stats.dropped_late += 1
                             self.observer.skipped()
                             self.observer.dropped_late()
-                        mailbox[0] = (self.stats.decoded, t, arrived, frame)
+                        mailbox[0] = (self.stats.decoded, t, arrived, picture)
                         ready.notify()
             finally:
                 capture.release()
@@ -393,9 +533,9 @@ class StreamWorker:
                     first = False
                     self._set_status("paused" if self._paused.is_set() else "running", None)
                 self._report_pause()
-                index, t, arrived, frame = item
+                index, t, arrived, picture = item
                 if self._analyzer is None:
-                    height, width = frame.shape[:2]
+                    width, height = picture.size
                     self._analyzer = Analyzer(
                         self.params,
                         frame_size=(width, height),
@@ -404,7 +544,7 @@ class StreamWorker:
                         clip_dir=self.clip_dir,
                         counters=self.counters,
                     )
-                self._analyzer.process(index, t, frame)
+                self._analyzer.process(index, t, picture)
                 self.stats.analysed += 1
                 self.observer.analysed()
                 self.stats.lag = time.monotonic() - arrived
