@@ -125,6 +125,29 @@ async def test_concurrent_retries_create_one_observation(
     assert {a.json()["id"] for a in answers} == {obs_id}
 
 
+async def test_concurrent_creates_written_together_are_each_answered_alone(
+    client: httpx.AsyncClient, observation: Body, events: list[CloudEvent], eventually: Any
+) -> None:
+    # Concurrent creates share transactions (c4c.ingest.wiring.Creations): each still gets
+    # its own answer, and a shared id or key still makes one creation and a retry or a 409.
+    distinct = [observation(id=str(uuid.uuid4())) for _ in range(12)]
+    shared_id = str(uuid.uuid4())
+    same_id = [observation(id=shared_id), observation(id=shared_id, individualCount=7)]
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    same_key = [observation(), observation(individualCount=3)]
+    answers = await asyncio.gather(
+        *(client.post(f"{API}/observations", json=body) for body in distinct + same_id),
+        *(client.post(f"{API}/observations", json=body, headers=key) for body in same_key),
+    )
+    assert [a.status_code for a in answers[:12]] == [201] * 12
+    assert [a.json()["id"] for a in answers[:12]] == [body["id"] for body in distinct]
+    assert sorted(a.status_code for a in answers[12:14]) == [201, 409]
+    assert sorted(a.status_code for a in answers[14:]) == [201, 409]
+    stored = [a.json()["id"] for a in answers if a.status_code == 201]
+    assert len(set(stored)) == 14
+    await eventually(lambda: sorted(created_ids(events)) == sorted(stored))
+
+
 # --- validation ------------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from c4c.ingest.schemas import (
 )
 from c4c.ingest.service import BatchItem, IngestService, invalid_item
 from c4c.ingest.settings import IngestSettings
-from c4c.ingest.wiring import Parts
+from c4c.ingest.wiring import Creations, Parts
 from c4c.shared.db import SessionDep
 from c4c.shared.problems import BadRequest, BodyTooLarge, ProblemError
 
@@ -122,7 +122,7 @@ def _too_large(max_bytes: int) -> BodyTooLarge:
 
 
 def build_router(settings: IngestSettings) -> APIRouter:
-    router = APIRouter(prefix=PREFIX, tags=["ingest"])
+    router = APIRouter()
     json_routes = APIRouter(route_class=limited_route(settings.max_body_bytes))
     batch_routes = APIRouter(route_class=limited_route(settings.batch_max_bytes))
 
@@ -136,10 +136,10 @@ def build_router(settings: IngestSettings) -> APIRouter:
     async def create_observation(
         observation: ObservationCreate,
         request: Request,
-        session: SessionDep,
         idempotency_key: IdempotencyKey = None,
     ) -> Response:
-        result = await _service(request, session).create(observation, idempotency_key)
+        creations: Creations = request.app.state.creations
+        result = await creations.create(observation, idempotency_key)
         headers = {"Location": _location(result.observation["id"]), "ETag": result.etag}
         if not result.created:
             headers["Idempotent-Replayed"] = "true"
@@ -331,9 +331,12 @@ def build_router(settings: IngestSettings) -> APIRouter:
         assert path is not None  # the local disk adapter always has one
         return FileResponse(path, media_type=media.media_type, headers=headers)
 
-    router.include_router(json_routes)
-    router.include_router(batch_routes)
-    return router
+    # The JSON routes first: creating is the hot path, and every route tried before the
+    # match costs (see c4c.shared.app).
+    api = APIRouter(prefix=PREFIX, tags=["ingest"])
+    for routes in (json_routes, batch_routes, router):
+        api.include_router(routes)
+    return api
 
 
 async def _read(upload: UploadFile) -> AsyncIterator[bytes]:

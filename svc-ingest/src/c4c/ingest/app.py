@@ -5,7 +5,7 @@ from fastapi import FastAPI
 from c4c.ingest.api import MEDIA_OVERHEAD, build_router
 from c4c.ingest.consumers import consumers
 from c4c.ingest.settings import IngestSettings
-from c4c.ingest.wiring import Parts
+from c4c.ingest.wiring import Creations, Parts
 from c4c.shared.app import create_service_app
 from c4c.shared.bus import EventBus
 from c4c.shared.storage import LocalDiskStorage
@@ -33,5 +33,6 @@ def create_app(settings: IngestSettings | None = None, bus: EventBus | None = No
         consumers=consumers(settings, storage),
         body_limits={"/ingest/v1/observations": media_limit},
     )
-    app.state.parts = Parts(app.state.runtime, settings, storage)
+    app.state.parts = parts = Parts(app.state.runtime, settings, storage)
+    app.state.creations = Creations(parts, max_items=settings.batch_max_items)
     return app

@@ -86,12 +86,6 @@ class Repository:
                 found[f"key:{key}"] = Known(row_id, body_hash, deleted_at is not None)
         return found
 
-    async def insert_one(self, values: dict[str, Any]) -> bool:
-        """Insert; False when the id or key is taken (an earlier or concurrent request)."""
-        connection = await self.session.connection()
-        result = await connection.execute(_INSERT_NEW[connection.dialect.name], values)
-        return bool(result.rowcount)
-
     async def insert_many(self, rows: Sequence[dict[str, Any]]) -> set[str]:
         """Insert; the ids stored (a row whose id was taken concurrently is left out)."""
         if not rows:

@@ -369,34 +369,44 @@ class IngestService:
     # --- create ----------------------------------------------------------------------------
 
     async def create(self, model: ObservationCreate, idempotency_key: str | None) -> Created:
-        digest = body_hash(model)
-        values = new_row(
-            model, idempotency_key=idempotency_key, digest=digest, when=datetime.now(UTC)
-        )
-        if await self.repo.insert_one(values):
-            metrics.observations_created([(values["dataset_id"], values["basis_of_record"])])
-            observation = self._represent(row_from_values(values))
-            await self._emit(CREATED, values["id"], observation)
-            return Created(observation, f'"{values["version"]}"', created=True)
-        # The id or key is taken, by an earlier or a concurrent request: a retry is answered
-        # as the first time, a different body is a conflict.
-        replay = await self._replay(model, idempotency_key, digest)
-        if replay is None:  # pragma: no cover - the winner's row must be visible by now
-            raise IdempotencyConflict("A concurrent request is creating this observation.")
-        return replay
+        created = (await self.create_many([(model, idempotency_key)]))[0]
+        return created or await self.replay(model, idempotency_key)
 
-    async def _replay(
-        self, model: ObservationCreate, idempotency_key: str | None, digest: str
-    ) -> Created | None:
+    async def create_many(
+        self, requests: Sequence[tuple[ObservationCreate, str | None]]
+    ) -> list[Created | None]:
+        """Store new observations together, each with its event: one outcome per request,
+        None where its id or key is taken (by an earlier or a concurrent request: see
+        :meth:`replay`). The requests' ids and keys must differ from one another."""
+        when = datetime.now(UTC)
+        rows = [
+            new_row(model, idempotency_key=key, digest=body_hash(model), when=when)
+            for model, key in requests
+        ]
+        inserted = await self.repo.insert_many(rows)
+        stored = [values for values in rows if values["id"] in inserted]
+        metrics.observations_created((v["dataset_id"], v["basis_of_record"]) for v in stored)
+        created = {v["id"]: self._represent(row_from_values(v)) for v in stored}
+        await self.events.emit(CREATED, ((_subject(i), o) for i, o in created.items()))
+        return [
+            Created(created[v["id"]], f'"{v["version"]}"', created=True)
+            if v["id"] in created
+            else None
+            for v in rows
+        ]
+
+    async def replay(self, model: ObservationCreate, idempotency_key: str | None) -> Created:
+        """The answer to a create whose id or key is taken: a retry is answered as the first
+        time, a different body is a conflict."""
         ids = [str(model.id)] if model.id else []
         known = await self.repo.known(ids=ids, idempotency_key=idempotency_key)
         prior = known.get(ids[0]) if ids else None
         what = "this id"
         if prior is None and idempotency_key is not None:
             prior, what = known.get(f"key:{idempotency_key}"), "this Idempotency-Key"
-        if prior is None:
-            return None
-        _replay_or_conflict(prior, digest, what)
+        if prior is None:  # pragma: no cover - the winner's row must be visible by now
+            raise IdempotencyConflict("A concurrent request is creating this observation.")
+        _replay_or_conflict(prior, body_hash(model), what)
         row = await self._alive(prior.id)
         return Created(await self._full(row), etag(row), created=False)
 
