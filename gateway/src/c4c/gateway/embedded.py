@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 from importlib.metadata import entry_points
 
-import httpx
 from fastapi import FastAPI
 
 from c4c.gateway._upstreams import UpstreamSpec
 from c4c.shared.app import ServiceRuntime
+from c4c.shared.asgi import StreamingASGITransport
 from c4c.shared.bus import EventBus
 
 log = logging.getLogger("c4c.gateway")
@@ -32,7 +32,7 @@ def in_process_upstreams(apps: list[FastAPI]) -> list[UpstreamSpec]:
     specs = []
     for app in apps:
         runtime: ServiceRuntime = app.state.runtime
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        transport = StreamingASGITransport(app, raise_app_exceptions=False)
         url = f"http://{runtime.service}.embedded"
         specs.append(UpstreamSpec(runtime.service, app.state.prefixes, [(url, transport)]))
     return specs

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 from starlette.types import ASGIApp
 
+from c4c.shared.asgi import StreamingASGITransport
 from c4c.shared.auth import PRINCIPAL_HEADER, Principal, principal_secret, sign_principal
 from c4c.shared.context import REQUEST_ID_HEADER, request_id_var
 from c4c.shared.problems import BodyTooLarge, ProblemError
@@ -96,7 +97,7 @@ class ServiceClients:
         timeout = httpx.Timeout(self.settings.service_timeout)
         app = self._in_process.get(service)
         if app is not None:
-            transport = httpx.ASGITransport(app=app)
+            transport = StreamingASGITransport(app)
             return httpx.AsyncClient(
                 transport=transport,
                 base_url=f"http://{service}.internal",
