@@ -72,7 +72,7 @@ async def postgres_schema(postgres_url: str) -> AsyncIterator[str]:
     await engine.dispose()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def test_data() -> Path:
     """``../shared/data``: real photos and clips, never copied into the repository."""
     if not TEST_DATA.is_dir():
@@ -103,7 +103,7 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def eventually() -> Callable[..., object]:
     """``await eventually(lambda: ...)``: wait for a condition instead of sleeping."""
     return wait_for

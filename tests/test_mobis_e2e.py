@@ -361,9 +361,10 @@ async def abuse(
 
 
 @contextlib.asynccontextmanager
-async def embedded_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+async def embedded_gateway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wait_for: Eventually
+) -> AsyncIterator[str]:
     from c4c.gateway.app import create_app  # the suite in one process, as `make run`
-    from conftest import wait_for
 
     for name in [n for n in os.environ if n.startswith("C4C_")]:
         monkeypatch.delenv(name)
@@ -398,7 +399,7 @@ async def embedded_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> A
 async def test_mobis_end_to_end_embedded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_data: Path, eventually: Eventually
 ) -> None:
-    async with embedded_gateway(tmp_path, monkeypatch) as url:
+    async with embedded_gateway(tmp_path, monkeypatch, eventually) as url:
         key = (tmp_path / "data" / "dev-api-key").read_text().strip()
         async with (
             httpx.AsyncClient(base_url=url, timeout=60) as client,
@@ -412,10 +413,9 @@ async def test_mobis_end_to_end_embedded(
 
 @contextlib.asynccontextmanager
 async def distributed_suite(
-    tmp_path: Path, broker_url: str, postgres_url: str
+    tmp_path: Path, broker_url: str, postgres_url: str, wait_for: Eventually
 ) -> AsyncIterator[dict[str, str]]:
     """The gateway and the services MOBIS needs, each its own process; their URLs."""
-    from conftest import wait_for
 
     run = uuid.uuid4().hex[:8]
     names = ["gateway", *SERVICES]
@@ -469,7 +469,7 @@ async def test_mobis_end_to_end_distributed(
     tmp_path: Path, broker_url: str, postgres_url: str, test_data: Path, eventually: Eventually
 ) -> None:
     async with (
-        distributed_suite(tmp_path, broker_url, postgres_url) as urls,
+        distributed_suite(tmp_path, broker_url, postgres_url, eventually) as urls,
         httpx.AsyncClient(base_url=urls["gateway"], timeout=60) as client,
         # The flora is set up by its operator, on the service itself.
         httpx.AsyncClient(base_url=urls["plantid"], timeout=120) as plantid,

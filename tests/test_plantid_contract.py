@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +61,11 @@ def _frame(video: Path) -> bytes:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Server]:
-    from conftest import TEST_DATA, services_required, wait_for  # the root conftest
-
-    if not (TEST_DATA / "plants").is_dir():
-        # The module-scoped fixture cannot use the function-scoped `test_data` one; same rule.
-        if services_required():
-            pytest.fail(f"test data missing at {TEST_DATA} (set C4C_TEST_DATA)")
-        pytest.skip(f"test data missing at {TEST_DATA} (set C4C_TEST_DATA)")
+async def server(
+    tmp_path_factory: pytest.TempPathFactory,
+    test_data: Path,
+    eventually: Callable[..., Awaitable[None]],
+) -> AsyncIterator[Server]:
     settings = PlantidSettings(
         data_dir=tmp_path_factory.mktemp("plantid-contract"),
         api_keys=KEYS,
@@ -80,10 +77,10 @@ async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Serv
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
     uv = uvicorn.Server(config)
     task = asyncio.create_task(uv.serve())
-    await wait_for(lambda: uv.started)
+    await eventually(lambda: uv.started)
     port = uv.servers[0].sockets[0].getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    plants = TEST_DATA / "plants"
+    plants = test_data / "plants"
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         admin = {"X-API-Key": KEYS[0]}
         created = await client.post(
@@ -103,7 +100,7 @@ async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Serv
             )
             assert response.status_code == 201, response.text
     try:
-        yield Server(url, plants, _frame(TEST_DATA / "video"))
+        yield Server(url, plants, _frame(test_data / "video"))
     finally:
         uv.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
