@@ -46,18 +46,6 @@ START_TIMEOUT = 90.0
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 # Series Prometheus makes itself rather than scraping them.
 SYNTHETIC_SERIES = {"up"}
-# Names of the metrics contract that the services do not emit yet (their issues are open):
-# the dashboards and rules use them already. Empty this set as they land; the strict xfail
-# below fails as soon as they are all emitted, so it cannot go stale.
-PENDING_CONTRACT = {
-    "c4c_ingest_observations_created_total",
-    "c4c_ingest_observations_scored_total",
-    "c4c_plantid_identifications_total",
-    "c4c_plantid_identify_duration_seconds_bucket",
-    "c4c_plantid_model_info",
-    "c4c_quality_assessments_total",
-    "c4c_quality_assessment_duration_seconds_bucket",
-}
 
 
 def free_ports(count: int) -> list[int]:
@@ -392,25 +380,8 @@ async def test_dashboards_and_rules_use_only_metrics_the_code_emits(
     unknown = {
         where: missing
         for where, names in used_series(running).items()
-        if (missing := names - emitted - PENDING_CONTRACT)
+        if (missing := names - emitted)
     }
     assert not unknown, "used but not emitted:\n" + "\n".join(
         f"  {where}: {sorted(names)}" for where, names in sorted(unknown.items())
     )
-    all_used = set().union(*used_series(running).values())
-    assert all_used >= PENDING_CONTRACT  # a pending name nothing uses is a typo
-
-
-@pytest.mark.slow
-@pytest.mark.rabbitmq
-@pytest.mark.postgres
-@pytest.mark.xfail(
-    bool(PENDING_CONTRACT),
-    reason="contract metrics not emitted yet by ingest, plantid, quality",
-    strict=True,
-)
-async def test_pending_contract_metrics_are_emitted(
-    running: Running, eventually: Callable[..., Any]
-) -> None:
-    emitted = await emitted_series(running, eventually)
-    assert sorted(PENDING_CONTRACT - emitted) == []
