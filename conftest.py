@@ -72,6 +72,17 @@ async def postgres_schema(postgres_url: str) -> AsyncIterator[str]:
     await engine.dispose()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings for a service's database: a test using it runs on SQLite (a file under the
+    test's data dir) and on PostgreSQL (a schema of its own)."""
+    if request.param == "sqlite":
+        return {}
+    url = request.getfixturevalue("postgres_url")
+    schema = request.getfixturevalue("postgres_schema")
+    return {"database_url": url, "database_schema": schema}
+
+
 @pytest.fixture(scope="session")
 def test_data() -> Path:
     """``../shared/data``: real photos and clips, never copied into the repository."""

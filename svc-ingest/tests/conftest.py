@@ -37,15 +37,6 @@ def _observation(**overrides: Any) -> dict[str, Any]:
     return body
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    if request.param == "sqlite":
-        return {}
-    url = request.getfixturevalue("postgres_url")
-    schema = request.getfixturevalue("postgres_schema")
-    return {"database_url": url, "database_schema": schema}
-
-
 @pytest.fixture
 def settings(tmp_path: Path, database: dict[str, str]) -> IngestSettings:
     return IngestSettings(

@@ -22,15 +22,6 @@ from c4c.shared.auth import PRINCIPAL_HEADER, Principal, ensure_principal_secret
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database(request: pytest.FixtureRequest) -> dict[str, str]:
-    if request.param == "sqlite":
-        return {}
-    url = request.getfixturevalue("postgres_url")
-    schema = request.getfixturevalue("postgres_schema")
-    return {"database_url": url, "database_schema": schema}
-
-
 @pytest.fixture
 def settings(tmp_path: Path, database: dict[str, str]) -> MobisSettings:
     ensure_principal_secret(MobisSettings(data_dir=tmp_path))

@@ -32,15 +32,6 @@ class FakeMedia:
         return self.files[url]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database(request: pytest.FixtureRequest) -> dict[str, str]:
-    if request.param == "sqlite":
-        return {}
-    url = request.getfixturevalue("postgres_url")
-    schema = request.getfixturevalue("postgres_schema")
-    return {"database_url": url, "database_schema": schema}
-
-
 @pytest.fixture
 def settings(tmp_path: Path, database: dict[str, str]) -> QualitySettings:
     return QualitySettings(data_dir=tmp_path, outbox_poll_interval=0.05, **database)
