@@ -14,6 +14,7 @@ import pytest
 from fastapi import APIRouter, FastAPI, Request
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from c4c.shared.app import ServiceRuntime, create_service_app
 from c4c.shared.bus import CloudEvent
@@ -54,6 +55,10 @@ def demo_router() -> APIRouter:
     @router.get("/demo/v1/boom")
     async def boom() -> None:
         raise RuntimeError("secret internals")
+
+    @router.get("/demo/v1/crowded")
+    async def crowded() -> None:
+        raise PoolTimeout("QueuePool limit of size 1 overflow 0 reached")
 
     @router.put("/demo/v1/items/{item_id}")
     async def conflict(item_id: int) -> None:
@@ -232,6 +237,14 @@ async def test_uncaught_exception_is_a_500_problem_that_leaks_nothing(
     assert "RuntimeError" not in response.text
     assert response.headers["x-request-id"] == "trace-500"
     assert "trace-500" in body["detail"]
+
+
+async def test_a_database_pool_exhausted_is_a_503_to_retry(client: httpx.AsyncClient) -> None:
+    response = await client.get("/demo/v1/crowded")
+    body = assert_problem(response, 503)
+    assert body["type"] == "urn:c4c:problem:busy"
+    assert response.headers["retry-after"] == "1"
+    assert "QueuePool" not in response.text
 
 
 # --- body limits ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -175,8 +176,22 @@ async def _on_http(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _on_pool_timeout(request: Request, exc: Exception) -> Response:
+    # Every database connection stayed busy for the pool's timeout: the service is
+    # overloaded, not broken; the client may try again shortly.
+    return problem_response(
+        503,
+        type_=problem_type("busy"),
+        title="Busy",
+        detail="The service is overloaded; try again shortly.",
+        instance=request.url.path,
+        headers={"Retry-After": "1"},
+    )
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Every handled error answers with a problem document (uncaught ones: see ``http``)."""
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(PoolTimeout, _on_pool_timeout)
