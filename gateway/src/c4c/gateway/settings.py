@@ -14,6 +14,9 @@ PUBLIC_ROUTES = [
     "/mobis/v1/auth/register",
     "/mobis/v1/auth/login",
     "/mobis/v1/auth/refresh",
+    "/mobis/v1/auth/oidc/start",
+    "/mobis/v1/auth/oidc/callback",
+    "/mobis/v1/auth/oidc/token",
     "/mobis/v1/.well-known/jwks.json",
     "/mobis/v1/apps/*/config",
 ]

@@ -11,18 +11,21 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Form, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field
 from starlette.datastructures import UploadFile
 
 from c4c.mobis import metrics
 from c4c.mobis.apps import AppCatalogue
 from c4c.mobis.models import NotificationRow, UserRow
+from c4c.mobis.oidc import OidcNotConfigured
 from c4c.mobis.remote import UpstreamRefused
 from c4c.mobis.repository import utc
 from c4c.mobis.schemas import (
     Account,
     AccountDeletion,
+    IdTokenLogin,
     Login,
     Logout,
     MarkRead,
@@ -32,6 +35,7 @@ from c4c.mobis.schemas import (
     MyObservationPage,
     Notification,
     NotificationPage,
+    OidcStart,
     PasswordChange,
     Refresh,
     Register,
@@ -41,6 +45,7 @@ from c4c.mobis.schemas import (
 )
 from c4c.mobis.service.accounts import Accounts, TooManyAttempts, account
 from c4c.mobis.service.observations import ContentRange, Observations
+from c4c.mobis.service.oidc import OidcLogins
 from c4c.mobis.settings import MobisSettings
 from c4c.mobis.wiring import Parts
 from c4c.shared.auth import PrincipalDep
@@ -69,8 +74,21 @@ def _observations(request: Request) -> Observations:
     return _parts(request).observations
 
 
+def _oidc(request: Request) -> OidcLogins:
+    oidc = _parts(request).oidc
+    if oidc is None:
+        raise OidcNotConfigured("Log in with email and password.")
+    return oidc
+
+
 AccountsDep = Annotated[Accounts, Depends(_accounts)]
 ObservationsDep = Annotated[Observations, Depends(_observations)]
+OidcDep = Annotated[OidcLogins, Depends(_oidc)]
+# What the provider sends back (RFC 6749 §4.1.2), bounded.
+OidcState = Annotated[str, Field(min_length=1, max_length=200)]
+OidcCode = Annotated[str | None, Field(min_length=1, max_length=4096)]
+OidcError = Annotated[str | None, Field(min_length=1, max_length=200)]
+OidcErrorDescription = Annotated[str | None, Field(max_length=2000)]
 
 
 async def _user(principal: PrincipalDep, request: Request) -> UserRow:
@@ -154,6 +172,70 @@ def build_router(settings: MobisSettings) -> APIRouter:
     async def logout(body: Logout, user: UserDep, accounts: AccountsDep) -> Response:
         await accounts.logout(user, body.refresh_token, body.everywhere)
         return Response(status_code=204)
+
+    # --- OpenID Connect login --------------------------------------------------------------
+
+    @router.get(
+        "/auth/oidc/start",
+        response_model=OidcStart,
+        summary="Start signing in at the OpenID Connect provider",
+        description="Redirects (302) to the provider; with `Accept: application/json`, "
+        "answers the URL to open instead. The provider comes back to the callback with a "
+        "code and this state.",
+        responses={302: {"description": "To the provider"}},
+    )
+    async def oidc_start(
+        request: Request,
+        oidc: OidcDep,
+        device_id: Annotated[
+            str | None, Query(alias="deviceId", min_length=1, max_length=100)
+        ] = None,
+    ) -> Response:
+        start = await oidc.start(device_id)
+        headers = {"Cache-Control": "no-store"}
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse(start.model_dump(), headers=headers)
+        headers["Location"] = start.authorizationUrl
+        return JSONResponse(start.model_dump(), status_code=302, headers=headers)
+
+    @router.get(
+        "/auth/oidc/callback",
+        response_model=Tokens,
+        summary="Finish an OpenID Connect login: MOBIS' token response",
+    )
+    async def oidc_callback(
+        request: Request,
+        oidc: OidcDep,
+        state: Annotated[OidcState, Query()],
+        code: Annotated[OidcCode, Query()] = None,
+        error: Annotated[OidcError, Query()] = None,
+        error_description: Annotated[OidcErrorDescription, Query()] = None,
+    ) -> Response:
+        return _answer(await oidc.finish(state, code, error, error_description), request)
+
+    @router.post(
+        "/auth/oidc/callback",
+        response_model=Tokens,
+        summary="Finish an OpenID Connect login (form post, or an app passing the code on)",
+    )
+    async def oidc_callback_posted(
+        request: Request,
+        oidc: OidcDep,
+        state: Annotated[OidcState, Form()],
+        code: Annotated[OidcCode, Form()] = None,
+        error: Annotated[OidcError, Form()] = None,
+        error_description: Annotated[OidcErrorDescription, Form()] = None,
+    ) -> Response:
+        return _answer(await oidc.finish(state, code, error, error_description), request)
+
+    @router.post(
+        "/auth/oidc/token",
+        response_model=Tokens,
+        summary="Sign in with an ID token the app got from the provider itself",
+    )
+    async def oidc_token(body: IdTokenLogin, request: Request, oidc: OidcDep) -> Response:
+        tokens = await oidc.with_id_token(body.id_token, body.nonce, body.deviceId)
+        return _answer(tokens, request)
 
     @router.get("/me", response_model=Account)
     async def me(user: UserDep) -> Account:

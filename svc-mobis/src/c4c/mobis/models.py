@@ -105,3 +105,27 @@ class NotificationRow(MobisBase):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(When)
     read_at: Mapped[datetime | None] = mapped_column(When)
+
+
+class OidcLoginRow(MobisBase):
+    """An OpenID Connect login started and not yet finished: what its callback must match.
+    The state is kept hashed, like refresh tokens."""
+
+    __tablename__ = "oidc_logins"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(100))
+    code_verifier: Mapped[str] = mapped_column(String(128))
+    device_id: Mapped[str | None] = mapped_column(String(100))
+    expires_at: Mapped[datetime] = mapped_column(When, index=True)
+
+
+class OidcIdentityRow(MobisBase):
+    """A provider's account (issuer and subject) linked to a MOBIS user."""
+
+    __tablename__ = "oidc_identities"
+
+    issuer: Mapped[str] = mapped_column(String(500), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(36), index=True)
+    created_at: Mapped[datetime] = mapped_column(When)

@@ -14,6 +14,8 @@ from c4c.mobis.models import (
     ExpectedMediaRow,
     LoginThrottleRow,
     NotificationRow,
+    OidcIdentityRow,
+    OidcLoginRow,
     OwnedObservationRow,
     RefreshTokenRow,
     UserRow,
@@ -59,6 +61,9 @@ class Repository:
         await self.session.execute(
             delete(NotificationRow).where(NotificationRow.user_id == user_id)
         )
+        await self.session.execute(
+            delete(OidcIdentityRow).where(OidcIdentityRow.user_id == user_id)
+        )
 
     # --- refresh tokens ---------------------------------------------------------------------
 
@@ -98,6 +103,32 @@ class Repository:
             .where(RefreshTokenRow.user_id == user_id, RefreshTokenRow.revoked_at.is_(None))
             .values(revoked_at=when)
         )
+
+    # --- OpenID Connect --------------------------------------------------------------------
+
+    async def add_oidc_login(self, login: OidcLoginRow, now: datetime) -> None:
+        """Also sweeps the logins nobody finished."""
+        await self.session.execute(delete(OidcLoginRow).where(OidcLoginRow.expires_at <= now))
+        self.session.add(login)
+        await self.session.flush()
+
+    async def take_oidc_login(self, state_hash: str) -> OidcLoginRow | None:
+        """The login with this state, removed: a state works once (of two concurrent
+        callbacks, the one whose delete counted wins)."""
+        row = await self.session.get(OidcLoginRow, state_hash)
+        if row is None:
+            return None
+        result = await self.session.execute(
+            delete(OidcLoginRow).where(OidcLoginRow.state_hash == state_hash)
+        )
+        return row if getattr(result, "rowcount", 0) else None
+
+    async def oidc_identity(self, issuer: str, subject: str) -> OidcIdentityRow | None:
+        return await self.session.get(OidcIdentityRow, (issuer, subject))
+
+    async def add_oidc_identity(self, identity: OidcIdentityRow) -> None:
+        self.session.add(identity)
+        await self.session.flush()
 
     # --- login throttling -------------------------------------------------------------------
 

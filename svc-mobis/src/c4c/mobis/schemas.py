@@ -69,6 +69,24 @@ class AccountDeletion(Strict):
     password: Password
 
 
+class OidcStart(BaseModel):
+    """Where to send the user to sign in at the OpenID Connect provider."""
+
+    authorizationUrl: str
+    state: str = Field(description="Comes back with the code; the callback needs both.")
+    expiresIn: int = Field(description="Seconds left to finish the login.")
+
+
+class IdTokenLogin(Strict):
+    """An ID token the app obtained from the provider itself (native sign-in)."""
+
+    id_token: Annotated[str, Field(min_length=1, max_length=16384)]
+    nonce: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        None, description="The nonce the app sent the provider; the token must carry it."
+    )
+    deviceId: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+
+
 class Tokens(BaseModel):
     """An OAuth 2.0 token response (RFC 6749 §5.1)."""
 

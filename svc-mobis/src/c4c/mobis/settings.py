@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from c4c.shared.settings import ServiceSettings
 
@@ -70,6 +70,41 @@ class MobisSettings(ServiceSettings):
         description="JSON file of app configurations ({app: {versions: [...]}}); unset = the "
         "built-in demo configuration.",
     )
+
+    oidc_issuer: str | None = Field(
+        None,
+        description="OpenID Connect provider users may also sign in with (e.g. Authenix), "
+        "its issuer URL; its metadata is read from <issuer>/.well-known/openid-configuration. "
+        "Unset = no OpenID Connect login (its routes answer 404).",
+    )
+    oidc_client_id: str | None = Field(
+        None, description="MOBIS' client id at the provider (the audience of its ID tokens)."
+    )
+    oidc_client_secret: SecretStr | None = Field(
+        None, description="MOBIS' client secret at the provider; unset = a public client (PKCE)."
+    )
+    oidc_redirect_uri: str | None = Field(
+        None,
+        description="Where the provider sends the user back: the public URL of "
+        "/mobis/v1/auth/oidc/callback, or an app's own redirect URI (the app then posts the "
+        "code and state to the callback).",
+    )
+    oidc_scopes: str = Field("openid email profile", description="Scopes asked of the provider.")
+    oidc_login_seconds: int = Field(
+        600, ge=30, description="How long a started OpenID Connect login may take to finish."
+    )
+    oidc_metadata_seconds: float = Field(
+        3600.0, gt=0, description="How long the provider's metadata and keys are cached."
+    )
+    oidc_timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest wait for an answer of the provider."
+    )
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> "MobisSettings":
+        if self.oidc_issuer and not (self.oidc_client_id and self.oidc_redirect_uri):
+            raise ValueError("oidc_issuer needs oidc_client_id and oidc_redirect_uri")
+        return self
 
     @property
     def resolved_upload_dir(self) -> Path:

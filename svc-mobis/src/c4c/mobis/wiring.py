@@ -1,5 +1,6 @@
 """How the service's parts meet, made once per app: the signing key, the ports to ingest
-and plant identification, units of work, live-stream wake-ups."""
+and plant identification, the OpenID Connect provider if configured, units of work,
+live-stream wake-ups."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from c4c.mobis.keys import Signer
 from c4c.mobis.live import Notifier
+from c4c.mobis.oidc import OidcProvider
 from c4c.mobis.remote import Ingest, IngestOverHttp, PlantId, PlantIdOverHttp
 from c4c.mobis.repository import Repository
 from c4c.mobis.service.accounts import Accounts, Passwords
 from c4c.mobis.service.observations import Observations
+from c4c.mobis.service.oidc import OidcLogins
 from c4c.mobis.settings import MobisSettings
 from c4c.mobis.workers import Pseudonymiser
 from c4c.shared.app import ServiceRuntime
@@ -38,6 +41,11 @@ class Parts:
         self.observations = Observations(self.unit, self.ingest, settings)
         self.pseudonymiser = Pseudonymiser(self.observations)
         runtime.add_background(self.pseudonymiser.start, self.pseudonymiser.stop)
+        provider = OidcProvider.from_settings(settings)
+        self.oidc: OidcLogins | None = None
+        if provider is not None:
+            runtime.add_closer(provider.aclose)
+            self.oidc = OidcLogins(provider, self.unit, self._accounts_in, settings)
 
     @contextlib.asynccontextmanager
     async def unit(self) -> AsyncIterator[Repository]:
@@ -45,4 +53,7 @@ class Parts:
             yield Repository(session)
 
     def accounts(self, session: AsyncSession) -> Accounts:
-        return Accounts(Repository(session), self.signer, self.passwords, self.settings)
+        return self._accounts_in(Repository(session))
+
+    def _accounts_in(self, repo: Repository) -> Accounts:
+        return Accounts(repo, self.signer, self.passwords, self.settings)

@@ -16,7 +16,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from c4c.mobis.keys import Signer
-from c4c.mobis.models import RefreshTokenRow, UserRow
+from c4c.mobis.models import OidcIdentityRow, RefreshTokenRow, UserRow
+from c4c.mobis.oidc import Identity
 from c4c.mobis.repository import Repository, utc
 from c4c.mobis.schemas import Account, Register, Tokens
 from c4c.mobis.settings import MobisSettings
@@ -24,6 +25,12 @@ from c4c.shared.auth import Principal
 from c4c.shared.problems import Conflict, ProblemError
 
 DEFAULT_NAME = "MOBIS user"
+# Accounts made by an OpenID Connect login have no password: this is no argon2 hash, so no
+# password ever matches it.
+NO_PASSWORD = "!"  # noqa: S105  (a marker, not a secret)
+# Such an account without an email the provider verified gets a unique address that can
+# never receive mail (RFC 2606 reserves .invalid).
+NO_EMAIL_DOMAIN = "oidc.invalid"
 
 
 class Unauthenticated(ProblemError):
@@ -204,6 +211,36 @@ class Accounts:
             await self.repo.set_password(
                 user.id, await self.passwords.hash(password), user.password_changed_at
             )
+        return await self._issue(user, family_id=str(uuid.uuid4()), device_id=device_id)
+
+    async def sign_in_with(self, identity: Identity, device_id: str | None) -> Tokens:
+        """Tokens for someone an OpenID Connect provider vouched for: the user linked to
+        their provider account, else the user with the email the provider verified (then
+        linked), else a new user without a password."""
+        link = await self.repo.oidc_identity(identity.issuer, identity.subject)
+        if link is not None:
+            user = await self.repo.user(link.user_id)
+            if user is None:  # deleted with its links, so a race with "forget me"
+                raise Unauthenticated("This account does not exist (any more).")
+            return await self._issue(user, family_id=str(uuid.uuid4()), device_id=device_id)
+        user = await self.repo.user_by_email(identity.email) if identity.email else None
+        now = self.now()
+        if user is None:
+            user_id = str(uuid.uuid4())
+            user = UserRow(
+                id=user_id,
+                email=identity.email or f"{user_id}@{NO_EMAIL_DOMAIN}",
+                password_hash=NO_PASSWORD,
+                display_name=identity.name or DEFAULT_NAME,
+                created_at=now,
+                password_changed_at=now,
+            )
+            await self.repo.add_user(user)
+        await self.repo.add_oidc_identity(
+            OidcIdentityRow(
+                issuer=identity.issuer, subject=identity.subject, user_id=user.id, created_at=now
+            )
+        )
         return await self._issue(user, family_id=str(uuid.uuid4()), device_id=device_id)
 
     async def _issue(self, user: UserRow, *, family_id: str, device_id: str | None) -> Tokens:
