@@ -227,5 +227,6 @@ def backbone() -> Backbone:
 
 
 async def load_backbone() -> Backbone:
-    """:func:`backbone` without blocking the event loop."""
-    return await anyio.to_thread.run_sync(backbone)
+    """:func:`backbone` without blocking the event loop. Cancelling it (a shutdown) does not
+    wait for the load: the thread finishes on its own."""
+    return await anyio.to_thread.run_sync(backbone, abandon_on_cancel=True)

@@ -105,7 +105,9 @@ class Knowledge:
             if self._backbone is None:
                 self._backbone = await load_backbone()
             if self._geography is None:
-                self._geography = await anyio.to_thread.run_sync(offline_geography().load)
+                self._geography = await anyio.to_thread.run_sync(
+                    offline_geography().load, abandon_on_cancel=True
+                )
 
     @property
     def geography(self) -> OfflineGeography:
