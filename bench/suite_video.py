@@ -122,6 +122,7 @@ class PacedLoop:
     frames are lost."""
 
     frames_declared = 0
+    refusal: str | None = None  # a local clip: nothing to refuse
 
     def __init__(
         self, path: Path, fps: float, seconds: float, decoder: Callable[[Path], Capture]

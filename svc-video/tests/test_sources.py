@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from c4c.shared.urls import URLPolicy
 from c4c.video.analysis import sources
 from c4c.video.analysis.pictures import ArrayPicture, DecodedPicture
 from c4c.video.analysis.pipeline import AnalysisParams, DetectedEvent, analysis_width
@@ -26,6 +27,8 @@ from c4c.video.analysis.sources import (
     analyse_file,
     open_capture,
 )
+
+LOOPBACK = URLPolicy(allowed_hosts=("127.0.0.1",))
 
 
 def first_frames(path: Path, count: int) -> tuple[list[DecodedPicture], list[np.ndarray]]:
@@ -90,7 +93,7 @@ def test_the_opencv_fallback_runs_the_same_pipeline(
 ) -> None:
     opened: list[OpenCVCapture] = []
 
-    def opencv_only(url: str, *_: Any) -> OpenCVCapture:
+    def opencv_only(url: str, *_: Any, **__: Any) -> OpenCVCapture:
         capture = OpenCVCapture(cv2.VideoCapture(url))
         opened.append(capture)
         return capture
@@ -167,7 +170,9 @@ def camera(test_data: Path) -> Iterator[Camera]:
 
 def test_a_camera_that_never_answers_is_given_up_after_the_open_timeout(camera: Camera) -> None:
     started = time.monotonic()
-    capture = open_capture(f"{camera.base}/silent", open_timeout=1.0, read_timeout=1.0)
+    capture = open_capture(
+        f"{camera.base}/silent", open_timeout=1.0, read_timeout=1.0, policy=LOOPBACK
+    )
     assert isinstance(capture, ClosedCapture)
     assert not capture.isOpened()
     assert time.monotonic() - started < 5.0
@@ -176,7 +181,9 @@ def test_a_camera_that_never_answers_is_given_up_after_the_open_timeout(camera: 
 def test_a_camera_that_stops_sending_ends_the_source_after_the_read_timeout(
     camera: Camera,
 ) -> None:
-    capture = open_capture(f"{camera.base}/live.mjpg", open_timeout=2.0, read_timeout=1.0)
+    capture = open_capture(
+        f"{camera.base}/live.mjpg", open_timeout=2.0, read_timeout=1.0, policy=LOOPBACK
+    )
     assert isinstance(capture, PyAVCapture)
     received = 0
     started = time.monotonic()
@@ -192,5 +199,5 @@ def test_a_camera_that_stops_sending_ends_the_source_after_the_read_timeout(
 
 def test_an_unreachable_camera_is_a_closed_capture() -> None:
     with unused_port() as port:
-        capture = open_capture(f"http://127.0.0.1:{port}/", open_timeout=2.0)
+        capture = open_capture(f"http://127.0.0.1:{port}/", open_timeout=2.0, policy=LOOPBACK)
     assert isinstance(capture, ClosedCapture)

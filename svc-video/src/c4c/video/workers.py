@@ -168,6 +168,7 @@ class Workers:
                 progress=lambda d, t: bridge.call(progress(d, t)),
                 cancelled=self._cancel,
                 observer=PrometheusObserver("jobs"),
+                policy=self.service.policy,
             )
 
         loop = asyncio.get_running_loop()
@@ -288,8 +289,8 @@ class Workers:
                 target = bridge.call(check_url(url, policy), timeout=settings.open_timeout * 2)
             except UnsafeURL as exc:
                 log.warning("stream URL refused", extra={"stream": stream_id, "reason": str(exc)})
-                return ClosedCapture()
-            return open_capture(target, settings.open_timeout, settings.read_timeout)
+                return ClosedCapture(str(exc))
+            return open_capture(target, settings.open_timeout, settings.read_timeout, policy)
 
         worker = StreamWorker(
             row.id,

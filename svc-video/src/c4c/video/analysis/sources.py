@@ -20,18 +20,23 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import av
 import av.container
 import cv2
+import httpx
 
+from c4c.shared.urls import UnsafeURL, URLPolicy
 from c4c.video.analysis.counting import Counters
+from c4c.video.analysis.guarded_io import GuardedOpener
 from c4c.video.analysis.pictures import ArrayPicture, DecodedPicture, Picture
 from c4c.video.analysis.pipeline import AnalysisParams, Analyzer, EventSink, RateGate
 
 log = logging.getLogger("c4c.video.sources")
 
 DEFAULT_FPS = 25.0  # when a container or stream does not say
+NO_EXCEPTIONS = URLPolicy()  # public addresses only, no file:// URLs
 TRUNCATION_TOLERANCE = 0.9  # fewer decodable frames than this share of the declared ones
 
 
@@ -76,6 +81,10 @@ class Capture(Protocol):
     def fps(self) -> float: ...
     @property
     def frames_declared(self) -> int: ...
+    @property
+    def refusal(self) -> str | None:
+        """Why the URL policy refused the source (or a part of it), if it did."""
+
     def isOpened(self) -> bool: ...  # noqa: N802 - OpenCV's name
     def grab(self) -> bool: ...
     def retrieve(self) -> Picture | None: ...
@@ -91,8 +100,11 @@ class PyAVCapture:
     :mod:`c4c.video.analysis.pictures`). A packet that does not decode is skipped, like
     OpenCV does; a read error or time-out ends the source."""
 
-    def __init__(self, container: av.container.InputContainer) -> None:
+    def __init__(
+        self, container: av.container.InputContainer, guard: GuardedOpener | None = None
+    ) -> None:
         self.container = container
+        self.guard = guard
         self.stream = container.streams.video[0]
         # FFmpeg decodes on the reader thread alone (slice threads at most): the analysis
         # thread has the other core, and frame threads only added CPU time in the bench.
@@ -127,10 +139,16 @@ class PyAVCapture:
     def grab(self) -> bool:
         try:
             self._frame = next(self._frames, None)
-        except (av.FFmpegError, OSError) as exc:  # read error, time-out, connection reset
+        except (av.FFmpegError, OSError, UnsafeURL) as exc:  # read error, time-out, reset
             log.info("source stopped: %s", exc)
             self._frame = None
+        if self.refusal is not None:  # a part was refused: the source ends there
+            self._frame = None
         return self._frame is not None
+
+    @property
+    def refusal(self) -> str | None:
+        return self.guard.refusal if self.guard is not None else None
 
     def retrieve(self) -> Picture | None:
         return DecodedPicture(self._frame) if self._frame is not None else None
@@ -139,6 +157,8 @@ class PyAVCapture:
         self._frame = None
         self._frames.close()
         self.container.close()
+        if self.guard is not None:
+            self.guard.close()
 
 
 class OpenCVCapture:
@@ -148,6 +168,7 @@ class OpenCVCapture:
         self.capture = capture
         self.fps = _rate(float(capture.get(cv2.CAP_PROP_FPS) or 0.0))
         self.frames_declared = max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0))
+        self.refusal: str | None = None  # opens local files only
 
     def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
         return bool(self.capture.isOpened())
@@ -168,6 +189,9 @@ class ClosedCapture:
 
     fps = DEFAULT_FPS
     frames_declared = 0
+
+    def __init__(self, refusal: str | None = None) -> None:
+        self.refusal = refusal
 
     def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
         return False
@@ -193,23 +217,43 @@ _UNSUPPORTED = (
 )
 
 
-def open_capture(url: str, open_timeout: float = 10.0, read_timeout: float = 10.0) -> Capture:
+def open_capture(
+    url: str,
+    open_timeout: float = 10.0,
+    read_timeout: float = 10.0,
+    policy: URLPolicy = NO_EXCEPTIONS,
+) -> Capture:
     """Open a file path or an already-checked URL with time-outs, so a dead source cannot
-    hang a thread; OpenCV gets a second try only when PyAV says it cannot decode it."""
-    options = {"rtsp_transport": "tcp"} if url.lower().startswith("rtsp") else {}
+    hang a thread. Every URL FFmpeg opens for it, the first and all it names, must pass
+    ``policy`` (see :mod:`c4c.video.analysis.guarded_io`). OpenCV gets a second try only
+    for local files PyAV says it cannot decode: OpenCV's FFmpeg would open URLs unguarded."""
+    options = {
+        # HLS would reuse a segment's connection through FFmpeg's own HTTP client, which
+        # the guarded files are not (FFmpeg aborts the process when asked to).
+        "http_persistent": "0",
+    }
+    if url.lower().startswith("rtsp"):
+        options["rtsp_transport"] = "tcp"
+    guard = GuardedOpener(url, policy, httpx.Timeout(read_timeout, connect=open_timeout))
     container: av.container.InputContainer | None = None
     try:
-        container = av.open(url, options=options, timeout=(open_timeout, read_timeout))
-        return PyAVCapture(container)
+        container = av.open(
+            url, options=options, timeout=(open_timeout, read_timeout), io_open=guard
+        )
+        return PyAVCapture(container, guard)
     except _UNSUPPORTED as exc:
         reason = str(exc)
-    except (av.FFmpegError, OSError) as exc:
+    except (av.FFmpegError, OSError, UnsafeURL) as exc:
         log.info("source could not be opened: %s", exc)
         if container is not None:
             container.close()
-        return ClosedCapture()
+        guard.close()
+        return ClosedCapture(guard.refusal)
     if container is not None:
         container.close()
+    guard.close()
+    if guard.nested or urlsplit(url).scheme.lower() not in ("", "file"):
+        return ClosedCapture(guard.refusal)
     capture = cv2.VideoCapture(
         url,
         cv2.CAP_FFMPEG,
@@ -255,12 +299,16 @@ def analyse_file(
     cancelled: threading.Event | None = None,
     observer: FrameObserver | None = None,
     queue_size: int = 8,
+    policy: URLPolicy = NO_EXCEPTIONS,
 ) -> FileSummary:
     """Analyse every frame of a clip due by ``params.analysis_fps``; raises
-    :class:`VideoUnreadable` when it is not a video, or decoding stops early."""
+    :class:`VideoUnreadable` when it is not a video, or decoding stops early. A clip that
+    names other resources (a playlist) has them opened under ``policy``."""
     observer = observer or FrameObserver()
     cancelled = cancelled or threading.Event()
-    capture = open_capture(str(path))
+    capture = open_capture(str(path), policy=policy)
+    if capture.refusal is not None:
+        raise VideoUnreadable(capture.refusal)
     if not capture.isOpened():
         raise VideoUnreadable(
             "not a readable video: no container or codec that FFmpeg can open was found "
@@ -326,6 +374,8 @@ def analyse_file(
         reader.join()
     if cancelled.is_set():
         raise Cancelled("stopped before the end of the clip")
+    if capture.refusal is not None:
+        raise VideoUnreadable(capture.refusal)
     if failure:
         raise VideoUnreadable(f"decoding failed: {failure[0]!r}")
     decoded = counts["decoded"]
@@ -441,11 +491,14 @@ class StreamWorker:
                     capture.release()
                     failures += 1
                     if self.backoff.max_attempts and failures >= self.backoff.max_attempts:
-                        self._set_status(
-                            "failed", f"could not open the stream after {failures} attempts"
-                        )
+                        reason = f"could not open the stream after {failures} attempts"
+                        if capture.refusal is not None:
+                            reason += f" ({capture.refusal})"
+                        self._set_status("failed", reason)
                         return
-                    self._set_status("reconnecting", "the stream could not be opened")
+                    self._set_status(
+                        "reconnecting", capture.refusal or "the stream could not be opened"
+                    )
                     self._stop.wait(self.backoff.delay(failures))
                     continue
                 if self.stats.decoded:  # it had frames before: this is a reconnection
@@ -457,7 +510,10 @@ class StreamWorker:
                 if self._stop.is_set():
                     break
                 failures += 1
-                self._set_status("reconnecting", "the stream ended or stopped sending frames")
+                self._set_status(
+                    "reconnecting",
+                    capture.refusal or "the stream ended or stopped sending frames",
+                )
                 self._stop.wait(self.backoff.delay(failures))
         except Exception as exc:
             log.exception("stream worker crashed", extra={"stream": self.name})
