@@ -86,6 +86,10 @@ class MediaSource(Protocol):
     async def fetch(self, url: str, *, max_bytes: int) -> bytes: ...
 
 
+class KnowledgeNotLoaded(Exception):
+    """The taxonomy and geography could not be loaded (the process is stopping)."""
+
+
 class Knowledge:
     """The offline taxonomy and geography, loaded once per process off the event loop, and
     name matches cached (a miss is matched in a worker thread: fuzzy matching scans)."""
@@ -97,17 +101,23 @@ class Knowledge:
         self._matches: dict[str, Match] = {}
 
     async def load(self) -> None:
+        """The taxonomy and geography, loaded once off the event loop (seconds)."""
         if self._backbone is not None and self._geography is not None:
             return
         if self._loading is None:
             self._loading = asyncio.Lock()
         async with self._loading:
-            if self._backbone is None:
-                self._backbone = await load_backbone()
-            if self._geography is None:
-                self._geography = await anyio.to_thread.run_sync(
-                    offline_geography().load, abandon_on_cancel=True
-                )
+            try:
+                if self._backbone is None:
+                    self._backbone = await load_backbone()
+                if self._geography is None:
+                    self._geography = await anyio.to_thread.run_sync(
+                        offline_geography().load, abandon_on_cancel=True
+                    )
+            except KeyboardInterrupt as exc:
+                # polars notices Ctrl-C in its loading thread; out of a task, the interrupt
+                # would stop the event loop before the clean shutdown it asked for.
+                raise KnowledgeNotLoaded("interrupted while loading") from exc
 
     @property
     def geography(self) -> OfflineGeography:
