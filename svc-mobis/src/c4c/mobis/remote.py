@@ -23,7 +23,7 @@ class UpstreamFailed(ProblemError):
 class UpstreamRefused(ProblemError):
     """The other service refused what the app sent (its 4xx, passed on)."""
 
-    status, code, title = 422, "upstream-refused", "Refused by the observation store"
+    status, code, title = 422, "upstream-refused", "Refused by the service MOBIS relies on"
 
     def __init__(self, detail: str, *, status: int, problem: dict[str, Any] | None) -> None:
         super().__init__(detail, problem=problem)
