@@ -15,20 +15,17 @@ import shlex
 import signal
 import socket
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import httpx
 import pytest
 import yaml
-from aio_pika.exceptions import ChannelClosed
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+
+from c4c.shared.testing import LocalRun, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -46,17 +43,6 @@ START_TIMEOUT = 90.0
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 # Series Prometheus makes itself rather than scraping them.
 SYNTHETIC_SERIES = {"up"}
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def listening(address: str) -> bool:
@@ -164,28 +150,11 @@ def running(
     tools: None, broker_url: str, postgres_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Running]:
     tmp = tmp_path_factory.mktemp("deploy")
-    run = uuid.uuid4().hex[:8]
-    *component_ports, prometheus_port = free_ports(len(COMPONENTS) + 1)
-    ports = dict(zip(COMPONENTS, component_ports, strict=True))
-    loopback = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-
+    run = LocalRun(PREFIXES, broker_url, postgres_url, tmp / "data")
+    (prometheus_port,) = free_ports(1)
+    ports = run.ports
     # deploy/local/distributed.env, made unique to this run (ports, schemas, exchange, queues).
-    environment = {
-        "C4C_BROKER_URL": broker_url,
-        "C4C_DATABASE_URL": postgres_url,
-        "C4C_DATA_DIR": str(tmp / "data"),
-        "C4C_BUS_EXCHANGE": f"test.{run}.events",
-        "C4C_BUS_QUEUE_PREFIX": f"test.{run}",
-        "C4C_LOG_FORMAT": "text",
-        "C4C_SHUTDOWN_TIMEOUT": "10",
-        "C4C_SERVICE_URLS": json.dumps(loopback),
-        "C4C_GATEWAY_UPSTREAMS": json.dumps(
-            {prefix: [loopback[name]] for name, prefixes in PREFIXES.items() for prefix in prefixes}
-        ),
-    }
-    for name, port in ports.items():
-        environment[f"C4C_{name.upper()}_PORT"] = str(port)
-        environment[f"C4C_{name.upper()}_DATABASE_SCHEMA"] = f"t_{run}_{name}"
+    environment = {k: v for k, v in run.environment().items() if k.startswith("C4C_")}
     (tmp / "distributed.env").write_text(env_file(environment))
 
     scrape_rabbitmq = listening(RABBITMQ_METRICS)
@@ -237,7 +206,7 @@ def running(
     finally:
         for process in (prometheus, honcho):
             stop(process)
-        asyncio.run(forget(broker_url, postgres_url, run))
+        asyncio.run(run.forget())
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -248,28 +217,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
-
-
-async def forget(broker_url: str, postgres_url: str, run: str) -> None:
-    """Drops what the run made on the shared PostgreSQL and RabbitMQ."""
-    engine = create_async_engine(postgres_url)
-    try:
-        async with engine.begin() as conn:
-            for name in COMPONENTS:
-                await conn.execute(text(f'DROP SCHEMA IF EXISTS "t_{run}_{name}" CASCADE'))
-    finally:
-        await engine.dispose()
-    connection = await aio_pika.connect(broker_url)
-    async with connection:
-        channel = await connection.channel()
-        for name in PREFIXES:
-            await channel.queue_delete(f"test.{run}.{name}")
-            await channel.queue_delete(f"test.{run}.{name}.dlq")
-        for exchange in (f"test.{run}.events", f"test.{run}.events.dlx"):
-            with contextlib.suppress(ChannelClosed):
-                await channel.exchange_delete(exchange)
-            if channel.is_closed:
-                channel = await connection.channel()
 
 
 async def prometheus_api(running: Running, path: str) -> Any:

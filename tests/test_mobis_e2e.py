@@ -17,11 +17,8 @@ import hashlib
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,8 @@ import httpx
 import pytest
 import uvicorn
 from PIL import Image
+
+from c4c.shared.testing import LocalRun, Processes, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -43,65 +42,6 @@ FAST_HASHING = {
     "C4C_MOBIS_PASSWORD_HASH_TIME_COST": "1",
 }
 Eventually = Callable[..., Any]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [int(sock.getsockname()[1]) for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-def start(
-    names: Sequence[str], env: dict[str, str], folder: Path
-) -> dict[str, subprocess.Popen[bytes]]:
-    """``python -m c4c.<name>`` for each, logging to ``<folder>/<name>.log``."""
-    processes = {}
-    for name in names:
-        with (folder / f"{name}.log").open("wb") as log_file:
-            processes[name] = subprocess.Popen(
-                [sys.executable, "-m", f"c4c.{name}"],
-                cwd=folder,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-    return processes
-
-
-def stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
-    for process in processes.values():
-        process.terminate()
-    for process in processes.values():
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-async def clean(broker_url: str, postgres_url: str, run: str, names: Sequence[str]) -> None:
-    """Drop the run's schemas, queues and exchanges."""
-    import aio_pika
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    engine = create_async_engine(postgres_url)
-    async with engine.begin() as conn:
-        for name in names:
-            await conn.execute(text(f'DROP SCHEMA IF EXISTS "t_{run}_{name}" CASCADE'))
-    await engine.dispose()
-    connection = await aio_pika.connect(broker_url)
-    async with connection:
-        channel = await connection.channel()
-        for name in names:
-            await channel.queue_delete(f"test.{run}.{name}")
-            await channel.queue_delete(f"test.{run}.{name}.dlq")
-        for exchange in (f"test.{run}.events", f"test.{run}.events.dlx"):
-            with contextlib.suppress(Exception):
-                await channel.exchange_delete(exchange)
 
 
 def synthetic_photo(seed: int) -> bytes:
@@ -417,38 +357,19 @@ async def distributed_suite(
 ) -> AsyncIterator[dict[str, str]]:
     """The gateway and the services MOBIS needs, each its own process; their URLs."""
 
-    run = uuid.uuid4().hex[:8]
-    names = ["gateway", *SERVICES]
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("C4C_")} | FAST_HASHING
-    env |= {
-        "C4C_BROKER_URL": broker_url,
-        "C4C_DATABASE_URL": postgres_url,
-        "C4C_BUS_EXCHANGE": f"test.{run}.events",
-        "C4C_BUS_QUEUE_PREFIX": f"test.{run}",
-        "C4C_DATA_DIR": str(tmp_path / "data"),
-        "C4C_LOG_FORMAT": "text",
-        "C4C_OUTBOX_POLL_INTERVAL": "0.1",
-        "C4C_SHUTDOWN_TIMEOUT": "10",
-        "C4C_GATEWAY_RATE_LIMIT_PER_SECOND": "0",
-        "C4C_GATEWAY_UPSTREAMS": json.dumps(
-            {p: [urls[name]] for name, prefixes in SERVICES.items() for p in prefixes}
-        ),
-        "C4C_GATEWAY_JWKS_URL": f"{urls['mobis']}/mobis/v1/.well-known/jwks.json",
-        "C4C_SERVICE_URLS": json.dumps({name: urls[name] for name in SERVICES}),
-    }
-    for name, port in ports.items():
-        env[f"C4C_{name.upper()}_PORT"] = str(port)
-        env[f"C4C_{name.upper()}_DATABASE_SCHEMA"] = f"t_{run}_{name}"
-    processes = start(names, env, tmp_path)
+    run = LocalRun(SERVICES, broker_url, postgres_url, tmp_path / "data")
+    urls = {name: run.url(name) for name in run.components}
+    env = run.environment(
+        C4C_OUTBOX_POLL_INTERVAL="0.1",
+        C4C_GATEWAY_RATE_LIMIT_PER_SECOND="0",
+        C4C_GATEWAY_JWKS_URL=f"{urls['mobis']}/mobis/v1/.well-known/jwks.json",
+        **FAST_HASHING,
+    )
+    processes = Processes(run.components, env, tmp_path)
     try:
 
         async def ready() -> bool:
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    log = (tmp_path / f"{name}.log").read_text()[-3000:]
-                    pytest.fail(f"{name} exited:\n{log}")
+            processes.check_alive()
             try:
                 async with httpx.AsyncClient(timeout=2) as probe:
                     health = (await probe.get(f"{urls['gateway']}/health")).json()
@@ -459,8 +380,8 @@ async def distributed_suite(
         await wait_for(ready, timeout=90, interval=0.3)
         yield urls
     finally:
-        stop(processes)
-        await clean(broker_url, postgres_url, run, names)
+        processes.stop()
+        await run.forget()
 
 
 @pytest.mark.rabbitmq
