@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from c4c.shared.bus import (
 )
 from c4c.shared.context import request_id_var
 from c4c.shared.db import Database
-from c4c.shared.inbox import ProcessedEvent, idempotent
+from c4c.shared.inbox import ProcessedEvent, idempotent, prune_processed
 from c4c.shared.outbox import Outbox, OutboxRow
 
 MakeBus = Callable[..., Awaitable[EventBus]]
@@ -245,6 +246,22 @@ async def test_duplicate_delivery_has_its_effect_once(
     assert deliveries == [event.id, event.id]
     assert await count(database, Effect) == 1
     assert await count(database, ProcessedEvent) == 1
+
+
+async def test_handled_ids_are_forgotten_after_the_retention_only(database: Database) -> None:
+    old, recent = datetime.now(UTC) - timedelta(days=8), datetime.now(UTC) - timedelta(days=6)
+    async with database.sessions() as session, session.begin():
+        for consumer, when in (("a", old), ("b", old), ("c", old), ("a", recent)):
+            session.add(
+                ProcessedEvent(consumer=consumer, event_id=when.isoformat(), processed_at=when)
+            )
+
+    # In batches of two: three old ids take two passes, the recent one stays.
+    assert await prune_processed(database, timedelta(days=7), batch=2) == 3
+    async with database.sessions() as session:
+        left = (await session.execute(select(ProcessedEvent.consumer))).scalars().all()
+    assert left == ["a"]
+    assert await prune_processed(database, timedelta(days=7)) == 0
 
 
 class CrashAfterPublish(EventBus):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import DateTime, String
+from sqlalchemy import DateTime, String, delete, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
@@ -57,3 +57,24 @@ def idempotent(db: Database, consumer: str, effect: Effect, *, service: str = ""
             log.info("duplicate event skipped", extra={"event_id": event.id, "consumer": consumer})
 
     return handle
+
+
+async def prune_processed(db: Database, retention: timedelta, *, batch: int = 5000) -> int:
+    """Forget event ids handled longer than ``retention`` ago, ``batch`` rows per short
+    transaction (SQLite has one writer); how many went. A duplicate comes from a redelivery
+    or an outbox replay, both far shorter than any sane retention."""
+    cutoff = datetime.now(UTC) - retention
+    key = tuple_(ProcessedEvent.consumer, ProcessedEvent.event_id)
+    oldest = (
+        select(ProcessedEvent.consumer, ProcessedEvent.event_id)
+        .where(ProcessedEvent.processed_at < cutoff)
+        .limit(batch)
+    )
+    total = 0
+    while True:
+        async with db.sessions() as session, session.begin():
+            result = await session.execute(delete(ProcessedEvent).where(key.in_(oldest)))
+        pruned = int(getattr(result, "rowcount", 0) or 0)
+        total += pruned
+        if pruned < batch:
+            return total

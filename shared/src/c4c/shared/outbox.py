@@ -34,6 +34,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from c4c.shared.bus import CloudEvent, EventBus
 from c4c.shared.db import Database, InfraBase
+from c4c.shared.inbox import prune_processed
 from c4c.shared.metrics import OUTBOX_BACKLOG, OUTBOX_RELAYED
 
 log = logging.getLogger("c4c.outbox")
@@ -273,12 +274,15 @@ class Outbox:
         return int(getattr(result, "rowcount", 0) or 0)
 
     async def _prune_now_and_then(self) -> None:
+        """Hourly, the published rows and the handled event ids past ``retention``: the
+        service's one relay is where its housekeeping runs."""
         now = asyncio.get_running_loop().time()
         if now >= self._next_prune:
             self._next_prune = now + 3600
             pruned = await self.prune()
-            if pruned:
-                log.info("outbox pruned", extra={"rows": pruned})
+            forgotten = await prune_processed(self.db, self.retention)
+            if pruned or forgotten:
+                log.info("outbox pruned", extra={"rows": pruned, "processed_ids": forgotten})
 
     async def start(self) -> None:
         self._stopping = False
