@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import delete, func, inspect, select, text
+from sqlalchemy.exc import OperationalError
 
 from c4c.shared.bus import InProcessBus, new_event
 from c4c.shared.db import Database
@@ -82,6 +83,26 @@ async def test_sqlite_concurrent_writers_do_not_hit_database_is_locked(
     assert [r for r in results if isinstance(r, BaseException)] == []
     async with sqlite_db.sessions() as session:
         assert await session.scalar(select(func.count()).select_from(OutboxRow)) == 20
+
+
+async def test_sqlite_readers_see_a_snapshot_beside_an_open_writer_and_cannot_write(
+    sqlite_db: Database,
+) -> None:
+    await sqlite_db.migrate([])
+    outbox = Outbox(sqlite_db, InProcessBus(), service="demo")
+    async with sqlite_db.sessions() as writer, writer.begin():
+        outbox.add(writer, new_event("demo", "demo.pending", {"n": 1}))
+        await writer.flush()  # the write lock is held from here to the commit
+        async with sqlite_db.readers() as reader, reader.begin():
+            # Answered at once from the last commit, not after the writer's commit.
+            count = await asyncio.wait_for(
+                reader.scalar(select(func.count()).select_from(OutboxRow)), timeout=5
+            )
+            assert count == 0
+    async with sqlite_db.readers() as reader, reader.begin():
+        assert await reader.scalar(select(func.count()).select_from(OutboxRow)) == 1
+        with pytest.raises(OperationalError, match="readonly"):
+            await reader.execute(delete(OutboxRow))
 
 
 async def test_sqlite_writers_from_two_engines_on_one_file(tmp_path: Path) -> None:

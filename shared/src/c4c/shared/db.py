@@ -31,6 +31,10 @@ SHARED_MIGRATIONS = "c4c.shared:migrations"
 """The suite's own tables (outbox, processed events), versioned apart from the service's."""
 
 
+READERS = 4
+"""Connections a SQLite database keeps for read-only sessions."""
+
+
 class InfraBase(DeclarativeBase):
     """Tables every service has, owned by ``c4c.shared``."""
 
@@ -61,6 +65,22 @@ class Database:
         elif self.is_postgres:
             event.listen(self.engine.sync_engine.pool, "checkout", _postgres_on_checkout)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # Sessions that only read. On SQLite they have their own connections, which begin
+        # deferred and are query-only: in WAL mode they read a snapshot beside the one writer
+        # instead of queueing behind it. Elsewhere they are the ordinary sessions.
+        self.readers = self.sessions
+        self._read_engine: AsyncEngine | None = None
+        if self.is_sqlite and self.url.database and self.url.database != ":memory:":
+            self._read_engine = create_async_engine(
+                self.url,
+                pool_size=READERS,
+                max_overflow=0,
+                pool_timeout=30,
+                connect_args={"timeout": 30},
+            )
+            event.listen(self._read_engine.sync_engine, "connect", _sqlite_reader_on_connect)
+            event.listen(self._read_engine.sync_engine, "begin", _sqlite_reader_on_begin)
+            self.readers = async_sessionmaker(self._read_engine, expire_on_commit=False)
 
     async def migrate(self, locations: Sequence[str]) -> None:
         """Bring the schema to head: the shared tables first, then each of ``locations``
@@ -90,6 +110,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._read_engine is not None:
+            await self._read_engine.dispose()
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _: Any) -> None:
@@ -101,6 +123,19 @@ def _sqlite_on_connect(dbapi_connection: Any, _: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_reader_on_connect(dbapi_connection: Any, _: Any) -> None:
+    dbapi_connection.isolation_level = None  # BEGIN is ours (see _sqlite_reader_on_begin)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_reader_on_begin(conn: Connection) -> None:
+    # Deferred: a read transaction takes no lock in WAL mode, and sees one snapshot.
+    conn.exec_driver_sql("BEGIN")
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
@@ -141,4 +176,12 @@ async def _request_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+async def _request_read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A read-only session for a request that writes nothing (see ``Database.readers``)."""
+    database: Database = request.app.state.runtime.db
+    async with database.readers() as session, session.begin():
+        yield session
+
+
 SessionDep = Annotated[AsyncSession, Depends(_request_session, scope="function")]
+ReadSessionDep = Annotated[AsyncSession, Depends(_request_read_session, scope="function")]
