@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -246,6 +247,25 @@ async def test_duplicate_delivery_has_its_effect_once(
     assert deliveries == [event.id, event.id]
     assert await count(database, Effect) == 1
     assert await count(database, ProcessedEvent) == 1
+
+
+async def test_a_batch_of_events_is_written_as_the_events_themselves_would_be(
+    database: Database,
+) -> None:
+    outbox = Outbox(database, InProcessBus(), service="ingest")
+    items = [("observation/1", {"n": 1}), (None, {"n": 2, "nested": [1.5, "x"]})]
+    async with database.sessions() as session, session.begin():
+        await outbox.add_batch(session, "observation.created", items)
+    async with database.sessions() as session:
+        rows = (await session.execute(select(OutboxRow).order_by(OutboxRow.id))).scalars().all()
+    events = [CloudEvent.from_json(row.body) for row in rows]
+    assert [(e.subject, e.data) for e in events] == items
+    assert {e.source for e in events} == {"/c4c/ingest"}
+    assert [r.event_id for r in rows] == [e.id for e in events]
+    assert len({e.id for e in events}) == 2
+    assert [(r.type, r.subject) for r in rows] == [(e.type, e.subject) for e in events]
+    # The very JSON the model writes (no null subject, the same time format).
+    assert [json.loads(r.body) for r in rows] == [json.loads(e.to_json()) for e in events]
 
 
 async def test_handled_ids_are_forgotten_after_the_retention_only(database: Database) -> None:

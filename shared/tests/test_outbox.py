@@ -144,14 +144,10 @@ async def test_pooled_connection_closed_by_the_server_is_replaced(
     db, other = replicas
     async with db.engine.connect() as conn:
         pid = await conn.scalar(text("SELECT pg_backend_pid()"))  # back to the pool after
+        pooled = (await conn.get_raw_connection()).driver_connection
     async with other.engine.connect() as conn:
         await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
 
-    async def gone() -> bool:
-        async with other.engine.connect() as conn:
-            query = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
-            return await conn.scalar(query, {"pid": pid}) == 0
-
-    await eventually(gone)  # meanwhile the loop read the server's goodbye on that socket
+    await eventually(pooled.is_closed)  # the loop has read the server's goodbye
     async with db.engine.connect() as conn:  # no error: a fresh connection
         assert await conn.scalar(text("SELECT pg_backend_pid()")) != pid

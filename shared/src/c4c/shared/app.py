@@ -66,11 +66,17 @@ class ServiceRuntime:
         self._consumers = consumers
         self._background: list[tuple[Lifecycle, Lifecycle | None]] = []
         self._closers: list[Lifecycle] = []
+        self._readiness: dict[str, Callable[[], bool]] = {}
 
     def add_background(self, start: Lifecycle, stop: Lifecycle | None = None) -> None:
         """Work the service runs besides requests and events (workers, resumed jobs): started
         once the service is up, stopped before the outbox's last flush and the bus drain."""
         self._background.append((start, stop))
+
+    def add_readiness(self, name: str, check: Callable[[], bool]) -> None:
+        """A condition of the service's own for ``/readyz`` (a model or data still loading),
+        besides its database and bus."""
+        self._readiness[name] = check
 
     def add_closer(self, close: Lifecycle) -> None:
         """A resource handlers use (a model, an HTTP client): closed after the bus drained."""
@@ -116,7 +122,8 @@ class ServiceRuntime:
 
     async def ready(self) -> dict[str, bool]:
         database, bus = await asyncio.gather(self.db.ping(), self.bus.ping())
-        return {"database": database, "bus": bus}
+        own = {name: check() for name, check in self._readiness.items()}
+        return {"database": database, "bus": bus} | own
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -256,7 +263,7 @@ def operations_router(runtime: ServiceRuntime) -> APIRouter:
             503,
             type_=problem_type("not-ready"),
             title="Not ready",
-            detail=f"Unreachable: {failing}",
+            detail=f"Not ready yet: {failing}",
             instance=request.url.path,
             checks=checks,
         )

@@ -1,10 +1,13 @@
 """Idempotent consumers: the id of each event handled is recorded in the same transaction as
-the handler's effect, so a redelivered event is a no-op."""
+the handler's effect, so a redelivered event is a no-op. One event at a time
+(:func:`idempotent`), or in batches (:class:`Batcher` with :func:`unhandled` and
+:func:`claim`) where one transaction for many events is what keeps up under load."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import DateTime, String, delete, select, tuple_
@@ -19,6 +22,8 @@ from c4c.shared.metrics import EVENTS_DUPLICATE
 log = logging.getLogger("c4c.inbox")
 
 Effect = Callable[[AsyncSession, CloudEvent], Awaitable[None]]
+ConsumerOf = Callable[[CloudEvent], str]
+"""The idempotency record (consumer name) an event is handled under."""
 
 
 class ProcessedEvent(InfraBase):
@@ -57,6 +62,100 @@ def idempotent(db: Database, consumer: str, effect: Effect, *, service: str = ""
             log.info("duplicate event skipped", extra={"event_id": event.id, "consumer": consumer})
 
     return handle
+
+
+async def unhandled(
+    session: AsyncSession, events: Sequence[CloudEvent], consumer_of: ConsumerOf, *, service: str
+) -> list[CloudEvent]:
+    """The events of a batch not handled yet, each once, in order; the others are counted as
+    duplicates."""
+    ids_by_consumer: dict[str, list[str]] = {}
+    for e in events:
+        ids_by_consumer.setdefault(consumer_of(e), []).append(e.id)
+    handled: set[tuple[str, str]] = set()
+    for consumer, ids in ids_by_consumer.items():
+        query = select(ProcessedEvent.event_id).where(
+            ProcessedEvent.consumer == consumer, ProcessedEvent.event_id.in_(ids)
+        )
+        handled |= {(consumer, id_) for id_ in (await session.execute(query)).scalars()}
+    todo: list[CloudEvent] = []
+    for event in events:
+        key = (consumer_of(event), event.id)
+        if key in handled:
+            EVENTS_DUPLICATE.labels(service, key[0]).inc()
+        else:
+            handled.add(key)
+            todo.append(event)
+    return todo
+
+
+async def claim(
+    session: AsyncSession, events: Sequence[CloudEvent], consumer_of: ConsumerOf
+) -> None:
+    """Record these events as handled, in the transaction of their effects and before them:
+    a concurrent duplicate fails here (and its batch is then handled event by event)."""
+    now = datetime.now(UTC)
+    session.add_all(
+        ProcessedEvent(consumer=consumer_of(e), event_id=e.id, processed_at=now) for e in events
+    )
+    await session.flush()
+
+
+class Batcher:
+    """Events the bus hands to its concurrent handlers, gathered into batches for
+    ``handle_many``: whatever arrives while a batch is handled forms the next one, so under
+    load a batch costs about what one event did, and at rest an event is handled at once,
+    alone. Each handler returns when its event is handled, or raises what failed it: a batch
+    that fails is handled again event by event, so only a bad event goes back to the bus."""
+
+    def __init__(
+        self,
+        handle_many: Callable[[Sequence[CloudEvent]], Awaitable[None]],
+        *,
+        max_items: int = 100,
+    ) -> None:
+        self.handle_many = handle_many
+        self.max_items = max_items
+        self._pending: list[tuple[CloudEvent, asyncio.Future[None]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def handle(self, event: CloudEvent) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((event, done))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain(), name="batcher")
+        await done
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_items], self._pending[self.max_items :]
+            try:
+                await self.handle_many([event for event, _ in batch])
+            except Exception as exc:
+                if len(batch) == 1:
+                    _settle(batch[0][1], exc)
+                    continue
+                log.info("a batch failed; handling its events one by one", exc_info=True)
+                for event, done in batch:
+                    try:
+                        await self.handle_many([event])
+                    except Exception as failed:
+                        _settle(done, failed)
+                    else:
+                        _settle(done)
+            else:
+                for _, done in batch:
+                    _settle(done)
+
+
+def _settle(done: asyncio.Future[None], failure: Exception | None = None) -> None:
+    """Answer the waiting handler (gone if the bus stopped meanwhile)."""
+    if done.done():
+        return
+    if failure is None:
+        done.set_result(None)
+    else:
+        done.set_exception(failure)
 
 
 async def prune_processed(db: Database, retention: timedelta, *, batch: int = 5000) -> int:
