@@ -5,6 +5,7 @@ duplicate check follows the project's rule set."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -191,3 +192,119 @@ async def test_an_observers_past_readings_flag_a_stuck_sensor(
     codes = [[flag["code"] for flag in event.data["flags"]] for event in scored]
     assert "MEASUREMENT_STUCK" not in codes[0]
     assert "MEASUREMENT_STUCK" in codes[-1]
+
+
+def _seen(body: dict[str, Any], *, deleted: bool = False) -> Any:
+    from c4c.quality.models import SeenObservation
+
+    return SeenObservation(
+        id=body["id"], version=body["version"], body=body, deleted=deleted, recorded_by="u"
+    )
+
+
+def test_changes_settle_in_order_and_the_later_version_is_never_lost() -> None:
+    from datetime import UTC, datetime
+
+    from c4c.quality.service import Change, settle
+
+    when = datetime(2024, 5, 3, tzinfo=UTC)
+    body = {"id": "o-1", "version": 1, "scientificName": "Bellis perennis", "media": []}
+    photo_added = Change(
+        "o-1", when, changed={"media": [{"id": "m-1", "url": PHOTO_URL}]}, version=2
+    )
+    # A creation then the update its photo brought: one state, the latest version.
+    state = settle(None, [Change("o-1", when, body=body), photo_added])
+    assert state.body is not None
+    assert state.body["version"] == 2
+    assert [m["id"] for m in state.body["media"]] == ["m-1"]
+    # The creation redelivered after the update: the later version stays.
+    later = settle(_seen(state.body), [Change("o-1", when, body=body)])
+    assert later.body is None
+    # An update of an observation never seen: missing (the caller fetches it) ...
+    assert settle(None, [photo_added]).missing
+    # ... unless ingest's whole observation came with it.
+    fetched = {**body, "version": 2}
+    assert settle(None, [dataclasses.replace(photo_added, body=fetched)]).body == fetched
+    # Nothing but a creation revives a deleted observation; a verdict re-scores the rest.
+    assert settle(_seen(body, deleted=True), [photo_added]).body is None
+    assert settle(_seen(body), [Change("o-1", when, verdict={})]).body == body
+
+
+async def test_a_creation_and_its_update_arriving_together_score_the_latest_version(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    media: Any,
+    observation: Any,
+    test_data: Path,
+    unique_name: Callable[[str], str],
+    eventually: Any,
+) -> None:
+    media.files[PHOTO_URL] = photo(test_data)
+    scored = await collect_scored(app, unique_name)
+    body = observation(id="obs-together")
+    update = new_event(
+        "ingest",
+        "observation.updated",
+        {
+            "id": body["id"],
+            "version": 2,
+            "changed": {"media": [{"id": "m-1", "url": PHOTO_URL, "type": "image"}]},
+        },
+        subject=f"observation/{body['id']}",
+    )
+    bus = app.state.runtime.bus
+    await asyncio.gather(bus.publish(created(body)), bus.publish(update))
+    await eventually(lambda: scored and scored[-1].data["observation_version"] == 2, timeout=30)
+    latest = scored[-1].data
+    assert "MEDIA_MISSING" not in {f["code"] for f in latest["flags"]}
+    history = (await client.get(f"{PREFIX}/assessments/{body['id']}")).json()
+    assert history["latest"]["observation_version"] == 2
+    assert len(history["history"]) == len(scored) <= 2
+
+
+async def test_a_bad_event_fails_alone_and_the_others_of_its_batch_are_scored(
+    app: FastAPI,
+    observation: Any,
+    unique_name: Callable[[str], str],
+    eventually: Any,
+) -> None:
+    scored = await collect_scored(app, unique_name)
+    runtime = app.state.runtime
+    good = [created(observation(id=f"obs-good-{n}")) for n in range(5)]
+    bad = new_event("ingest", "observation.updated", {"changed": "not an update"})
+    await asyncio.gather(*(runtime.bus.publish(e) for e in [*good, bad]))
+    await eventually(lambda: len(scored) >= len(good), timeout=30)
+    assert {e.data["observation_id"] for e in scored} == {f"obs-good-{n}" for n in range(5)}
+    parked = await runtime.bus.dead_letters(runtime.queue)
+    assert [p.event.id for p in parked] == [bad.id]
+
+
+async def test_not_ready_until_the_taxonomy_and_geography_are_loaded(
+    settings: Any, media: Any, eventually: Any
+) -> None:
+    from c4c.quality.app import create_app
+    from c4c.quality.service import Knowledge
+
+    class Gated(Knowledge):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def load(self) -> None:
+            await self.gate.wait()
+            await super().load()
+
+    app = create_app(settings.model_copy(update={"preload": True}))
+    knowledge = app.state.parts.knowledge = Gated()
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://q.test") as client:
+            answer = await client.get("/readyz")
+            assert answer.status_code == 503
+            assert answer.json()["checks"]["knowledge"] is False
+            knowledge.gate.set()
+
+            async def ready() -> bool:
+                return (await client.get("/readyz")).status_code == 200
+
+            await eventually(ready, timeout=120)

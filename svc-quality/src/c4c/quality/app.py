@@ -36,10 +36,14 @@ def create_app(settings: QualitySettings | None = None, bus: EventBus | None = N
         migrations=MIGRATIONS,
         consumers=consumers(parts_of),
     )
-    parts = app.state.parts = parts_of(app.state.runtime)
+    runtime: ServiceRuntime = app.state.runtime
+    parts = app.state.parts = parts_of(runtime)
     if settings.preload:
         # The taxonomy and geography take seconds to load: in the background, not at start.
+        # Until they are in, events wait for them, so the service says it is not ready
+        # (orchestrators and load balancers hold traffic back; scores are not provisional).
         loading: list[asyncio.Task[None]] = []
+        runtime.add_readiness("knowledge", lambda: parts.knowledge.loaded)
 
         async def start() -> None:
             loading.append(asyncio.create_task(parts.knowledge.load()))
@@ -50,5 +54,5 @@ def create_app(settings: QualitySettings | None = None, bus: EventBus | None = N
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-        app.state.runtime.add_background(start, stop)
+        runtime.add_background(start, stop)
     return app

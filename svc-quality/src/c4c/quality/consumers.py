@@ -1,146 +1,130 @@
 """Bus handlers (thin): observations created and changed in ingest, and plant
-identification's verdicts, each scored into ``observation.scored``; once per event id.
+identification's verdicts, scored into ``observation.scored``; once per event id.
 
-Each scoring handler runs in two steps so that no database lock is held while photos are
-fetched and analysed: first it reads what to score and fetches its photos (no transaction
-open meanwhile), then a short transaction scores, writes the effect and records the event id
-together (``c4c.shared.inbox.idempotent``)."""
+The bus hands events to many concurrent handlers; they are gathered here and scored in
+batches (:class:`Batcher`, :class:`Scorer`): under load one batch costs a few queries and
+one short transaction for dozens of events. Events about the same observation in
+one batch (its creation, then the update its photo brought) are scored once, in the state
+they leave it in. A batch runs in three steps so that no database lock is held while
+photos are fetched and analysed: read what to score, fetch its photos (no transaction open
+meanwhile), then one transaction scores, writes the effects and records the event ids
+together."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from c4c.quality.schemas import ObservationChanged, ObservationDeleted, ObservationIdentified
-from c4c.quality.service import Photos, PhotosChanged
+from c4c.quality.service import Change, PhotosChanged
 from c4c.quality.wiring import Parts
 from c4c.shared.app import Consumers, ServiceRuntime
-from c4c.shared.bus import CloudEvent, Handler
-from c4c.shared.inbox import idempotent
+from c4c.shared.bus import CloudEvent
+from c4c.shared.inbox import Batcher, claim, idempotent, unhandled
 
 log = logging.getLogger("c4c.quality")
 
 PREPARE_ATTEMPTS = 3
-"""Reads and fetches before giving the event back to the bus, when the observation keeps
+"""Reads and fetches before giving the events back to the bus, when the observations keep
 changing between the read and the write."""
-
-T = TypeVar("T")
-
-
-@dataclass
-class Plan:
-    """What the read step found: the observation to score (as ingest has it, when this
-    service had not seen it) and its photos, analysed."""
-
-    fetched: dict[str, Any] | None = None
-    photos: Photos = field(default_factory=Photos)
+CONSUMER = {
+    "observation.created": "quality.created",
+    "observation.updated": "quality.updated",
+    "observation.identified": "quality.identified",
+}
+"""The idempotency record of each scored event type."""
 
 
-async def _nothing(session: AsyncSession, event: CloudEvent) -> None:
-    """The effect of an event already handled (``idempotent`` counts the duplicate)."""
+def consumer_of(event: CloudEvent) -> str:
+    return CONSUMER[event.type]
+
+
+def change_of(event: CloudEvent) -> Change:
+    if event.type == "observation.created":
+        body = dict(event.data)
+        return Change(str(body.get("id")), event.time, body=body)
+    if event.type == "observation.updated":
+        update = ObservationChanged.model_validate(event.data)
+        return Change(update.id, event.time, changed=update.changed, version=update.version)
+    verdict = ObservationIdentified.model_validate(event.data)
+    return Change(verdict.observation_id, event.time, verdict=verdict.model_dump(mode="json"))
+
+
+class Scorer:
+    """Scores batches of events (see :class:`Batcher`)."""
+
+    def __init__(self, parts: Parts, service: str) -> None:
+        self.parts = parts
+        self.service = service
+
+    async def score(self, events: Sequence[CloudEvent]) -> None:
+        """Score these events' observations once each; the events already handled are
+        skipped, and all are recorded as handled with the effects."""
+        db = self.parts.runtime.db
+        for attempt in range(1, PREPARE_ATTEMPTS + 1):
+            async with db.readers() as session:
+                todo = await unhandled(session, events, consumer_of, service=self.service)
+                if not todo:
+                    return
+                changes = [change_of(event) for event in todo]
+                states = await self.parts.service(session).settled(changes)
+            unknown = [id_ for id_, state in states.items() if state.missing]
+            changes = await self._fetch_unknown(changes, unknown)
+            async with db.readers() as session:
+                service = self.parts.service(session)
+                bodies = [s.body for s in (await service.settled(changes)).values() if s.body]
+                wanted = await service.photos_to_fetch(bodies)
+            photos = await self.parts.photos.collect(wanted, retry_on_failure=True)
+            try:
+                async with db.sessions() as session, session.begin():
+                    await claim(session, todo, consumer_of)
+                    await self.parts.service(session, publish=True).apply(changes, photos)
+                return
+            except PhotosChanged:
+                if attempt == PREPARE_ATTEMPTS:
+                    raise
+                log.info("photos changed meanwhile, fetching again", exc_info=True)
+
+    async def _fetch_unknown(self, changes: list[Change], unknown: Sequence[str]) -> list[Change]:
+        """Updates of observations this service never saw (their creation was missed): the
+        whole observation as ingest has it now stands for the update."""
+        if not unknown:
+            return changes
+        fetched = dict(
+            zip(
+                unknown,
+                await asyncio.gather(*(self.parts.fetch_observation(i) for i in unknown)),
+                strict=True,
+            )
+        )
+        for id_ in unknown:
+            if fetched[id_] is None:
+                log.info("update of an unknown observation", extra={"id": id_})
+        return [
+            dataclasses.replace(c, body=fetched[c.observation_id])
+            if c.changed is not None and fetched.get(c.observation_id) is not None
+            else c
+            for c in changes
+        ]
 
 
 def consumers(parts_of: Callable[[ServiceRuntime], Parts]) -> Callable[[ServiceRuntime], Consumers]:
     def make(runtime: ServiceRuntime) -> Consumers:
         parts = parts_of(runtime)
-        db, name = runtime.db, runtime.service
-
-        def read_then_write(
-            consumer: str,
-            prepare: Callable[[CloudEvent], Awaitable[T]],
-            effect: Callable[[AsyncSession, CloudEvent, T], Awaitable[None]],
-        ) -> Handler:
-            async def handle(event: CloudEvent) -> None:
-                for attempt in range(1, PREPARE_ATTEMPTS + 1):
-                    async with db.sessions() as session:
-                        done = await parts.service(session).repo.processed(consumer, event.id)
-                    if done:
-                        await idempotent(db, consumer, _nothing, service=name)(event)
-                        return
-                    prepared = await prepare(event)
-
-                    async def write(session: AsyncSession, event: CloudEvent) -> None:
-                        await effect(session, event, prepared)  # noqa: B023 - used at once
-
-                    try:
-                        await idempotent(db, consumer, write, service=name)(event)
-                        return
-                    except PhotosChanged:
-                        if attempt == PREPARE_ATTEMPTS:
-                            raise
-                        log.info("photos changed meanwhile, fetching again", exc_info=True)
-
-            return handle
-
-        async def photos_of(body: dict[str, Any] | None) -> Photos:
-            if body is None:
-                return Photos()
-            async with db.sessions() as session:
-                wanted = await parts.service(session).photos_to_fetch(body)
-            return await parts.photos.collect(wanted, retry_on_failure=True)
-
-        async def snapshot(observation_id: str, changed: dict[str, Any] | None = None) -> Any:
-            async with db.sessions() as session:
-                return await parts.service(session).snapshot(observation_id, changed)
-
-        # --- observation.created ----------------------------------------------------------
-
-        async def prepare_created(event: CloudEvent) -> Photos:
-            return await photos_of(dict(event.data))
-
-        async def created(session: AsyncSession, event: CloudEvent, photos: Photos) -> None:
-            await parts.service(session, publish=True).created(dict(event.data), event.time, photos)
-
-        # --- observation.updated ----------------------------------------------------------
-
-        async def prepare_updated(event: CloudEvent) -> Plan:
-            change = ObservationChanged.model_validate(event.data)
-            body = await snapshot(change.id, change.changed)
-            if body is not None:
-                return Plan(photos=await photos_of(body))
-            fetched = await parts.fetch_observation(change.id)
-            return Plan(fetched, await photos_of(fetched))
-
-        async def updated(session: AsyncSession, event: CloudEvent, plan: Plan) -> None:
-            change = ObservationChanged.model_validate(event.data)
-            service = parts.service(session, publish=True)
-            if await service.updated(
-                change.id, change.version, change.changed, event.time, plan.photos
-            ):
-                return
-            if plan.fetched is None:
-                log.info("update of an unknown observation", extra={"id": change.id})
-                return
-            await service.created(plan.fetched, event.time, plan.photos)
-
-        # --- observation.identified -------------------------------------------------------
-
-        async def prepare_identified(event: CloudEvent) -> Photos:
-            verdict = ObservationIdentified.model_validate(event.data)
-            return await photos_of(await snapshot(verdict.observation_id))
-
-        async def identified(session: AsyncSession, event: CloudEvent, photos: Photos) -> None:
-            verdict = ObservationIdentified.model_validate(event.data)
-            await parts.service(session, publish=True).identified(
-                verdict.observation_id, verdict.model_dump(mode="json"), event.time, photos
-            )
-
-        # --- observation.deleted ----------------------------------------------------------
+        batcher = Batcher(Scorer(parts, runtime.service).score)
 
         async def deleted(session: AsyncSession, event: CloudEvent) -> None:
             gone = ObservationDeleted.model_validate(event.data)
             await parts.service(session).deleted(gone.id)
 
         return {
-            "observation.created": read_then_write("quality.created", prepare_created, created),
-            "observation.updated": read_then_write("quality.updated", prepare_updated, updated),
-            "observation.deleted": idempotent(db, "quality.deleted", deleted, service=name),
-            "observation.identified": read_then_write(
-                "quality.identified", prepare_identified, identified
+            **dict.fromkeys(CONSUMER, batcher.handle),
+            "observation.deleted": idempotent(
+                runtime.db, "quality.deleted", deleted, service=runtime.service
             ),
         }
 

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from c4c.quality.models import AssessmentRow, ImageRow, MachineIdRow, RuleSetRow, SeenObservation
-from c4c.shared.inbox import ProcessedEvent
+
+
+class IndexedPhoto(NamedTuple):
+    media_id: str
+    observation_id: str
+    recorded_by: str | None
+    phash: int | None
 
 
 class Repository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
-
-    async def processed(self, consumer: str, event_id: str) -> bool:
-        """Whether this consumer already applied this event (read before costly work; the
-        claim itself stays in the effect's transaction)."""
-        return await self.session.get(ProcessedEvent, (consumer, event_id)) is not None
 
     # --- observations seen ------------------------------------------------------------------
 
@@ -30,6 +31,16 @@ class Repository:
         if for_update:
             query = query.with_for_update()
         return (await self.session.execute(query)).scalar_one_or_none()
+
+    async def seen_many(
+        self, observation_ids: Sequence[str], *, for_update: bool = False
+    ) -> dict[str, SeenObservation]:
+        if not observation_ids:
+            return {}
+        query = select(SeenObservation).where(SeenObservation.id.in_(observation_ids))
+        if for_update:
+            query = query.with_for_update()
+        return {row.id: row for row in (await self.session.execute(query)).scalars()}
 
     async def save_seen(self, row: SeenObservation) -> None:
         await self.session.merge(row)
@@ -183,12 +194,15 @@ class Repository:
 
     async def images_sharing_a_band(
         self, hashes_bands: Sequence[Sequence[int]], limit_each: int
-    ) -> Sequence[ImageRow]:
+    ) -> list[IndexedPhoto]:
         """Photos that share at least one band with one of the hashes: candidates for
-        near-duplicates of any of them, for a whole batch in one query."""
+        near-duplicates of any of them, for a whole batch in one query (their hashes and
+        owners only: the analyses are not needed, and there may be thousands)."""
         if not hashes_bands:
             return []
-        query = select(ImageRow).where(
+        query = select(
+            ImageRow.media_id, ImageRow.observation_id, ImageRow.recorded_by, ImageRow.phash
+        ).where(
             or_(
                 *(
                     column.in_(sorted({bands[i] for bands in hashes_bands}))
@@ -199,7 +213,7 @@ class Repository:
             )
         )
         query = query.limit(limit_each * len(hashes_bands))
-        return (await self.session.execute(query)).scalars().all()
+        return [IndexedPhoto(*row) for row in await self.session.execute(query)]
 
     # --- machine identifications ------------------------------------------------------------
 

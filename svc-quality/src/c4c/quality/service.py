@@ -36,7 +36,7 @@ from c4c.quality.background import (
 from c4c.quality.geography import OfflineGeography, offline_geography
 from c4c.quality.metrics import ASSESSMENT_DURATION, ASSESSMENTS
 from c4c.quality.models import AssessmentRow, ImageRow, MachineIdRow, RuleSetRow, SeenObservation
-from c4c.quality.repository import Repository
+from c4c.quality.repository import IndexedPhoto, Repository
 from c4c.quality.rules import CHECKS, CheckSettings, Result, RuleSet, assess
 from c4c.quality.rules import dates as date_rules
 from c4c.quality.rules.model import (
@@ -100,9 +100,13 @@ class Knowledge:
         self._loading: asyncio.Lock | None = None
         self._matches: dict[str, Match] = {}
 
+    @property
+    def loaded(self) -> bool:
+        return self._backbone is not None and self._geography is not None
+
     async def load(self) -> None:
         """The taxonomy and geography, loaded once off the event loop (seconds)."""
-        if self._backbone is not None and self._geography is not None:
+        if self.loaded:
             return
         if self._loading is None:
             self._loading = asyncio.Lock()
@@ -286,6 +290,65 @@ def merge_changes(body: dict[str, Any], changed: Mapping[str, Any]) -> dict[str,
         else:
             merged[key] = value
     return merged
+
+
+@dataclass(frozen=True)
+class Change:
+    """One event about an observation: ``body`` for a creation (or an update of an
+    observation unknown here, as ingest has it now), ``changed`` for an update, ``verdict``
+    for plant identification's."""
+
+    observation_id: str
+    when: datetime
+    body: dict[str, Any] | None = None
+    changed: Mapping[str, Any] | None = None
+    version: int | None = None
+    verdict: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Settled:
+    """An observation after a run of changes: ``body`` to score (None: nothing to score),
+    ``missing`` when an update found it unknown here, ``before`` the observer and taxon its
+    earlier snapshot counted under (their cached summaries change)."""
+
+    body: dict[str, Any] | None
+    when: datetime
+    missing: bool = False
+    before: tuple[str | None, str | None] = (None, None)
+
+
+def settle(prior: SeenObservation | None, changes: Sequence[Change]) -> Settled:
+    """Apply changes, in the order they came, to what was seen of an observation: a creation
+    older than what is known is ignored, an update merges into the snapshot (or stands for
+    a creation when it carries the whole observation), nothing revives a deleted one but
+    its creation, and a verdict re-scores what is known."""
+    body = prior.body if prior is not None else None
+    version = prior.version if prior is not None else 0
+    deleted = prior.deleted if prior is not None else False
+    score = missing = False
+    for change in changes:
+        whole = change.body
+        if whole is not None and (
+            body is None or (change.changed is None and version <= int(whole.get("version") or 0))
+        ):
+            body, version, deleted = whole, int(whole.get("version") or 0), False
+            score = True
+        elif change.changed is not None:
+            if body is None:
+                missing = True
+            elif not deleted:
+                version = max(version, change.version or 0)
+                body = merge_changes(body, change.changed) | {"version": version}
+                score = True
+        elif change.verdict is not None and body is not None and not deleted:
+            score = True
+    return Settled(
+        body if score else None,
+        changes[-1].when,
+        missing,
+        (prior.recorded_by, prior.taxon) if prior is not None else (None, None),
+    )
 
 
 class QualityService:
@@ -511,7 +574,7 @@ class QualityService:
                 )
             )
 
-    async def _duplicate_candidates(self, facts: Sequence[ImageFacts]) -> Sequence[ImageRow]:
+    async def _duplicate_candidates(self, facts: Sequence[ImageFacts]) -> list[IndexedPhoto]:
         """Indexed photos sharing a hash band with any of these: one query per batch."""
         bands = [_bands(f.phash) for f in facts if f.phash is not None]
         return await self.repo.images_sharing_a_band(bands, DUPLICATE_CANDIDATES_EACH)
@@ -520,7 +583,7 @@ class QualityService:
     def _duplicates(
         obs: Observation,
         facts: Mapping[str, ImageFacts],
-        candidates: Sequence[ImageRow],
+        candidates: Sequence[IndexedPhoto],
         max_distance: int,
     ) -> list[Duplicate]:
         found = []
@@ -547,119 +610,99 @@ class QualityService:
 
     # --- events -----------------------------------------------------------------------------
 
-    async def photos_to_fetch(self, body: dict[str, Any]) -> list[Media]:
-        """Read side of an event: the photos of this observation not analysed yet."""
-        obs = observation_from(ObservationIn.model_validate(body))
-        return self.photos.wanted([obs], await self._stored_photos([obs]))
+    async def settled(
+        self, changes: Sequence[Change], *, for_update: bool = False
+    ) -> dict[str, Settled]:
+        """What ``changes`` leave of each observation they touch (one read for them all)."""
+        ids = sorted({c.observation_id for c in changes})
+        prior = await self.repo.seen_many(ids, for_update=for_update)
+        by_id: dict[str, list[Change]] = {}
+        for change in changes:
+            by_id.setdefault(change.observation_id, []).append(change)
+        return {id_: settle(prior.get(id_), own) for id_, own in by_id.items()}
 
-    async def snapshot(
-        self, observation_id: str, changed: Mapping[str, Any] | None = None
-    ) -> dict[str, Any] | None:
-        """The observation as this service has it, with ``changed`` applied; None when
-        unknown (read side: nothing locked)."""
-        prior = await self.repo.seen(observation_id)
-        if prior is None:
-            return None
-        return merge_changes(prior.body, changed or {})
+    async def photos_to_fetch(self, bodies: Sequence[dict[str, Any]]) -> list[Media]:
+        """Read side of events: the photos of these observations not analysed yet."""
+        observations = [observation_from(ObservationIn.model_validate(b)) for b in bodies]
+        return self.photos.wanted(observations, await self._stored_photos(observations))
 
-    async def observed(self, body: dict[str, Any], when: datetime, photos: Photos) -> None:
-        """An observation created or changed: keep its snapshot, score it, publish."""
-        data = ObservationIn.model_validate(body)
-        [(assessment, obs, result)] = await self.assess_many([data], record=True, photos=photos)
-        match = await self.knowledge.match(obs.scientific_name) if obs.scientific_name else None
-        taxon = result.community.name if result.community else None
-        if taxon is None and match is not None and match.taxon is not None:
-            taxon = match.taxon.scientific_name
-        assert obs.id is not None
-        prior = self.cache_keys(await self.repo.seen(obs.id))
-        await self.repo.save_seen(
-            SeenObservation(
-                id=obs.id,
-                version=obs.version or 0,
-                project=obs.project or "default",
-                recorded_by=obs.recorded_by,
-                taxon=taxon,
-                latitude=obs.latitude
-                if obs.latitude is not None and math.isfinite(obs.latitude)
-                else None,
-                longitude=obs.longitude
-                if obs.longitude is not None and math.isfinite(obs.longitude)
-                else None,
-                day_of_year=_day_of_year(obs.event_date),
-                grade=result.grade,
-                body=body,
-                measurements=[m.model_dump() for m in data.measurements],
-                deleted=False,
-                updated_at=when,
+    async def apply(self, changes: Sequence[Change], photos: Photos) -> None:
+        """Write side of a batch of events, in one transaction: machine identifications kept,
+        then each observation touched scored once, in the state all its changes leave it
+        in (a creation and the updates that follow it score as one assessment of the latest
+        version), its snapshot kept, ``observation.scored`` published."""
+        for change in changes:
+            if change.verdict is not None:
+                await self._keep_machine_id(change.observation_id, change.verdict, change.when)
+        states = await self.settled(changes, for_update=True)
+        await self.observed_many([s for s in states.values() if s.body is not None], photos)
+
+    async def _keep_machine_id(
+        self, observation_id: str, verdict: dict[str, Any], when: datetime
+    ) -> None:
+        prior = await self.repo.machine_id(observation_id)
+        if prior is None or prior.identified_at.replace(tzinfo=UTC) <= when:
+            await self.repo.save_machine_id(
+                MachineIdRow(observation_id=observation_id, body=verdict, identified_at=when)
             )
-        )
-        self.cache.changed([prior[0], obs.recorded_by], [prior[1], taxon])
-        await self.repo.add_assessment(
-            AssessmentRow(
-                id=assessment["assessment_id"],
-                observation_id=obs.id,
-                observation_version=obs.version,
-                score=result.score,
-                grade=result.grade,
-                flags=assessment["flags"],
-                community_taxon=assessment["community_taxon"],
-                ruleset_project=assessment["ruleset"]["project"],
-                ruleset_version=assessment["ruleset"]["version"],
-                created_at=datetime.now(UTC),
+
+    async def observed_many(self, states: Sequence[Settled], photos: Photos) -> None:
+        """Observations created or changed: keep their snapshots, score them, publish."""
+        if not states:
+            return
+        data = [ObservationIn.model_validate(state.body) for state in states]
+        assessed = await self.assess_many(data, record=True, photos=photos)
+        for state, one, (assessment, obs, result) in zip(states, data, assessed, strict=True):
+            assert state.body is not None
+            match = await self.knowledge.match(obs.scientific_name) if obs.scientific_name else None
+            taxon = result.community.name if result.community else None
+            if taxon is None and match is not None and match.taxon is not None:
+                taxon = match.taxon.scientific_name
+            assert obs.id is not None
+            await self.repo.save_seen(
+                SeenObservation(
+                    id=obs.id,
+                    version=obs.version or 0,
+                    project=obs.project or "default",
+                    recorded_by=obs.recorded_by,
+                    taxon=taxon,
+                    latitude=obs.latitude
+                    if obs.latitude is not None and math.isfinite(obs.latitude)
+                    else None,
+                    longitude=obs.longitude
+                    if obs.longitude is not None and math.isfinite(obs.longitude)
+                    else None,
+                    day_of_year=_day_of_year(obs.event_date),
+                    grade=result.grade,
+                    body=state.body,
+                    measurements=[m.model_dump() for m in one.measurements],
+                    deleted=False,
+                    updated_at=state.when,
+                )
             )
-        )
-        if self.events is not None:
-            self.events.emit(SCORED, assessment, f"observation/{obs.id}")
-
-    @staticmethod
-    def cache_keys(row: SeenObservation | None) -> tuple[str | None, str | None]:
-        """The observer and taxon whose cached summaries a change of ``row`` affects."""
-        return (row.recorded_by, row.taxon) if row is not None else (None, None)
-
-    async def created(self, body: dict[str, Any], when: datetime, photos: Photos) -> None:
-        prior = await self.repo.seen(str(body.get("id")), for_update=True)
-        if prior is not None and prior.version > int(body.get("version") or 0):
-            return  # a later update already got here
-        await self.observed(body, when, photos)
-
-    async def updated(
-        self,
-        observation_id: str,
-        version: int | None,
-        changed: Mapping[str, Any],
-        when: datetime,
-        photos: Photos,
-    ) -> bool:
-        """False when the observation is unknown here (the caller may fetch it)."""
-        prior = await self.repo.seen(observation_id, for_update=True)
-        if prior is None:
-            return False
-        if prior.deleted:
-            return True
-        body = merge_changes(prior.body, changed)
-        body["version"] = max(prior.version, version or 0)
-        await self.observed(body, when, photos)
-        return True
+            self.cache.changed([state.before[0], obs.recorded_by], [state.before[1], taxon])
+            await self.repo.add_assessment(
+                AssessmentRow(
+                    id=assessment["assessment_id"],
+                    observation_id=obs.id,
+                    observation_version=obs.version,
+                    score=result.score,
+                    grade=result.grade,
+                    flags=assessment["flags"],
+                    community_taxon=assessment["community_taxon"],
+                    ruleset_project=assessment["ruleset"]["project"],
+                    ruleset_version=assessment["ruleset"]["version"],
+                    created_at=datetime.now(UTC),
+                )
+            )
+            if self.events is not None:
+                self.events.emit(SCORED, assessment, f"observation/{obs.id}")
 
     async def deleted(self, observation_id: str) -> None:
         prior = await self.repo.seen(observation_id, for_update=True)
         if prior is not None:
             self.cache.changed([prior.recorded_by], [prior.taxon])
             await self.repo.save_seen(replace_row(prior, deleted=True))
-
-    async def identified(
-        self, observation_id: str, body: dict[str, Any], when: datetime, photos: Photos
-    ) -> None:
-        """Plant identification's verdict: kept, and the observation re-scored with it."""
-        prior_id = await self.repo.machine_id(observation_id)
-        if prior_id is not None and prior_id.identified_at.replace(tzinfo=UTC) > when:
-            return
-        await self.repo.save_machine_id(
-            MachineIdRow(observation_id=observation_id, body=body, identified_at=when)
-        )
-        prior = await self.repo.seen(observation_id, for_update=True)
-        if prior is not None and not prior.deleted:
-            await self.observed(prior.body, when, photos)
 
     # --- reading ----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from c4c.quality.rules.location import valid_point
-from c4c.quality.rules.model import Context, Finding, Observation
+from c4c.quality.rules.model import Context, Duplicate, Finding, Observation
 
 EARTH_RADIUS_KM = 6371.0088
 
@@ -77,9 +77,17 @@ def image_quality(obs: Observation, ctx: Context, params: Mapping[str, Any]) -> 
 
 
 def duplicates(obs: Observation, ctx: Context, params: Mapping[str, Any]) -> list[Finding]:
-    findings = []
+    """One finding per photo and kind (another user's, or the observer's own), naming the
+    closest match and how many there are: a photo copied a hundred times is one problem,
+    not a hundred, and its flags stay small."""
+    closest: dict[tuple[str | None, bool], tuple[Duplicate, int]] = {}
     for dup in ctx.duplicates:
         other_user = dup.other_recorded_by is not None and dup.other_recorded_by != obs.recorded_by
+        key = (dup.media_id, other_user)
+        best, count = closest.get(key, (dup, 0))
+        closest[key] = (dup if dup.distance < best.distance else best, count + 1)
+    findings = []
+    for (media_id, other_user), (dup, count) in closest.items():
         findings.append(
             Finding(
                 "IMAGE_DUPLICATE",
@@ -87,11 +95,12 @@ def duplicates(obs: Observation, ctx: Context, params: Mapping[str, Any]) -> lis
                 "A photo is the same as one of "
                 + ("another user's observations." if other_user else "your other observations."),
                 {
-                    "mediaId": dup.media_id,
+                    "mediaId": media_id,
                     "otherObservationId": dup.other_observation_id,
                     "otherMediaId": dup.other_media_id,
                     "hammingDistance": dup.distance,
                     "otherUser": other_user,
+                    "matches": count,
                 },
                 params["other_user_penalty"] if other_user else params["same_user_penalty"],
                 "Use your own photos, one set per observation.",
