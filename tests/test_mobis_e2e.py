@@ -147,7 +147,8 @@ async def scenario(
     client: httpx.AsyncClient, plantid: httpx.AsyncClient, plants: Path, eventually: Eventually
 ) -> None:
     await enrol_gallery(plantid, plants)
-    tokens = await sign_up(client, f"volunteer-{uuid.uuid4().hex[:6]}@example.org")
+    email = f"volunteer-{uuid.uuid4().hex[:6]}@example.org"
+    tokens = await sign_up(client, email)
     auth = bearer(tokens)
 
     config = await client.get(f"/mobis/v1/apps/{PROJECT}/config", headers=auth)
@@ -230,20 +231,34 @@ async def scenario(
     assert plant.json()["suggestions"][0]["scientificName"] == "Leucanthemum vulgare"
     assert plant.json()["quality"]["grade"] in ("casual", "needs_id", "research")
 
-    # Refresh rotation, and a replayed refresh token ends the family.
+    # Refresh rotation; a repeat of the latest rotated token (its answer lost) gets a new
+    # pair, a replay of an older one ends the family.
     rotated = await client.post(
         "/mobis/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}
     )
     assert rotated.status_code == 200, rotated.text
+    repeated = await client.post(
+        "/mobis/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}
+    )
+    assert repeated.status_code == 200, repeated.text
+    latest = await client.post(
+        "/mobis/v1/auth/refresh", json={"refresh_token": repeated.json()["refresh_token"]}
+    )
+    assert latest.status_code == 200, latest.text
     stolen = await client.post(
         "/mobis/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]}
     )
     assert stolen.status_code == 401
     assert stolen.json()["type"] == "urn:c4c:problem:refresh-token-reused"
     after = await client.post(
-        "/mobis/v1/auth/refresh", json={"refresh_token": rotated.json()["refresh_token"]}
+        "/mobis/v1/auth/refresh", json={"refresh_token": latest.json()["refresh_token"]}
     )
     assert after.status_code == 401
+    # The session's access tokens, unexpired, end with it: the volunteer logs in again.
+    assert (await client.get("/mobis/v1/me", headers=auth)).status_code == 401
+    relogin = await client.post("/mobis/v1/auth/login", json={"email": email, "password": PASSWORD})
+    assert relogin.status_code == 200, relogin.text
+    auth = bearer(relogin.json())
 
     await abuse(client, auth, items, photos)
 
@@ -377,7 +392,7 @@ async def distributed_suite(
                 return False
             return all(health["upstreams"][p[0]]["ready"] for p in SERVICES.values())
 
-        await wait_for(ready, timeout=90, interval=0.3)
+        await wait_for(ready, timeout=120, interval=0.3)
         yield urls
     finally:
         processes.stop()

@@ -4,14 +4,24 @@ slowed per account and per address, and deletion refusing the account's tokens."
 
 from __future__ import annotations
 
+import asyncio
 import stat
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
+from fastapi import FastAPI
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from c4c.mobis.models import RefreshTokenRow
+from c4c.mobis.repository import Repository
+from c4c.mobis.schemas import Tokens
+from c4c.mobis.service.accounts import Accounts
 from c4c.mobis.settings import MobisSettings
+from c4c.shared.problems import ProblemError
 
 PASSWORD = "correct horse battery"  # the one ``signed_up`` registers with
 User = Any
@@ -68,54 +78,228 @@ async def test_register_refuses_weak_passwords_and_taken_emails(
     assert bad.headers["content-type"] == "application/problem+json"
 
 
-async def test_refresh_rotates_and_a_reused_token_revokes_the_family(
+async def refresh_with(client: httpx.AsyncClient, token: str) -> httpx.Response:
+    return await client.post("/mobis/v1/auth/refresh", json={"refresh_token": token})
+
+
+def claims_of(tokens: httpx.Response) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(
+        tokens.json()["access_token"], options={"verify_signature": False}
+    )
+    return claims
+
+
+async def test_refresh_rotates_and_an_older_token_revokes_the_family(
     anonymous: httpx.AsyncClient, signed_up: User
 ) -> None:
     await signed_up("cy@example.org")
-    first = (await login(anonymous, "cy@example.org")).json()["refresh_token"]
-    rotated = await anonymous.post("/mobis/v1/auth/refresh", json={"refresh_token": first})
+    signed_in = await login(anonymous, "cy@example.org")
+    first = signed_in.json()["refresh_token"]
+    rotated = await refresh_with(anonymous, first)
     assert rotated.status_code == 200, rotated.text
     second = rotated.json()["refresh_token"]
     assert second != first
-    reused = await anonymous.post("/mobis/v1/auth/refresh", json={"refresh_token": first})
+    # A refresh keeps the session and the time of the sign-in: it is no new sign-in.
+    assert claims_of(rotated)["sid"] == claims_of(signed_in)["sid"]
+    assert claims_of(rotated)["auth_time"] == claims_of(signed_in)["auth_time"]
+    third = (await refresh_with(anonymous, second)).json()["refresh_token"]
+    # ``first`` is not the latest rotated token: a reuse, even within the grace period.
+    reused = await refresh_with(anonymous, first)
     assert reused.status_code == 401
     assert reused.json()["type"] == "urn:c4c:problem:refresh-token-reused"
     # The thief's use ended the whole family: the legitimate newer token is dead too.
-    after = await anonymous.post("/mobis/v1/auth/refresh", json={"refresh_token": second})
-    assert after.status_code == 401
-    garbage = await anonymous.post("/mobis/v1/auth/refresh", json={"refresh_token": "x.y"})
-    assert garbage.status_code == 401
+    assert (await refresh_with(anonymous, third)).status_code == 401
+    assert (await refresh_with(anonymous, "x.y")).status_code == 401
 
 
-async def test_logout_ends_the_session(anonymous: httpx.AsyncClient, signed_up: User) -> None:
-    _, me = await signed_up("di@example.org")
-    refresh = (await login(anonymous, "di@example.org")).json()["refresh_token"]
+async def test_a_repeat_within_the_grace_period_answers_a_new_pair(
+    anonymous: httpx.AsyncClient, signed_up: User
+) -> None:
+    await signed_up("cyd@example.org")
+    signed_in = await login(anonymous, "cyd@example.org")
+    first = signed_in.json()["refresh_token"]
+    lost = await refresh_with(anonymous, first)  # the answer that never reached the app
+    assert lost.status_code == 200
+    repeat = await refresh_with(anonymous, first)
+    assert repeat.status_code == 200, repeat.text
+    third = repeat.json()["refresh_token"]
+    assert third != lost.json()["refresh_token"]
+    assert claims_of(repeat)["sid"] == claims_of(signed_in)["sid"]
+    assert claims_of(repeat)["auth_time"] == claims_of(signed_in)["auth_time"]
+    assert repeat.json()["refresh_expires_in"] <= lost.json()["refresh_expires_in"]
+    fourth = await refresh_with(anonymous, third)
+    assert fourth.status_code == 200, fourth.text
+    # The lost pair was superseded: whoever holds it and shows up ends the session.
+    superseded = await refresh_with(anonymous, lost.json()["refresh_token"])
+    assert superseded.status_code == 401
+    assert superseded.json()["type"] == "urn:c4c:problem:refresh-token-reused"
+    assert (await refresh_with(anonymous, fourth.json()["refresh_token"])).status_code == 401
+
+
+async def test_a_repeat_after_the_grace_period_revokes_the_family(
+    anonymous: httpx.AsyncClient, signed_up: User, app: FastAPI, settings: MobisSettings
+) -> None:
+    await signed_up("cyn@example.org")
+    first = (await login(anonymous, "cyn@example.org")).json()["refresh_token"]
+    second = (await refresh_with(anonymous, first)).json()["refresh_token"]
+    # ``first`` was rotated longer ago than the grace period.
+    rotated_at = datetime.now(UTC) - timedelta(seconds=settings.refresh_grace_seconds + 1)
+    async with app.state.parts.runtime.db.sessions() as session, session.begin():
+        await session.execute(
+            update(RefreshTokenRow)
+            .where(RefreshTokenRow.id == first.split(".")[0])
+            .values(used_at=rotated_at)
+        )
+    late = await refresh_with(anonymous, first)
+    assert late.status_code == 401
+    assert late.json()["type"] == "urn:c4c:problem:refresh-token-reused"
+    assert (await refresh_with(anonymous, second)).status_code == 401
+
+
+class RacingRepository(Repository):
+    """Holds a refresh after it read its token, until the other has read it too: both
+    then try to use it, as two replicas could."""
+
+    def __init__(self, session: AsyncSession, barrier: asyncio.Barrier) -> None:
+        super().__init__(session)
+        self.barrier: asyncio.Barrier | None = barrier
+
+    async def refresh_token(self, token_hash: str) -> RefreshTokenRow | None:
+        found = await super().refresh_token(token_hash)
+        if self.barrier is not None:
+            barrier, self.barrier = self.barrier, None
+            await barrier.wait()
+        return found
+
+
+async def test_two_refreshes_at_once_both_get_a_pair(
+    anonymous: httpx.AsyncClient, signed_up: User, app: FastAPI, settings: MobisSettings
+) -> None:
+    """An app retrying while its first request is still under way."""
+    await signed_up("cyr@example.org")
+    first = (await login(anonymous, "cyr@example.org")).json()["refresh_token"]
+    parts = app.state.parts
+    # SQLite runs one transaction at a time (BEGIN IMMEDIATE on one connection): there the
+    # two refreshes start together and the second waits for the first.
+    sqlite = parts.runtime.db.engine.dialect.name == "sqlite"
+    start, looked = asyncio.Barrier(2), asyncio.Barrier(1 if sqlite else 2)
+
+    async def racer() -> Tokens | ProblemError:
+        await start.wait()
+        async with parts.runtime.db.sessions() as session, session.begin():
+            repo = RacingRepository(session, looked)
+            return await Accounts(repo, parts.signer, parts.passwords, settings).refresh(first)
+
+    answers = await asyncio.gather(racer(), racer())
+    assert all(isinstance(a, Tokens) for a in answers), answers
+    tokens = {a.refresh_token for a in answers if isinstance(a, Tokens)}
+    assert len(tokens) == 2
+    # Exactly one of them is the family's live token; the other was superseded.
+    async with parts.runtime.db.sessions() as session:
+        rows = await session.execute(
+            select(RefreshTokenRow.used_at).where(
+                RefreshTokenRow.id.in_([t.split(".")[0] for t in tokens])
+            )
+        )
+        assert sorted(used is None for (used,) in rows) == [False, True]
+
+
+async def test_without_a_grace_period_every_repeat_is_a_reuse(
+    anonymous: httpx.AsyncClient, signed_up: User, app: FastAPI
+) -> None:
+    app.state.parts.settings.refresh_grace_seconds = 0.0
+    await signed_up("cyz@example.org")
+    first = (await login(anonymous, "cyz@example.org")).json()["refresh_token"]
+    second = (await refresh_with(anonymous, first)).json()["refresh_token"]
+    assert (await refresh_with(anonymous, first)).status_code == 401
+    assert (await refresh_with(anonymous, second)).status_code == 401
+
+
+async def test_two_registrations_of_one_email_at_once(
+    anonymous: httpx.AsyncClient,
+) -> None:
+    start = asyncio.Barrier(2)
+
+    async def register() -> int:
+        await start.wait()
+        answer = await anonymous.post(
+            "/mobis/v1/auth/register", json={"email": "twin@example.org", "password": PASSWORD}
+        )
+        return answer.status_code
+
+    assert sorted(await asyncio.gather(register(), register())) == [201, 409]
+
+
+def bearer(user_id: str, tokens: httpx.Response) -> dict[str, str]:
+    """Headers of a call through the gateway: the principal it derives from the access
+    token, and the token itself, which it passes on."""
+    return {"x-test-user": user_id, "Authorization": f"Bearer {tokens.json()['access_token']}"}
+
+
+async def test_logout_ends_the_session_and_its_access_tokens(
+    anonymous: httpx.AsyncClient, signed_up: User
+) -> None:
+    user_id, me = await signed_up("di@example.org")
+    phone = await login(anonymous, "di@example.org")
+    tablet = await login(anonymous, "di@example.org")
+    refresh = phone.json()["refresh_token"]
+    rotated = await refresh_with(anonymous, refresh)
+    assert (await anonymous.get("/mobis/v1/me", headers=bearer(user_id, phone))).status_code == 200
     out = await anonymous.post("/mobis/v1/auth/logout", json={"refresh_token": refresh}, headers=me)
     assert out.status_code == 204
-    again = await anonymous.post("/mobis/v1/auth/refresh", json={"refresh_token": refresh})
-    assert again.status_code == 401
+    # The whole family ends, the token logged out with and the one rotated from it.
+    assert (await refresh_with(anonymous, refresh)).status_code == 401
+    assert (await refresh_with(anonymous, rotated.json()["refresh_token"])).status_code == 401
+    # Its access tokens, still unexpired, end with it; other sessions go on.
+    for tokens in (phone, rotated):
+        ended = await anonymous.get("/mobis/v1/me", headers=bearer(user_id, tokens))
+        assert ended.status_code == 401
+        assert ended.json()["type"] == "urn:c4c:problem:unauthenticated"
+    assert (await anonymous.get("/mobis/v1/me", headers=bearer(user_id, tablet))).status_code == 200
+    # Someone else's session cannot be ended.
+    _, other = await signed_up("dj@example.org")
+    foreign = await anonymous.post(
+        "/mobis/v1/auth/logout",
+        json={"refresh_token": tablet.json()["refresh_token"]},
+        headers=other,
+    )
+    assert foreign.status_code == 401
+    # A token MOBIS did not sign, or one of another user, is refused with its principal.
+    forged = {"x-test-user": user_id, "Authorization": "Bearer not.a.token"}
+    assert (await anonymous.get("/mobis/v1/me", headers=forged)).status_code == 401
+    foreign_token = bearer(user_id, await login(anonymous, "dj@example.org"))
+    assert (await anonymous.get("/mobis/v1/me", headers=foreign_token)).status_code == 401
 
 
 async def test_password_change_ends_every_session(
     anonymous: httpx.AsyncClient, signed_up: User
 ) -> None:
-    _, me = await signed_up("ed@example.org")
-    old = (await login(anonymous, "ed@example.org")).json()["refresh_token"]
+    user_id, me = await signed_up("ed@example.org")
+    other_device = await login(anonymous, "ed@example.org")
+    old = other_device.json()["refresh_token"]
     wrong = await anonymous.post(
         "/mobis/v1/me/password",
         json={"current_password": "not it at all", "new_password": "a new long password"},
         headers=me,
     )
     assert wrong.status_code == 401
+    missing = await anonymous.post(
+        "/mobis/v1/me/password", json={"new_password": "a new long password"}, headers=me
+    )
+    assert missing.status_code == 401
+    assert missing.json()["type"] == "urn:c4c:problem:invalid-credentials"
     changed = await anonymous.post(
         "/mobis/v1/me/password",
         json={"current_password": PASSWORD, "new_password": "a new long password"},
         headers=me,
     )
     assert changed.status_code == 200, changed.text
+    assert (await refresh_with(anonymous, old)).status_code == 401
+    stolen = await anonymous.get("/mobis/v1/me", headers=bearer(user_id, other_device))
+    assert stolen.status_code == 401
     assert (
-        await anonymous.post("/mobis/v1/auth/refresh", json={"refresh_token": old})
-    ).status_code == 401
+        await anonymous.get("/mobis/v1/me", headers=bearer(user_id, changed))
+    ).status_code == 200
     assert (await login(anonymous, "ed@example.org")).status_code == 401
     assert (await login(anonymous, "ed@example.org", "a new long password")).status_code == 200
 
@@ -157,6 +341,8 @@ async def test_a_deleted_account_is_forgotten_and_its_tokens_refused(
         "DELETE", "/mobis/v1/me", json={"password": "wrong password"}, headers=me
     )
     assert wrong.status_code == 401
+    # A fresh access token is no substitute for the password of an account that has one.
+    assert (await anonymous.request("DELETE", "/mobis/v1/me", headers=me)).status_code == 401
     gone = await anonymous.request(
         "DELETE", "/mobis/v1/me", json={"password": PASSWORD}, headers=me
     )

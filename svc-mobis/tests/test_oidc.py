@@ -6,6 +6,7 @@ nonce or state, alg=none, HS256 with the public key, provider down."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -28,11 +30,17 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI, Form, Header, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import SecretStr, ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from c4c.mobis.oidc import OidcProvider
+from c4c.mobis.models import OidcIdentityRow, UserRow
+from c4c.mobis.oidc import Identity, OidcProvider
+from c4c.mobis.repository import Repository
+from c4c.mobis.service.accounts import Accounts
 from c4c.mobis.settings import MobisSettings
 
 CALLBACK = "/mobis/v1/auth/oidc/callback"
+JSON = {"Accept": "application/json"}
 CLIENT_ID = "mobis-app"
 CLIENT_SECRET = "s3cret:with/odd chars"
 Claims = dict[str, Any]
@@ -53,6 +61,9 @@ class TinyProvider:
         self.kid = "key-1"
         self.sign_with = self.key
         self.person: Claims = {"sub": "authenix|1", "name": "Ada Field"}
+        self.authenticated_at: int | None = None
+        """When the person signed in at the provider (its single-sign-on session); None =
+        the provider names no auth_time."""
         self.overrides: Claims = {}
         self.down = False
         self.codes: dict[str, Claims] = {}
@@ -116,10 +127,16 @@ class TinyProvider:
             assert query["code_challenge_method"] == "S256"
             assert "openid" in query["scope"].split()
             code = secrets.token_urlsafe(16)
+            if self.authenticated_at is not None and (
+                query.get("prompt") == "login"
+                or int(time.time()) - self.authenticated_at > int(query.get("max_age", 1e9))
+            ):
+                self.authenticated_at = int(time.time())  # the person signs in again
             self.codes[code] = {
                 "nonce": query["nonce"],
                 "challenge": query["code_challenge"],
                 "redirect_uri": query["redirect_uri"],
+                "auth_time": self.authenticated_at,
             }
             return RedirectResponse(
                 f"{query['redirect_uri']}?code={code}&state={query['state']}", status_code=302
@@ -153,7 +170,10 @@ class TinyProvider:
                 {
                     "access_token": "provider-access-token",
                     "token_type": "Bearer",
-                    "id_token": self.id_token(grant["nonce"]),
+                    "id_token": self.id_token(
+                        grant["nonce"],
+                        **({"auth_time": grant["auth_time"]} if grant["auth_time"] else {}),
+                    ),
                 }
             )
 
@@ -191,10 +211,14 @@ def settings(settings: MobisSettings, provider: TinyProvider) -> MobisSettings:
     )
 
 
-async def sign_in(anonymous: httpx.AsyncClient, device: str | None = None) -> httpx.Response:
+async def sign_in(
+    anonymous: httpx.AsyncClient, device: str | None = None, *, reauthenticate: bool = False
+) -> httpx.Response:
     """The whole dance: MOBIS sends the user to the provider, the provider (over HTTP)
     sends them back with a code, the callback answers MOBIS' tokens."""
     params = {"deviceId": device} if device else {}
+    if reauthenticate:
+        params["reauthenticate"] = "true"
     start = await anonymous.get("/mobis/v1/auth/oidc/start", params=params)
     assert start.status_code == 302, start.text
     async with httpx.AsyncClient() as browser:
@@ -408,3 +432,224 @@ async def test_without_configuration_the_routes_answer_404(
         answer = await anonymous.request(method, path, json={"id_token": "a.b.c"})
         assert answer.status_code == 404, path
         assert answer.json()["type"] == "urn:c4c:problem:oidc-not-configured"
+
+
+# --- accounts without a password: a fresh sign-in confirms what cannot be undone ----------
+
+
+def as_user(tokens: httpx.Response) -> dict[str, str]:
+    """Headers of a call through the gateway with these tokens: the principal it derives
+    and the bearer token it passes on."""
+    return {
+        "x-test-user": claims_of(tokens)["sub"],
+        "Authorization": f"Bearer {tokens.json()['access_token']}",
+    }
+
+
+async def test_an_account_without_password_deletes_itself_after_a_fresh_sign_in(
+    anonymous: httpx.AsyncClient, provider: TinyProvider
+) -> None:
+    signed_in = await sign_in(anonymous)
+    me = as_user(signed_in)
+    account = await anonymous.get("/mobis/v1/me", headers=me)
+    assert account.json()["hasPassword"] is False
+    # Without its access token (only the principal), nothing shows the sign-in is fresh.
+    bare = await anonymous.request(
+        "DELETE", "/mobis/v1/me", headers={"x-test-user": me["x-test-user"]}
+    )
+    assert bare.status_code == 401
+    assert bare.json()["type"] == "urn:c4c:problem:reauthentication-required"
+    challenge = bare.headers["www-authenticate"]
+    assert 'error="insufficient_user_authentication"' in challenge
+    assert 'max_age="300"' in challenge
+    guessed = await anonymous.request("DELETE", "/mobis/v1/me", json={"password": "!"}, headers=me)
+    assert guessed.status_code == 401
+    assert guessed.json()["type"] == "urn:c4c:problem:invalid-credentials"
+    gone = await anonymous.request("DELETE", "/mobis/v1/me", headers=me)
+    assert gone.status_code == 204, gone.text
+    assert (await anonymous.get("/mobis/v1/me", headers=me)).status_code == 401
+    refresh = signed_in.json()["refresh_token"]
+    assert (
+        await anonymous.post("/mobis/v1/auth/refresh", json={"refresh_token": refresh})
+    ).status_code == 401
+    # Signing in again makes a new account: the link went with the old one.
+    again = await sign_in(anonymous)
+    assert claims_of(again)["sub"] != me["x-test-user"]
+
+
+async def test_an_account_without_password_sets_one_after_a_fresh_sign_in(
+    anonymous: httpx.AsyncClient, provider: TinyProvider
+) -> None:
+    provider.person = {"sub": "u-setter", "email": "set@example.org", "email_verified": True}
+    signed_in = await sign_in(anonymous)
+    me = as_user(signed_in)
+    new_password = {"new_password": "my first own password"}
+    set_one = await anonymous.post("/mobis/v1/me/password", json=new_password, headers=me)
+    assert set_one.status_code == 200, set_one.text
+    # Every session ended, the one answered works; the password logs in now.
+    old = signed_in.json()["refresh_token"]
+    assert (
+        await anonymous.post("/mobis/v1/auth/refresh", json={"refresh_token": old})
+    ).status_code == 401
+    login = await anonymous.post(
+        "/mobis/v1/auth/login",
+        json={"email": "set@example.org", "password": new_password["new_password"]},
+    )
+    assert login.status_code == 200, login.text
+    # The old session's access token ended with it; the answered one works.
+    assert (await anonymous.get("/mobis/v1/me", headers=me)).status_code == 401
+    now_me = await anonymous.get("/mobis/v1/me", headers=as_user(set_one))
+    assert now_me.json()["hasPassword"] is True
+    # From now on the password is what confirms: a fresh sign-in alone is not enough.
+    fresh = as_user(await sign_in(anonymous))
+    again = await anonymous.post(
+        "/mobis/v1/me/password", json={"new_password": "another password here"}, headers=fresh
+    )
+    assert again.status_code == 401
+    assert again.json()["type"] == "urn:c4c:problem:invalid-credentials"
+
+
+async def test_a_stale_sign_in_or_a_foreign_or_ended_session_is_refused(
+    anonymous: httpx.AsyncClient, provider: TinyProvider, app: FastAPI
+) -> None:
+    signed_in = await sign_in(anonymous)
+    user_id, session = claims_of(signed_in)["sub"], claims_of(signed_in)["sid"]
+    signer = app.state.parts.signer
+
+    async def delete_with(access_token: str) -> httpx.Response:
+        headers = {"x-test-user": user_id, "Authorization": f"Bearer {access_token}"}
+        return await anonymous.request("DELETE", "/mobis/v1/me", headers=headers)
+
+    # What MOBIS signed for a sign-in six minutes ago (a refresh keeps that time).
+    stale = signer.access_token(
+        user_id, "x", "mobis", session=session, auth_time=int(time.time()) - 360
+    ).token
+    refused = await delete_with(stale)
+    assert refused.status_code == 401
+    assert refused.json()["type"] == "urn:c4c:problem:reauthentication-required"
+    # Refreshing does not make the sign-in fresher.
+    refreshed = await anonymous.post(
+        "/mobis/v1/auth/refresh", json={"refresh_token": signed_in.json()["refresh_token"]}
+    )
+    assert claims_of(refreshed)["auth_time"] == claims_of(signed_in)["auth_time"]
+    # Another user's fresh token, sent along with this user's principal.
+    provider.person = {"sub": "someone-else"}
+    other = (await sign_in(anonymous)).json()["access_token"]
+    assert (await delete_with(other)).status_code == 401
+    # A token signed by another key, and one without auth_time.
+    assert (await delete_with(provider.id_token())).status_code == 401
+    undated = signer.access_token(user_id, "x", "mobis", session=session, auth_time=None).token
+    refused = await delete_with(undated)
+    assert refused.status_code == 401
+    assert refused.json()["type"] == "urn:c4c:problem:reauthentication-required"
+    # A fresh token of a session that was logged out.
+    out = await anonymous.post(
+        "/mobis/v1/auth/logout", json={"everywhere": True}, headers={"x-test-user": user_id}
+    )
+    assert out.status_code == 204
+    ended = await delete_with(signed_in.json()["access_token"])
+    assert ended.status_code == 401
+    assert ended.json()["type"] == "urn:c4c:problem:unauthenticated"
+    # None of these deleted the account.
+    still = await anonymous.get("/mobis/v1/me", headers={"x-test-user": user_id})
+    assert still.status_code == 200
+
+
+async def test_the_providers_auth_time_decides_and_an_app_may_ask_for_a_new_sign_in(
+    anonymous: httpx.AsyncClient, provider: TinyProvider
+) -> None:
+    """A provider with a single-sign-on session signs in without asking: its auth_time
+    says when the person last really authenticated. With reauthenticate=true MOBIS asks
+    the provider to make them sign in again."""
+    provider.authenticated_at = int(time.time()) - 3600
+    signed_in = await sign_in(anonymous)
+    assert claims_of(signed_in)["auth_time"] == provider.authenticated_at
+    refused = await anonymous.request("DELETE", "/mobis/v1/me", headers=as_user(signed_in))
+    assert refused.status_code == 401
+    assert refused.json()["type"] == "urn:c4c:problem:reauthentication-required"
+
+    start = await anonymous.get(
+        "/mobis/v1/auth/oidc/start", params={"reauthenticate": "true"}, headers=JSON
+    )
+    asked = parse_qs(urlsplit(start.json()["authorizationUrl"]).query)
+    assert asked["prompt"] == ["login"]
+    assert asked["max_age"] == ["300"]
+    plain = await anonymous.get("/mobis/v1/auth/oidc/start", headers=JSON)
+    assert "prompt" not in parse_qs(urlsplit(plain.json()["authorizationUrl"]).query)
+
+    again = await sign_in(anonymous, reauthenticate=True)
+    assert claims_of(again)["sub"] == claims_of(signed_in)["sub"]
+    gone = await anonymous.request("DELETE", "/mobis/v1/me", headers=as_user(again))
+    assert gone.status_code == 204, gone.text
+
+    provider.authenticated_at = int(time.time()) + 3600  # a clock ahead: now, at most
+    ahead = await sign_in(anonymous)
+    assert claims_of(ahead)["auth_time"] <= time.time() + 1
+
+
+# --- two first sign-ins of one subject at once ----------------------------------------------
+
+
+class RacingRepository(Repository):
+    """Holds each first sign-in after it found no link, until both have looked: the two
+    transactions then both insert, as two replicas could."""
+
+    def __init__(self, session: AsyncSession, barrier: asyncio.Barrier) -> None:
+        super().__init__(session)
+        self.barrier = barrier
+
+    async def oidc_identity(self, issuer: str, subject: str) -> OidcIdentityRow | None:
+        found = await super().oidc_identity(issuer, subject)
+        await self.barrier.wait()
+        return found
+
+
+@pytest.mark.parametrize("verified_email", [False, True])
+async def test_two_first_sign_ins_of_one_subject_make_one_account(
+    app: FastAPI, settings: MobisSettings, verified_email: bool
+) -> None:
+    parts = app.state.parts
+    identity = Identity(
+        issuer=settings.oidc_issuer or "",
+        subject=f"twin-{verified_email}",
+        email="twin@example.org" if verified_email else None,
+        name="Twin",
+        auth_time=datetime.now(UTC),
+    )
+    # SQLite runs one transaction at a time (BEGIN IMMEDIATE on one connection): there the
+    # two sign-ins start together and the second waits for the first.
+    sqlite = parts.runtime.db.engine.dialect.name == "sqlite"
+    start, looked = asyncio.Barrier(2), asyncio.Barrier(1 if sqlite else 2)
+
+    async def sign_in_once() -> str:
+        await start.wait()
+        async with parts.runtime.db.sessions() as session, session.begin():
+            accounts = Accounts(
+                RacingRepository(session, looked), parts.signer, parts.passwords, settings
+            )
+            tokens = await accounts.sign_in_with(identity, None)
+        subject: str = jwt.decode(tokens.access_token, options={"verify_signature": False})["sub"]
+        return subject
+
+    first, second = await asyncio.gather(sign_in_once(), sign_in_once())
+    assert first == second
+    async with parts.runtime.db.sessions() as session:
+        users = (await session.execute(select(func.count()).select_from(UserRow))).scalar_one()
+        links = await session.execute(select(OidcIdentityRow.user_id))
+    assert users == 1  # the loser's user is gone
+    assert [user_id for (user_id,) in links] == [first]
+
+
+async def test_two_first_sign_ins_through_the_api_at_once(
+    anonymous: httpx.AsyncClient, provider: TinyProvider
+) -> None:
+    token = provider.id_token()
+    start = asyncio.Barrier(2)
+
+    async def post() -> httpx.Response:
+        await start.wait()
+        return await anonymous.post("/mobis/v1/auth/oidc/token", json={"id_token": token})
+
+    answers = await asyncio.gather(post(), post())
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert claims_of(answers[0])["sub"] == claims_of(answers[1])["sub"]

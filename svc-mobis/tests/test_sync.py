@@ -3,14 +3,17 @@ updated by score and identification events, notifications, ownership and forget-
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
+from c4c.mobis.remote import UpstreamFailed
 from c4c.shared.bus import new_event
 
 PASSWORD = "correct horse battery"
@@ -329,3 +332,98 @@ async def test_bad_sync_requests_are_problems(
     )
     assert garbage.status_code == 422
     assert (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"] == []
+
+
+async def test_events_arriving_together_are_applied_together_and_a_bad_one_alone_is_parked(
+    app: FastAPI,
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    eventually: Any,
+) -> None:
+    """Events handed over at once are applied in batches: each once (a redelivery in the
+    same batch too), in the order they came; an unreadable one fails alone and is parked,
+    the others of its batch still apply."""
+    _, me = await signed_up("batch@example.org")
+    items = [item(observation()) for _ in range(12)]
+    await anonymous.post("/mobis/v1/sync", json={"observations": items}, headers=me)
+    runtime = app.state.runtime
+
+    def scored(observation_id: str, score: float) -> Any:
+        data = {"observation_id": observation_id, "score": score, "grade": "casual", "flags": []}
+        return new_event("quality", "observation.scored", data)
+
+    events = [scored(i["id"], 50) for i in items]
+    events.append(events[0])  # a redelivery among the others
+    events.append(new_event("ingest", "observation.updated", {"id": items[1]["id"], "version": 3}))
+    events.append(new_event("quality", "observation.scored", {"score": "not an observation"}))
+    await asyncio.gather(*(runtime.bus.publish(e) for e in events))
+
+    async def parked() -> bool:
+        return len(await runtime.bus.dead_letters(runtime.queue)) == 1
+
+    await eventually(parked, timeout=30)
+    mine = {
+        o["id"]: o
+        for o in (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
+    }
+    assert all(mine[i["id"]]["scored"] for i in items)
+    assert mine[items[1]["id"]]["version"] == 3
+    notes = (await anonymous.get("/mobis/v1/me/notifications?limit=100", headers=me)).json()
+    assert len(notes["items"]) == len(items)  # the redelivered score notified once
+
+
+async def test_a_score_that_arrives_before_ingest_answers_the_sync_is_kept(
+    app: FastAPI,
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under load quality may score an observation before ingest's answer to the sync gets
+    back to MOBIS: the score is kept, not dropped for an observation not known yet."""
+    ingest = app.state.parts.observations.ingest
+    create_batch = ingest.create_batch
+
+    async def scored_at_once(observations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        answers = await create_batch(observations)
+        for body in observations:
+            data = {"observation_id": body["id"], "score": 71, "grade": "casual", "flags": []}
+            # The in-process bus returns once every consumer has handled the event.
+            await app.state.runtime.bus.publish(new_event("quality", "observation.scored", data))
+        return answers
+
+    monkeypatch.setattr(ingest, "create_batch", scored_at_once)
+    _, me = await signed_up("early@example.org")
+    new = item(observation())
+    answer = await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=me)
+    assert answer.json()["items"][0]["status"] == "created", answer.text
+    mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
+    assert [(o["id"], o["scored"], o["quality"]["score"]) for o in mine] == [(new["id"], True, 71)]
+
+
+async def test_a_sync_cut_short_before_ingest_answered_is_sent_again_by_its_retry(
+    app: FastAPI,
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reserved, then the call to ingest fails: the retry sends it, rather than answering
+    "duplicate", which would tell the app that an observation ingest never got is safe."""
+    ingest = app.state.parts.observations.ingest
+    _, me = await signed_up("cut@example.org")
+    new = item(observation())
+
+    async def unreachable(observations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        raise UpstreamFailed("The observation store is unreachable (ConnectError).")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ingest, "create_batch", unreachable)
+        failed = await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=me)
+        assert failed.status_code == 502, failed.text
+    assert (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"] == []
+    retry = await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=me)
+    assert retry.json()["items"][0]["status"] == "created", retry.text
+    mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
+    assert [o["id"] for o in mine] == [new["id"]]

@@ -9,7 +9,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Form, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -96,7 +96,7 @@ async def _user(principal: PrincipalDep, request: Request) -> UserRow:
     # one writer, and a request's session holds the lock until the request ends).
     parts = _parts(request)
     async with parts.runtime.db.sessions() as session, session.begin():
-        return await parts.accounts(session).user_of(principal)
+        return await parts.accounts(session).user_of(principal, _bearer(request))
 
 
 UserDep = Annotated[UserRow, Depends(_user)]
@@ -109,15 +109,31 @@ def _client_address(request: Request, principal: PrincipalDep) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def _bearer(request: Request) -> str | None:
+    """The access token the gateway verified and passed on: its session must not be ended,
+    and its sign-in time confirms steps that cannot be undone."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+_CONFIRM = (
+    " An account with a password sends the current one. An account without one (made by an "
+    "OpenID Connect sign-in, `hasPassword` false) signs in again at the provider and calls "
+    "with the new access token: its `auth_time` must be at most `reauthentication_seconds` "
+    "(default 300) old and its session live, else 401 `reauthentication-required` with an "
+    "RFC 9470 `WWW-Authenticate` challenge naming `max_age`. Refreshing does not make a "
+    "sign-in fresh."
+)
+
+
 def _answer(outcome: Tokens | ProblemError, request: Request) -> Response:
     if isinstance(outcome, ProblemError):
         return outcome.to_response(instance=request.url.path)
     return JSONResponse(outcome.model_dump(), headers={"Cache-Control": "no-store"})
 
 
-def _weak_etag(body: Any) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return f'W/"{hashlib.sha256(canonical.encode()).hexdigest()[:32]}"'
+def _weak_etag(content: bytes) -> str:
+    return f'W/"{hashlib.sha256(content).hexdigest()[:32]}"'
 
 
 def _matches(request: Request, tag: str) -> bool:
@@ -164,6 +180,11 @@ def build_router(settings: MobisSettings) -> APIRouter:
         "/auth/refresh",
         response_model=Tokens,
         summary="New tokens for a refresh token (used once; a reuse ends the session)",
+        description="A refresh token works once: presenting it again revokes its whole "
+        "session (family). One exception for bad networks: the latest rotated token sent "
+        "again within `refresh_grace_seconds` (default 30) of its rotation answers a new "
+        "pair for the same session, sign-in time and expiry, and the pair answered before "
+        "stops working (its refresh token, if presented later, ends the session).",
     )
     async def refresh(body: Refresh, request: Request, accounts: AccountsDep) -> Response:
         return _answer(await accounts.refresh(body.refresh_token), request)
@@ -190,8 +211,16 @@ def build_router(settings: MobisSettings) -> APIRouter:
         device_id: Annotated[
             str | None, Query(alias="deviceId", min_length=1, max_length=100)
         ] = None,
+        reauthenticate: Annotated[
+            bool,
+            Query(
+                description="Make the person sign in again at the provider (prompt=login, "
+                "max_age): the fresh sign-in an account without password needs to set one "
+                "or to delete itself."
+            ),
+        ] = False,
     ) -> Response:
-        start = await oidc.start(device_id)
+        start = await oidc.start(device_id, reauthenticate)
         headers = {"Cache-Control": "no-store"}
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse(start.model_dump(), headers=headers)
@@ -242,28 +271,33 @@ def build_router(settings: MobisSettings) -> APIRouter:
         return account(user)
 
     @router.post(
-        "/me/password", response_model=Tokens, summary="Change the password; ends every session"
+        "/me/password",
+        response_model=Tokens,
+        summary="Change (or set a first) password; ends every session",
+        description="Answers a new session for the calling device." + _CONFIRM,
     )
     async def change_password(
         body: PasswordChange, request: Request, user: UserDep, accounts: AccountsDep
     ) -> Response:
-        return _answer(
-            await accounts.change_password(user, body.current_password, body.new_password),
-            request,
+        tokens = await accounts.change_password(
+            user, body.current_password, body.new_password, _bearer(request)
         )
+        return _answer(tokens, request)
 
     @router.delete(
         "/me",
         status_code=204,
         summary="Forget me: delete the account; observations stay, pseudonymised",
+        description="Every session ends with it." + _CONFIRM,
     )
     async def delete_me(
-        body: Annotated[AccountDeletion, Body()],
         request: Request,
         user: UserDep,
         accounts: AccountsDep,
+        body: Annotated[AccountDeletion | None, Body()] = None,
     ) -> Response:
-        await accounts.forget(user, body.password)
+        password = body.password if body else None
+        await accounts.forget(user, password, _bearer(request))
         _parts(request).pseudonymiser.wake()
         return Response(status_code=204)
 
@@ -307,14 +341,15 @@ def build_router(settings: MobisSettings) -> APIRouter:
         limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     ) -> Response:
         page = await observations.mine(user, cursor, limit)
-        body = page.model_dump(mode="json")
+        # Serialised once, in pydantic's core, and tagged from those bytes: apps poll this.
+        body = page.model_dump_json().encode()
         tag = _weak_etag(body)
         headers = {"ETag": tag, "Cache-Control": "private, no-cache"}
         if _matches(request, tag):
             return Response(status_code=304, headers=headers)
         if page.next:
             headers["Link"] = f'<{request.url.include_query_params(cursor=page.next)}>; rel="next"'
-        return JSONResponse(body, headers=headers)
+        return Response(body, media_type="application/json", headers=headers)
 
     @router.get("/me/observations/{observation_id}", response_model=MyObservation)
     async def my_observation(

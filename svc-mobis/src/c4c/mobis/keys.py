@@ -94,6 +94,7 @@ class Signer:
     def __init__(self, key: PrivateKey, *, issuer: str, audience: str, lifetime: int) -> None:
         self.key = key
         self.algorithm = "EdDSA" if isinstance(key, ed25519.Ed25519PrivateKey) else "RS256"
+        self.public_key = key.public_key()
         public = _public_jwk(key)
         self.kid = thumbprint(public)
         self.jwk = public | {"kid": self.kid, "alg": self.algorithm, "use": "sig"}
@@ -117,17 +118,39 @@ class Signer:
     def jwks(self) -> dict[str, Any]:
         return {"keys": [self.jwk]}
 
-    def access_token(self, user_id: str, name: str, scope: str) -> IssuedToken:
+    def access_token(
+        self, user_id: str, name: str, scope: str, *, session: str, auth_time: int | None
+    ) -> IssuedToken:
+        """``session`` is the refresh-token family (``sid``); ``auth_time`` (OpenID Connect's
+        claim) when the user last really authenticated, unchanged by refreshes."""
         now = int(time.time())
-        claims = {
+        claims: dict[str, Any] = {
             "iss": self.issuer,
             "aud": self.audience,
             "sub": user_id,
             "name": name,
             "scope": scope,
+            "sid": session,
             "iat": now,
             "exp": now + self.lifetime,
             "jti": str(uuid.uuid4()),
         }
+        if auth_time is not None:
+            claims["auth_time"] = auth_time
         token = jwt.encode(claims, self.key, algorithm=self.algorithm, headers={"kid": self.kid})
         return IssuedToken(token, self.lifetime)
+
+    def claims(self, token: str) -> dict[str, Any] | None:
+        """The claims of an access token this key signed, unexpired; None otherwise."""
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self.public_key,
+                algorithms=[self.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["sub", "iat", "exp"]},
+            )
+        except jwt.PyJWTError:
+            return None
+        return claims

@@ -7,7 +7,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 Sequence = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER only
@@ -41,6 +51,11 @@ class RefreshTokenRow(MobisBase):
     expires_at: Mapped[datetime] = mapped_column(When)
     used_at: Mapped[datetime | None] = mapped_column(When)
     revoked_at: Mapped[datetime | None] = mapped_column(When)
+    parent_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    """The token this one was rotated from; None for a family's first."""
+    auth_time: Mapped[datetime | None] = mapped_column(When)
+    """When the user last really authenticated in this family (password or provider);
+    None for tokens older than this column (never fresh)."""
 
 
 class LoginThrottleRow(MobisBase):
@@ -74,6 +89,8 @@ class OwnedObservationRow(MobisBase):
     identification_rejected: Mapped[bool | None] = mapped_column()
     identified_at: Mapped[datetime | None] = mapped_column(When)
     pseudonym: Mapped[str | None] = mapped_column(String(100))
+    confirmed: Mapped[bool] = mapped_column(Boolean, default=True)
+    """False from sync's reservation until ingest has the observation (see ``sync``)."""
     created_at: Mapped[datetime] = mapped_column(When)
     updated_at: Mapped[datetime] = mapped_column(When)
 

@@ -15,6 +15,7 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -80,12 +81,15 @@ KeySet = dict[str | None, list[ProviderKey]]
 
 @dataclass(frozen=True)
 class Identity:
-    """Who the provider says signed in: ``email`` only when the provider verified it."""
+    """Who the provider says signed in: ``email`` only when the provider verified it;
+    ``auth_time`` when the person last authenticated at the provider (its ``auth_time``
+    claim, else the token's issue time)."""
 
     issuer: str
     subject: str
     email: str | None
     name: str | None
+    auth_time: datetime
 
 
 def code_challenge(verifier: str) -> str:
@@ -173,21 +177,26 @@ class OidcProvider:
             raise InvalidIdToken("It is signed with a key the provider does not publish.")
         return found.key
 
-    def authorization_url(self, metadata: Metadata, state: str, nonce: str, verifier: str) -> str:
-        query = urlencode(
-            {
-                "response_type": "code",
-                "client_id": self.client_id,
-                "redirect_uri": self.redirect_uri,
-                "scope": self.scopes,
-                "state": state,
-                "nonce": nonce,
-                "code_challenge": code_challenge(verifier),
-                "code_challenge_method": "S256",
-            }
-        )
+    def authorization_url(
+        self, metadata: Metadata, state: str, nonce: str, verifier: str, max_age: int | None
+    ) -> str:
+        """``max_age``: the person must have authenticated at most this many seconds ago
+        (OpenID Connect Core §3.1.2.1; the provider then names ``auth_time``), and is asked
+        to sign in again (``prompt=login``) rather than pass on a single-sign-on session."""
+        query: dict[str, str | int] = {
+            "response_type": "code",
+            "client_id": self.client_id,
+            "redirect_uri": self.redirect_uri,
+            "scope": self.scopes,
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": code_challenge(verifier),
+            "code_challenge_method": "S256",
+        }
+        if max_age is not None:
+            query |= {"prompt": "login", "max_age": max_age}
         separator = "&" if "?" in metadata.authorization_endpoint else "?"
-        return f"{metadata.authorization_endpoint}{separator}{query}"
+        return f"{metadata.authorization_endpoint}{separator}{urlencode(query)}"
 
     async def exchange(self, code: str, verifier: str) -> str:
         """The ID token the token endpoint gives for an authorization code."""
@@ -262,11 +271,19 @@ class OidcProvider:
         email = claims.get("email")
         verified = claims.get("email_verified") is True and isinstance(email, str)
         name = claims.get("name") or claims.get("preferred_username")
+        auth_time = claims.get("auth_time")
+        if not isinstance(auth_time, int | float) or isinstance(auth_time, bool):
+            auth_time = claims["iat"]
+        try:
+            authenticated = datetime.fromtimestamp(auth_time, UTC)
+        except (TypeError, ValueError, OverflowError, OSError):
+            raise InvalidIdToken("Its authentication time is not a valid time.") from None
         return Identity(
             issuer=self.issuer,
             subject=subject,
             email=email.strip().lower()[:320] if verified and isinstance(email, str) else None,
             name=(name.strip()[:200] or None) if isinstance(name, str) else None,
+            auth_time=authenticated,
         )
 
 

@@ -42,9 +42,31 @@ class Repository:
     async def user(self, user_id: str) -> UserRow | None:
         return await self.session.get(UserRow, user_id)
 
-    async def add_user(self, user: UserRow) -> None:
-        self.session.add(user)
-        await self.session.flush()
+    async def user_in_session(self, user_id: str, family_id: str) -> UserRow | None:
+        """The user, if the refresh-token family ``family_id`` of theirs is not ended (one
+        query: it runs on every authenticated request)."""
+        live = select(RefreshTokenRow.id).where(
+            RefreshTokenRow.family_id == family_id,
+            RefreshTokenRow.user_id == user_id,
+            RefreshTokenRow.revoked_at.is_(None),
+        )
+        result = await self.session.execute(
+            select(UserRow).where(UserRow.id == user_id, live.exists())
+        )
+        return result.scalar_one_or_none()
+
+    def _insert(self) -> Any:
+        """The dialect's INSERT, which knows ON CONFLICT."""
+        dialect = self.session.get_bind().dialect.name
+        return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+    async def add_user(self, user: UserRow) -> bool:
+        """False, and nothing added, when the email is taken (by a concurrent request too)."""
+        values = {c.key: getattr(user, c.key) for c in UserRow.__table__.columns}
+        statement = (
+            self._insert()(UserRow).values(values).on_conflict_do_nothing().returning(UserRow.id)
+        )
+        return (await self.session.execute(statement)).first() is not None
 
     async def set_password(self, user_id: str, password_hash: str, when: datetime) -> None:
         await self.session.execute(
@@ -73,9 +95,22 @@ class Repository:
 
     async def refresh_token(self, token_hash: str) -> RefreshTokenRow | None:
         result = await self.session.execute(
-            select(RefreshTokenRow).where(RefreshTokenRow.token_hash == token_hash)
+            select(RefreshTokenRow)
+            .where(RefreshTokenRow.token_hash == token_hash)
+            .execution_options(populate_existing=True)  # re-read after a concurrent change
         )
         return result.scalar_one_or_none()
+
+    async def live_successor(self, token_id: str) -> RefreshTokenRow | None:
+        """The unused, unrevoked token rotated from ``token_id``, if any."""
+        result = await self.session.execute(
+            select(RefreshTokenRow).where(
+                RefreshTokenRow.parent_id == token_id,
+                RefreshTokenRow.used_at.is_(None),
+                RefreshTokenRow.revoked_at.is_(None),
+            )
+        )
+        return result.scalars().first()
 
     async def use_refresh_token(self, token_id: str, when: datetime) -> bool:
         """Mark the token used; False when another request used (or revoked) it first."""
@@ -126,9 +161,22 @@ class Repository:
     async def oidc_identity(self, issuer: str, subject: str) -> OidcIdentityRow | None:
         return await self.session.get(OidcIdentityRow, (issuer, subject))
 
-    async def add_oidc_identity(self, identity: OidcIdentityRow) -> None:
-        self.session.add(identity)
-        await self.session.flush()
+    async def link_oidc_identity(self, identity: OidcIdentityRow) -> OidcIdentityRow:
+        """The link of the provider account: ``identity`` unless a concurrent first sign-in
+        of the same subject linked it first."""
+        values = {c.key: getattr(identity, c.key) for c in OidcIdentityRow.__table__.columns}
+        await self.session.execute(
+            self._insert()(OidcIdentityRow).values(values).on_conflict_do_nothing()
+        )
+        result = await self.session.execute(
+            select(OidcIdentityRow)
+            .where(
+                OidcIdentityRow.issuer == identity.issuer,
+                OidcIdentityRow.subject == identity.subject,
+            )
+            .execution_options(populate_existing=True)
+        )
+        return result.scalar_one()
 
     # --- login throttling -------------------------------------------------------------------
 
@@ -161,13 +209,14 @@ class Repository:
         )
         return {row.id: row for row in result.scalars()}
 
-    async def owned_one(self, observation_id: str) -> OwnedObservationRow | None:
+    async def owned_locked(self, ids: Sequence[str]) -> dict[str, OwnedObservationRow]:
+        """The rows, locked until the transaction ends (events change them)."""
+        if not ids:
+            return {}
         result = await self.session.execute(
-            select(OwnedObservationRow)
-            .where(OwnedObservationRow.id == observation_id)
-            .with_for_update()
+            select(OwnedObservationRow).where(OwnedObservationRow.id.in_(ids)).with_for_update()
         )
-        return result.scalar_one_or_none()
+        return {row.id: row for row in result.scalars()}
 
     async def add_owned(self, rows: Sequence[dict[str, Any]]) -> set[str]:
         """Insert the rows whose id is new; the ids inserted (a concurrent sync of the same
@@ -183,6 +232,26 @@ class Repository:
         )
         return set((await self.session.execute(statement, list(rows))).scalars())
 
+    async def confirm_owned(self, ids: Sequence[str]) -> None:
+        if ids:
+            await self.session.execute(
+                update(OwnedObservationRow)
+                .where(OwnedObservationRow.id.in_(ids))
+                .values(confirmed=True)
+            )
+
+    async def drop_reserved(self, ids: Sequence[str]) -> None:
+        """Forget reservations ingest refused, with their announced media."""
+        if ids:
+            await self.session.execute(
+                delete(ExpectedMediaRow).where(ExpectedMediaRow.observation_id.in_(ids))
+            )
+            await self.session.execute(
+                delete(OwnedObservationRow).where(
+                    OwnedObservationRow.id.in_(ids), OwnedObservationRow.confirmed.is_(False)
+                )
+            )
+
     async def update_owned(self, observation_id: str, values: dict[str, Any]) -> None:
         await self.session.execute(
             update(OwnedObservationRow)
@@ -194,7 +263,9 @@ class Repository:
         self, user_id: str, *, before: int | None, limit: int
     ) -> list[OwnedObservationRow]:
         """The user's observations, newest first, with ``seq`` below ``before``."""
-        query = select(OwnedObservationRow).where(OwnedObservationRow.user_id == user_id)
+        query = select(OwnedObservationRow).where(
+            OwnedObservationRow.user_id == user_id, OwnedObservationRow.confirmed.is_(True)
+        )
         if before is not None:
             query = query.where(OwnedObservationRow.seq < before)
         query = query.order_by(OwnedObservationRow.seq.desc()).limit(limit)
@@ -269,9 +340,10 @@ class Repository:
 
     # --- notifications ----------------------------------------------------------------------
 
-    async def add_notification(self, row: NotificationRow) -> None:
-        self.session.add(row)
-        await self.session.flush()
+    def add_notifications(self, rows: Sequence[NotificationRow]) -> None:
+        self.session.add_all(rows)
+
+    # --- events handled ---------------------------------------------------------------------
 
     async def notifications(self, user_id: str, *, after: int, limit: int) -> list[NotificationRow]:
         result = await self.session.execute(

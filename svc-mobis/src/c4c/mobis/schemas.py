@@ -61,12 +61,20 @@ class Logout(Strict):
 
 
 class PasswordChange(Strict):
-    current_password: Password
+    current_password: Password | None = Field(
+        None,
+        description="Required when the account has a password; an account without one "
+        "(hasPassword false) sends none and calls with an access token from a fresh sign-in.",
+    )
     new_password: Password
 
 
 class AccountDeletion(Strict):
-    password: Password
+    password: Password | None = Field(
+        None,
+        description="The current password; an account without one sends none and calls "
+        "with an access token from a fresh sign-in.",
+    )
 
 
 class OidcStart(BaseModel):
@@ -103,6 +111,10 @@ class Account(BaseModel):
     email: str
     displayName: str
     createdAt: datetime
+    hasPassword: bool = Field(
+        description="False for an account made by an OpenID Connect sign-in that never set "
+        "one: it confirms a password change or deletion by signing in again instead."
+    )
 
 
 # --- sync -----------------------------------------------------------------------------------

@@ -25,6 +25,20 @@ class MobisSettings(ServiceSettings):
     token_scope: str = Field(
         "mobis", description="Scopes (space-separated) an app user's access token carries."
     )
+    refresh_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="A refresh token repeated this soon after it was rotated (the answer "
+        "was lost on a bad network) gets a new pair instead of ending the session; 0 = "
+        "every repeat counts as reuse.",
+    )
+    reauthentication_seconds: int = Field(
+        300,
+        ge=30,
+        le=3600,
+        description="How recent a sign-in must be for an account without a password to set "
+        "one or delete itself (the access token's auth_time).",
+    )
     password_min_length: int = Field(10, ge=8, description="Shortest password accepted.")
     password_hash_memory_kib: int = Field(
         65536, ge=1024, description="Memory argon2id uses per password hash (KiB)."

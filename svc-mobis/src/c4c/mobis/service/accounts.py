@@ -1,5 +1,10 @@
 """Accounts: registration, login slowed against brute force, access and rotating refresh
-tokens with reuse detection, logout, password change and "forget me". No HTTP, no SQL."""
+tokens with reuse detection, logout, password change and "forget me". No HTTP, no SQL.
+
+Steps that cannot be undone (changing the password, deleting the account) need the current
+password; an account without one (made by an OpenID Connect sign-in) needs a fresh sign-in
+instead: an access token whose ``auth_time`` is recent and whose session is not ended. A
+refresh never makes a sign-in fresher: the family keeps the ``auth_time`` of its login."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 from argon2 import PasswordHasher
@@ -76,8 +82,25 @@ class NotAnAppUser(ProblemError):
     status, code, title = 403, "not-an-app-user", "Only app users have an account here"
 
 
+class ReauthenticationRequired(ProblemError):
+    """RFC 9470's step-up challenge: sign in again, then retry with the new access token."""
+
+    status, code, title = 401, "reauthentication-required", "Sign in again first"
+
+    def __init__(self, detail: str, max_age: int) -> None:
+        challenge = (
+            'Bearer realm="mobis", error="insufficient_user_authentication", '
+            f'error_description="A recent sign-in is needed", max_age="{max_age}"'
+        )
+        super().__init__(detail, headers={"WWW-Authenticate": challenge}, max_age=max_age)
+
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def has_password(user: UserRow) -> bool:
+    return user.password_hash != NO_PASSWORD
 
 
 class Passwords:
@@ -129,17 +152,33 @@ class Accounts:
 
     # --- who is calling --------------------------------------------------------------------
 
-    async def user_of(self, principal: Principal | None) -> UserRow:
+    async def user_of(self, principal: Principal | None, access_token: str | None) -> UserRow:
         """The signed-in user: the gateway's principal must name an existing account (a
-        deleted account's tokens, still unexpired, are refused here)."""
+        deleted account's tokens, still unexpired, are refused here). The access token the
+        gateway passes on must belong to a session not ended: logging out and changing the
+        password end the stolen access tokens too, not only their refresh tokens."""
         if principal is None or principal.kind == "anonymous":
             raise Unauthenticated("Sign in: send your access token as a bearer token.")
         if principal.kind != "user":
             raise NotAnAppUser("Call MOBIS with an app user's access token.")
-        user = await self.repo.user(principal.id)
+        if access_token is None:
+            user = await self.repo.user(principal.id)
+        else:
+            claims = self._claims(principal.id, access_token)
+            if claims is None:
+                raise Unauthenticated("This access token is not one of this account's.")
+            user = await self.repo.user_in_session(principal.id, claims["sid"])
         if user is None:
-            raise Unauthenticated("This account does not exist (any more).")
+            raise Unauthenticated("This account or session does not exist (any more).")
         return user
+
+    def _claims(self, user_id: str, access_token: str) -> dict[str, Any] | None:
+        """The claims of an unexpired access token MOBIS signed for ``user_id``, naming its
+        session (``sid``, the refresh-token family); None otherwise."""
+        claims = self.signer.claims(access_token)
+        if claims is None or claims["sub"] != user_id or not isinstance(claims.get("sid"), str):
+            return None
+        return claims
 
     # --- registration and login ------------------------------------------------------------
 
@@ -165,7 +204,8 @@ class Accounts:
             created_at=now,
             password_changed_at=now,
         )
-        await self.repo.add_user(user)
+        if not await self.repo.add_user(user):  # a concurrent registration won
+            raise EmailTaken("Log in, or use another email address.")
         return account(user)
 
     def _throttles(self, email: str, address: str) -> list[Throttle]:
@@ -187,8 +227,10 @@ class Accounts:
         if longest > timedelta(0):
             return TooManyAttempts(longest.total_seconds())
         user = await self.repo.user_by_email(email)
+        # An account without a password costs a hash too: timing tells nothing about it.
         valid = await self.passwords.matches(
-            user.password_hash if user else self.passwords.dummy, password
+            user.password_hash if user and has_password(user) else self.passwords.dummy,
+            password,
         )
         if user is None or not valid:
             for throttle in throttles:
@@ -211,23 +253,37 @@ class Accounts:
             await self.repo.set_password(
                 user.id, await self.passwords.hash(password), user.password_changed_at
             )
-        return await self._issue(user, family_id=str(uuid.uuid4()), device_id=device_id)
+        return await self._issue(
+            user, family_id=str(uuid.uuid4()), device_id=device_id, auth_time=now
+        )
 
     async def sign_in_with(self, identity: Identity, device_id: str | None) -> Tokens:
         """Tokens for someone an OpenID Connect provider vouched for: the user linked to
         their provider account, else the user with the email the provider verified (then
         linked), else a new user without a password."""
         link = await self.repo.oidc_identity(identity.issuer, identity.subject)
-        if link is not None:
-            user = await self.repo.user(link.user_id)
-            if user is None:  # deleted with its links, so a race with "forget me"
-                raise Unauthenticated("This account does not exist (any more).")
-            return await self._issue(user, family_id=str(uuid.uuid4()), device_id=device_id)
-        user = await self.repo.user_by_email(identity.email) if identity.email else None
+        if link is None:
+            link = await self._link(identity)
+        user = await self.repo.user(link.user_id)
+        if user is None:  # deleted with its links, so a race with "forget me"
+            raise Unauthenticated("This account does not exist (any more).")
+        return await self._issue(
+            user,
+            family_id=str(uuid.uuid4()),
+            device_id=device_id,
+            auth_time=min(identity.auth_time, self.now()),
+        )
+
+    async def _link(self, identity: Identity) -> OidcIdentityRow:
+        """Link a provider account seen for the first time. Two first sign-ins of one
+        subject at once both get here: inserts that conflict do nothing, so one link wins,
+        and the loser removes the user it made for nothing."""
         now = self.now()
+        user = await self.repo.user_by_email(identity.email) if identity.email else None
+        made: str | None = None
         if user is None:
             user_id = str(uuid.uuid4())
-            user = UserRow(
+            new = UserRow(
                 id=user_id,
                 email=identity.email or f"{user_id}@{NO_EMAIL_DOMAIN}",
                 password_hash=NO_PASSWORD,
@@ -235,19 +291,35 @@ class Accounts:
                 created_at=now,
                 password_changed_at=now,
             )
-            await self.repo.add_user(user)
-        await self.repo.add_oidc_identity(
+            if await self.repo.add_user(new):
+                user, made = new, user_id
+            else:  # the verified email was registered meanwhile: that account it is
+                user = await self.repo.user_by_email(new.email)
+                if user is None:  # and deleted since
+                    raise Conflict("The account changed while signing in; try again.")
+        link = await self.repo.link_oidc_identity(
             OidcIdentityRow(
                 issuer=identity.issuer, subject=identity.subject, user_id=user.id, created_at=now
             )
         )
-        return await self._issue(user, family_id=str(uuid.uuid4()), device_id=device_id)
+        if made is not None and link.user_id != made:
+            await self.repo.delete_user(made)
+        return link
 
-    async def _issue(self, user: UserRow, *, family_id: str, device_id: str | None) -> Tokens:
+    async def _issue(
+        self,
+        user: UserRow,
+        *,
+        family_id: str,
+        device_id: str | None,
+        auth_time: datetime | None,
+        parent_id: str | None = None,
+        expires_at: datetime | None = None,
+    ) -> Tokens:
         now = self.now()
         token_id = str(uuid.uuid4())
         refresh = f"{token_id}.{secrets.token_urlsafe(32)}"
-        lifetime = timedelta(days=self.settings.refresh_token_days)
+        expires_at = expires_at or now + timedelta(days=self.settings.refresh_token_days)
         await self.repo.add_refresh_token(
             RefreshTokenRow(
                 id=token_id,
@@ -256,28 +328,40 @@ class Accounts:
                 device_id=device_id,
                 token_hash=_token_hash(refresh),
                 issued_at=now,
-                expires_at=now + lifetime,
+                expires_at=expires_at,
+                parent_id=parent_id,
+                auth_time=auth_time,
             )
         )
-        access = self.signer.access_token(user.id, user.display_name, self.settings.token_scope)
+        access = self.signer.access_token(
+            user.id,
+            user.display_name,
+            self.settings.token_scope,
+            session=family_id,
+            auth_time=int(auth_time.timestamp()) if auth_time else None,
+        )
         return Tokens(
             access_token=access.token,
             expires_in=access.expires_in,
             refresh_token=refresh,
-            refresh_expires_in=int(lifetime.total_seconds()),
+            refresh_expires_in=max(0, int((expires_at - now).total_seconds())),
             scope=self.settings.token_scope,
         )
 
     async def refresh(self, token: str) -> Tokens | ProblemError:
         """New tokens for a refresh token, which is used up. A token used twice means it
         was stolen (or the app is confused): its whole family is revoked, so neither the
-        thief nor the victim can go on without logging in again. Returned, not raised: the
-        revocation must be committed."""
+        thief nor the victim can go on without logging in again — except a repeat of the
+        latest rotated token within the grace period (see ``_repeated``). Returned, not
+        raised: the revocation must be committed."""
         now = self.now()
         row = await self.repo.refresh_token(_token_hash(token))
         if row is None or row.revoked_at is not None:
             return InvalidRefreshToken("Log in again.")
         if row.used_at is not None or not await self.repo.use_refresh_token(row.id, now):
+            repeated = await self._repeated(row.token_hash, now)
+            if repeated is not None:
+                return repeated
             await self.repo.revoke_family(row.family_id, now)
             return RefreshTokenReused("This session is ended for safety; log in again.")
         if (utc(row.expires_at) or now) <= now:
@@ -285,7 +369,39 @@ class Accounts:
         user = await self.repo.user(row.user_id)
         if user is None:
             return InvalidRefreshToken("Log in again.")
-        return await self._issue(user, family_id=row.family_id, device_id=row.device_id)
+        return await self._issue(
+            user,
+            family_id=row.family_id,
+            device_id=row.device_id,
+            auth_time=utc(row.auth_time),
+            parent_id=row.id,
+        )
+
+    async def _repeated(self, token_hash: str, now: datetime) -> Tokens | None:
+        """The grace period: an app whose answer to a refresh was lost sends the same token
+        again. If it is the family's latest rotated token (its successor is still unused)
+        and was rotated at most ``refresh_grace_seconds`` ago, the successor is superseded
+        — presenting it later counts as reuse and ends the family — and a new pair takes
+        its place: same session, same sign-in time, same expiry. None otherwise."""
+        row = await self.repo.refresh_token(token_hash)  # re-read: a concurrent rotation
+        used_at = utc(row.used_at) if row else None
+        grace = timedelta(seconds=self.settings.refresh_grace_seconds)
+        if row is None or row.revoked_at is not None or used_at is None or now - used_at > grace:
+            return None
+        successor = await self.repo.live_successor(row.id)
+        if successor is None or not await self.repo.use_refresh_token(successor.id, now):
+            return None
+        user = await self.repo.user(row.user_id)
+        if user is None:
+            return None
+        return await self._issue(
+            user,
+            family_id=row.family_id,
+            device_id=row.device_id,
+            auth_time=utc(row.auth_time),
+            parent_id=row.id,
+            expires_at=utc(successor.expires_at),
+        )
 
     async def logout(self, user: UserRow, token: str | None, everywhere: bool) -> None:
         now = self.now()
@@ -299,22 +415,49 @@ class Accounts:
             raise InvalidRefreshToken("This refresh token is not one of your sessions.")
         await self.repo.revoke_family(row.family_id, now)
 
-    async def change_password(self, user: UserRow, current: str, new: str) -> Tokens:
-        """Every session ends; the answer is a fresh one for the device that asked."""
-        if not await self.passwords.matches(user.password_hash, current):
-            raise InvalidCredentials("The current password is wrong.")
+    async def _confirm(self, user: UserRow, password: str | None, access_token: str | None) -> None:
+        """That the caller really is ``user``, before a step that cannot be undone: the
+        current password; for an account without one, a fresh sign-in (see the module)."""
+        if has_password(user):
+            if password is None:
+                raise InvalidCredentials("Send the current password.")
+            if not await self.passwords.matches(user.password_hash, password):
+                raise InvalidCredentials("The current password is wrong.")
+            return
+        if password is not None:
+            raise InvalidCredentials(
+                "This account has no password: sign in again with the identity provider, "
+                "then retry with the new access token and without a password."
+            )
+        max_age = self.settings.reauthentication_seconds
+        claims = self._claims(user.id, access_token) if access_token else None
+        if claims and await self.repo.user_in_session(user.id, claims["sid"]) is None:
+            claims = None  # the session ended
+        auth_time = claims.get("auth_time") if claims else None
+        if not isinstance(auth_time, int) or self.now().timestamp() - auth_time > max_age:
+            raise ReauthenticationRequired(
+                f"Sign in again with the identity provider (at most {max_age} s before this "
+                "request), then retry with the new access token.",
+                max_age,
+            )
+
+    async def change_password(
+        self, user: UserRow, current: str | None, new: str, access_token: str | None
+    ) -> Tokens:
+        """Set a new password (or a first one, for an account made by an OpenID Connect
+        sign-in). Every session ends; the answer is a fresh one for the device that asked."""
+        await self._confirm(user, current, access_token)
         self._check_password(new, user.email)
         now = self.now()
         await self.repo.set_password(user.id, await self.passwords.hash(new), now)
         await self.repo.revoke_user_tokens(user.id, now)
-        return await self._issue(user, family_id=str(uuid.uuid4()), device_id=None)
+        return await self._issue(user, family_id=str(uuid.uuid4()), device_id=None, auth_time=now)
 
-    async def forget(self, user: UserRow, password: str) -> int:
+    async def forget(self, user: UserRow, password: str | None, access_token: str | None) -> int:
         """Delete the account and everything personal MOBIS holds; the user's observations
         stay (under their licence) and are handed over to pseudonymisation in ingest.
         Returns how many observations await it."""
-        if not await self.passwords.matches(user.password_hash, password):
-            raise InvalidCredentials("The password is wrong.")
+        await self._confirm(user, password, access_token)
         pseudonym = f"anonymous-{secrets.token_hex(8)}"
         handed_over = await self.repo.disown(user.id, pseudonym)
         await self.repo.delete_user(user.id)
@@ -327,4 +470,5 @@ def account(user: UserRow) -> Account:
         email=user.email,
         displayName=user.display_name,
         createdAt=utc(user.created_at) or user.created_at,
+        hasPassword=has_password(user),
     )

@@ -32,8 +32,6 @@ from c4c.mobis.schemas import (
     ObservationIdentified,
     ObservationScored,
     ObservationUpdated,
-    QualityView,
-    Suggestion,
     SyncItem,
     SyncOutcome,
 )
@@ -42,6 +40,8 @@ from c4c.shared.problems import BadRequest, Conflict, NotFound, ProblemError
 
 Units = Callable[[], AbstractAsyncContextManager[Repository]]
 """A new unit of work: a repository in a transaction committed when the block ends."""
+StateChange = ObservationScored | ObservationIdentified | ObservationUpdated
+"""What an event tells of an observation MOBIS keeps the state of."""
 
 READ_CHUNK = 1 << 16
 
@@ -120,18 +120,24 @@ def tips(flags: Sequence[Any] | None) -> list[str]:
     return out
 
 
+def _media_fields(row: ExpectedMediaRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "contentType": row.content_type,
+        "size": row.size,
+        "received": row.size if row.stored_at else row.received,
+        "stored": row.stored_at is not None,
+    }
+
+
 def media_state(row: ExpectedMediaRow) -> MediaState:
-    return MediaState(
-        id=row.id,
-        contentType=row.content_type,
-        size=row.size,
-        received=row.size if row.stored_at else row.received,
-        stored=row.stored_at is not None,
-    )
+    return MediaState(**_media_fields(row))
 
 
-def my_observation(row: OwnedObservationRow, media: Sequence[ExpectedMediaRow]) -> MyObservation:
-    suggestions = [Suggestion.model_validate(s) for s in row.suggestions or []]
+def my_observation(row: OwnedObservationRow, media: Sequence[ExpectedMediaRow]) -> dict[str, Any]:
+    """A :class:`MyObservation`'s fields: validated by the caller, a whole page at once
+    (apps poll their observations; a model built per item cost most of a page)."""
+    suggestions = row.suggestions or []
     scored, identified = row.scored_at is not None, bool(suggestions)
     if row.grade == "research":
         status = "research"
@@ -143,20 +149,20 @@ def my_observation(row: OwnedObservationRow, media: Sequence[ExpectedMediaRow]) 
         status = "awaiting-media"
     else:
         status = "uploaded"
-    return MyObservation(
-        id=row.id,
-        project=row.project,
-        version=row.version,
-        status=status,
-        scored=scored,
-        identified=identified,
-        observation=row.summary,
-        quality=QualityView(score=row.score, grade=row.grade, tips=tips(row.flags)),
-        suggestions=suggestions,
-        media=[media_state(m) for m in media],
-        createdAt=utc(row.created_at) or row.created_at,
-        updatedAt=utc(row.updated_at) or row.updated_at,
-    )
+    return {
+        "id": row.id,
+        "project": row.project,
+        "version": row.version,
+        "status": status,
+        "scored": scored,
+        "identified": identified,
+        "observation": row.summary,
+        "quality": {"score": row.score, "grade": row.grade, "tips": tips(row.flags)},
+        "suggestions": suggestions,
+        "media": [_media_fields(m) for m in media],
+        "createdAt": utc(row.created_at) or row.created_at,
+        "updatedAt": utc(row.updated_at) or row.updated_at,
+    }
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,8 @@ class Observations:
                 outcomes[index] = _error(
                     index, observation_id, 409, "id-taken", "Use new ids (UUIDs) for new things"
                 )
+            elif row is not None and not row.confirmed:
+                creates.append((index, item, digest))  # an earlier attempt did not finish
             elif row is not None and row.body_hash == digest:
                 missing = [m.id for m in media_of.get(observation_id, []) if m.stored_at is None]
                 outcomes[index] = SyncOutcome(
@@ -267,34 +275,59 @@ class Observations:
     async def _create(
         self, user: UserRow, creates: Sequence[tuple[int, SyncItem, str]]
     ) -> dict[int, SyncOutcome]:
-        answers = await self.ingest.create_batch(
-            [self._ingest_body(user, i) for _, i, _ in creates]
-        )
+        """Reserve the rows, send them to ingest, then confirm them (or drop the refused).
+        Reserved first, because ingest's events about them (a score) may arrive before its
+        answer does; an attempt cut short leaves reservations that its retry sends again."""
         now = datetime.now(UTC)
+        rows = {
+            str(item.id): {
+                "id": str(item.id),
+                "user_id": user.id,
+                "project": str(item.observation.get("datasetID", "")),
+                "body_hash": digest,
+                "version": 1,
+                "summary": self._summary(item),
+                "confirmed": False,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for _, item, digest in creates
+        }
+        async with self.units() as repo:
+            reserved = await repo.add_owned(list(rows.values()))
+            await repo.add_media(
+                [
+                    _media_row(str(i.id), m)
+                    for _, i, _ in creates
+                    if str(i.id) in reserved
+                    for m in i.media
+                ]
+            )
+            earlier = await repo.owned([i for i in rows if i not in reserved])
+            for observation_id, row in earlier.items():
+                if row.user_id == user.id and not row.confirmed:
+                    reserved.add(observation_id)
+                    values = rows[observation_id]
+                    await repo.update_owned(
+                        observation_id, {k: values[k] for k in ("body_hash", "summary", "project")}
+                    )
+        sending = [c for c in creates if str(c[1].id) in reserved]
+        answers = await self.ingest.create_batch(
+            [self._ingest_body(user, i) for _, i, _ in sending]
+        )
         outcomes: dict[int, SyncOutcome] = {}
-        rows: list[dict[str, Any]] = []
-        media: list[dict[str, Any]] = []
-        for (index, item, digest), answer in zip(creates, answers, strict=True):
+        confirmed: list[str] = []
+        refused: list[str] = []
+        for (index, item, _), answer in zip(sending, answers, strict=True):
             observation_id = str(item.id)
             if answer.get("status") not in ("created", "duplicate"):
+                refused.append(observation_id)
                 problem = answer.get("problem") or {}
                 outcomes[index] = SyncOutcome(
                     index=index, id=observation_id, status="error", problem=problem
                 )
                 continue
-            rows.append(
-                {
-                    "id": observation_id,
-                    "user_id": user.id,
-                    "project": str(item.observation.get("datasetID", "")),
-                    "body_hash": digest,
-                    "version": 1,
-                    "summary": self._summary(item),
-                    "created_at": now,
-                    "updated_at": now,
-                }
-            )
-            media += [_media_row(observation_id, m) for m in item.media]
+            confirmed.append(observation_id)
             outcomes[index] = SyncOutcome(
                 index=index,
                 id=observation_id,
@@ -303,12 +336,18 @@ class Observations:
                 missingMedia=[str(m.id) for m in item.media],
             )
         async with self.units() as repo:
-            inserted = await repo.add_owned(rows)
-            await repo.add_media([m for m in media if m["observation_id"] in inserted])
-        for index, outcome in list(outcomes.items()):
-            if outcome.status == "created" and outcome.id not in inserted:
+            await repo.confirm_owned(confirmed)
+            await repo.drop_reserved(refused)
+        for index, item, _ in creates:
+            if str(item.id) not in reserved:
                 # A concurrent sync of the same item won: answer as its retry would be.
-                outcomes[index] = outcome.model_copy(update={"status": "duplicate"})
+                outcomes[index] = SyncOutcome(
+                    index=index,
+                    id=str(item.id),
+                    status="duplicate",
+                    version=1,
+                    missingMedia=[str(m.id) for m in item.media],
+                )
         return outcomes
 
     async def _conflict(self, index: int, observation_id: str) -> SyncOutcome:
@@ -380,8 +419,8 @@ class Observations:
             more, rows = len(rows) > size, rows[:size]
             media = await repo.media_of([r.id for r in rows])
         items = [my_observation(r, media[r.id]) for r in rows]
-        return MyObservationPage(
-            items=items, next=encode_cursor(rows[-1].seq) if more and rows else None
+        return MyObservationPage.model_validate(
+            {"items": items, "next": encode_cursor(rows[-1].seq) if more and rows else None}
         )
 
     async def one(self, user: UserRow, observation_id: str) -> MyObservation:
@@ -390,7 +429,7 @@ class Observations:
             if row is None or row.user_id != user.id:
                 raise ObservationNotFound(f"You have no observation {observation_id}.")
             media = await repo.media_of([observation_id])
-        return my_observation(row, media[observation_id])
+        return MyObservation.model_validate(my_observation(row, media[observation_id]))
 
     # --- media -----------------------------------------------------------------------------
 
@@ -475,58 +514,54 @@ class Observations:
     # --- events ----------------------------------------------------------------------------
 
     @staticmethod
-    async def apply_scored(
-        repo: Repository, event: ObservationScored, when: datetime
-    ) -> str | None:
-        """The score on the observation and a notification; the owner to tell, if any."""
-        row = await repo.owned_one(event.observation_id)
-        if row is None or row.user_id is None:
-            return None
-        if (utc(row.scored_at) or when) > when:
-            return None  # an older assessment, late
-        flags = [f.model_dump(exclude_none=True) for f in event.flags]
-        values: dict[str, Any] = {
-            "score": event.score,
-            "grade": event.grade,
-            "flags": flags,
-            "scored_at": when,
-            "updated_at": datetime.now(UTC),
-        }
-        await repo.update_owned(row.id, values)
-        data = {"score": event.score, "grade": event.grade, "tips": tips(flags)}
-        await repo.add_notification(_notification(row, "scored", data, when))
-        return row.user_id
-
-    @staticmethod
-    async def apply_identified(
-        repo: Repository, event: ObservationIdentified, when: datetime
-    ) -> str | None:
-        row = await repo.owned_one(event.observation_id)
-        if row is None or row.user_id is None:
-            return None
-        if (utc(row.identified_at) or when) > when:
-            return None
-        suggestions = (
-            [] if event.rejected else [c.model_dump(exclude_none=True) for c in event.candidates]
-        )
-        await repo.update_owned(
-            row.id,
-            {
-                "suggestions": suggestions,
-                "identification_rejected": event.rejected,
-                "identified_at": when,
-                "updated_at": datetime.now(UTC),
-            },
-        )
-        data = {"rejected": event.rejected, "suggestions": suggestions[:5]}
-        await repo.add_notification(_notification(row, "identified", data, when))
-        return row.user_id
-
-    @staticmethod
-    async def apply_updated(repo: Repository, event: ObservationUpdated) -> None:
-        row = await repo.owned_one(event.id)
-        if row is not None and event.version > row.version:
-            await repo.update_owned(row.id, {"version": event.version})
+    async def apply_events(
+        repo: Repository, changes: Sequence[tuple[StateChange, datetime]]
+    ) -> set[str]:
+        """What events told of the users' observations (scores, identifications, new
+        versions), in the order they came, with one read and one write for them all: the
+        state on each observation and a notification per score or identification; the
+        owners to tell."""
+        rows = await repo.owned_locked(sorted({_subject(change) for change, _ in changes}))
+        notifications: list[NotificationRow] = []
+        owners: set[str] = set()
+        now = datetime.now(UTC)
+        for change, when in changes:
+            row = rows.get(_subject(change))
+            if row is None:
+                continue
+            if isinstance(change, ObservationUpdated):
+                row.version = max(row.version, change.version)
+                continue
+            if row.user_id is None:
+                continue
+            if isinstance(change, ObservationScored):
+                if (utc(row.scored_at) or when) > when:
+                    continue  # an older assessment, late
+                flags = [f.model_dump(exclude_none=True) for f in change.flags]
+                row.score, row.grade, row.flags = change.score, change.grade, flags
+                row.scored_at = when
+                data: dict[str, Any] = {
+                    "score": change.score,
+                    "grade": change.grade,
+                    "tips": tips(flags),
+                }
+                notifications.append(_notification(row, "scored", data, when))
+            else:
+                if (utc(row.identified_at) or when) > when:
+                    continue
+                suggestions = (
+                    []
+                    if change.rejected
+                    else [c.model_dump(exclude_none=True) for c in change.candidates]
+                )
+                row.suggestions, row.identification_rejected = suggestions, change.rejected
+                row.identified_at = when
+                data = {"rejected": change.rejected, "suggestions": suggestions[:5]}
+                notifications.append(_notification(row, "identified", data, when))
+            row.updated_at = now
+            owners.add(row.user_id)
+        repo.add_notifications(notifications)
+        return owners
 
     # --- forget me -------------------------------------------------------------------------
 
@@ -588,6 +623,10 @@ def _with(media: ExpectedMediaRow, **values: Any) -> ExpectedMediaRow:
         for c in ("id", "observation_id", "sha256", "size", "content_type", "received", "stored_at")
     }
     return ExpectedMediaRow(**(fields | values))
+
+
+def _subject(change: StateChange) -> str:
+    return change.id if isinstance(change, ObservationUpdated) else change.observation_id
 
 
 def _notification(

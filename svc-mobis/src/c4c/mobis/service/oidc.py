@@ -47,9 +47,12 @@ class OidcLogins:
         self.unit = unit
         self.accounts = accounts
         self.lifetime = timedelta(seconds=settings.oidc_login_seconds)
+        self.reauthentication_seconds = settings.reauthentication_seconds
         self.now = now
 
-    async def start(self, device_id: str | None) -> OidcStart:
+    async def start(self, device_id: str | None, reauthenticate: bool = False) -> OidcStart:
+        """``reauthenticate``: the person must really sign in again at the provider, for
+        a step that needs a fresh sign-in (an account without password deleting itself)."""
         metadata = await self.provider.metadata()
         state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         verifier = secrets.token_urlsafe(64)  # 86 characters: RFC 7636 asks for 43 to 128
@@ -66,7 +69,13 @@ class OidcLogins:
                 now,
             )
         return OidcStart(
-            authorizationUrl=self.provider.authorization_url(metadata, state, nonce, verifier),
+            authorizationUrl=self.provider.authorization_url(
+                metadata,
+                state,
+                nonce,
+                verifier,
+                self.reauthentication_seconds if reauthenticate else None,
+            ),
             state=state,
             expiresIn=int(self.lifetime.total_seconds()),
         )
