@@ -1,6 +1,8 @@
 """Observation ingestion: single ``POST /ingest/v1/observations`` (rate, p50, p99) and
 ``POST /observations:batch`` (observations/s), on SQLite and on PostgreSQL, against a bare
-FastAPI endpoint that only parses the same pydantic model, measured in the same run.
+FastAPI endpoint that only parses the same pydantic model, measured in the same run; and
+media uploads (``POST /observations/{id}/media``, a ~15 KB 320x240 JPEG) against a bare
+endpoint that streams the same body to a file and fsyncs it.
 
 Every variant is driven the same way: in process through httpx's ASGI transport (no
 sockets, so the figures are the service's own cost), ``CONCURRENCY`` requests in flight.
@@ -11,6 +13,7 @@ and the outbox row per observation, with the relay publishing to the in-process 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import tempfile
@@ -20,8 +23,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from PIL import Image
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -36,6 +41,8 @@ SINGLE, SINGLE_QUICK = 2000, 200
 BATCHES, BATCHES_QUICK = 20, 3
 BATCH_SIZE = 1000
 ROUNDS, ROUNDS_QUICK = 3, 1
+UPLOADS, UPLOADS_QUICK = 200, 50
+UPLOAD_CONCURRENCY = 8  # as the MOBIS benchmark sends them
 SINGLE_TARGET = 0.5  # of the bare FastAPI rate
 BATCH_TARGET = 20_000.0  # observations/s on PostgreSQL
 POSTGRES_URL = os.environ.get(
@@ -66,7 +73,17 @@ def body(i: int) -> dict[str, Any]:
     }
 
 
-def bare_app() -> FastAPI:
+def photo() -> bytes:
+    """A 320x240 JPEG of about 15 KB (a gradient with noise: a flat image would be 2 KB)."""
+    gradient = Image.linear_gradient("L").resize((320, 240))
+    noise = Image.effect_noise((320, 240), 13)
+    image = Image.merge("RGB", (gradient, noise, Image.eval(gradient, lambda v: 255 - v)))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def bare_app(media_dir: Path | None = None) -> FastAPI:
     app = FastAPI()
 
     @app.post("/ingest/v1/observations", status_code=201)
@@ -76,6 +93,18 @@ def bare_app() -> FastAPI:
     @app.post("/ingest/v1/observations:batch")
     async def batch(observations: list[ObservationCreate]) -> dict[str, int]:
         return {"created": len(observations)}
+
+    @app.post("/ingest/v1/observations/{observation_id}/media", status_code=201)
+    async def media(observation_id: str, request: Request) -> dict[str, str]:
+        """The body streamed to a file and made durable, nothing else."""
+        assert media_dir is not None
+        path = media_dir / uuid.uuid4().hex
+        async with await anyio.open_file(path, "xb") as file:
+            async for chunk in request.stream():
+                await file.write(chunk)
+            await file.flush()
+            await anyio.to_thread.run_sync(os.fsync, file.wrapped.fileno())
+        return {"id": path.name}
 
     return app
 
@@ -129,6 +158,41 @@ async def batch_round(app: Any, batches: int) -> float:
     return rate * BATCH_SIZE
 
 
+async def upload_round(app: Any, observation_ids: list[str], data: bytes) -> float:
+    """Uploads/s, ``UPLOAD_CONCURRENCY`` in flight, one photo per observation."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://bench.test") as client:
+        ids = iter(observation_ids)
+
+        async def worker() -> None:
+            for observation_id in ids:
+                response = await client.post(
+                    f"/ingest/v1/observations/{observation_id}/media",
+                    content=data,
+                    headers={"content-type": "image/jpeg"},
+                )
+                if response.status_code != 201:
+                    raise RuntimeError(response.text[:500])
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(UPLOAD_CONCURRENCY)))
+        return len(observation_ids) / (time.perf_counter() - started)
+
+
+async def observations_for_uploads(app: Any, count: int) -> list[str]:
+    """``count`` new observations (made in batches), to upload media to."""
+    bodies = [body(i) for i in range(count)]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://bench.test") as client:
+        for start in range(0, count, BATCH_SIZE):
+            response = await client.post(
+                "/ingest/v1/observations:batch", json=bodies[start : start + BATCH_SIZE]
+            )
+            if response.status_code != 200:
+                raise RuntimeError(response.text[:500])
+    return [b["id"] for b in bodies]
+
+
 class Service:
     """The ingest app on one database, started and stopped around the rounds."""
 
@@ -172,12 +236,16 @@ def pct(values: list[float], q: float) -> float:
 async def run(ctx: Context) -> list[Result]:
     await check_postgres()
     logging.getLogger("c4c").setLevel(logging.WARNING)  # no access log per request
-    calls, batches, rounds = (
-        (SINGLE_QUICK, BATCHES_QUICK, ROUNDS_QUICK) if ctx.quick else (SINGLE, BATCHES, ROUNDS)
+    calls, batches, rounds, uploads = (
+        (SINGLE_QUICK, BATCHES_QUICK, ROUNDS_QUICK, UPLOADS_QUICK)
+        if ctx.quick
+        else (SINGLE, BATCHES, ROUNDS, UPLOADS)
     )
+    data = photo()
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     single: dict[str, list[tuple[float, list[float]]]] = {BARE: [], "sqlite": [], "postgres": []}
     batch: dict[str, list[float]] = {BARE: [], "sqlite": [], "postgres": []}
+    upload: dict[str, list[float]] = {BARE: [], "sqlite": [], "postgres": []}
     with tempfile.TemporaryDirectory() as tmp:
         services = {
             "sqlite": Service("sqlite", Path(tmp) / "sqlite", {}),
@@ -189,21 +257,33 @@ async def run(ctx: Context) -> list[Result]:
         }
         try:
             async with services["sqlite"] as sqlite_app, services["postgres"] as postgres_app:
-                apps = {BARE: bare_app(), "sqlite": sqlite_app, "postgres": postgres_app}
-                for app in apps.values():  # warm-up: imports, prepared statements, caches
+                media_dir = Path(tmp) / "bare-media"
+                media_dir.mkdir()
+                apps = {
+                    BARE: bare_app(media_dir),
+                    "sqlite": sqlite_app,
+                    "postgres": postgres_app,
+                }
+                targets = {}
+                for name, app in apps.items():  # warm-up: imports, prepared statements, caches
                     await single_round(app, 50)
                     await batch_round(app, 1)
+                    targets[name] = await observations_for_uploads(app, (rounds + 1) * uploads)
+                    await upload_round(app, targets[name][:uploads], data)
                 for r in range(rounds):
                     order = list(apps) if r % 2 == 0 else list(reversed(apps))
                     for name in order:
                         single[name].append(await single_round(apps[name], calls))
                         batch[name].append(await batch_round(apps[name], batches))
+                        these = targets[name][(r + 1) * uploads : (r + 2) * uploads]
+                        upload[name].append(await upload_round(apps[name], these, data))
                         log.info(
-                            "round %d %s: %.0f req/s single, %.0f obs/s batch",
+                            "round %d %s: %.0f req/s single, %.0f obs/s batch, %.1f uploads/s",
                             r + 1,
                             name,
                             single[name][-1][0],
                             batch[name][-1],
+                            upload[name][-1],
                         )
         finally:
             await drop_schema(schema)
@@ -211,6 +291,7 @@ async def run(ctx: Context) -> list[Result]:
     shape = f"median of {rounds} round(s); {CONCURRENCY} in flight"
     bare_rate = median([s[0] for s in single[BARE]])
     bare_batch = median(batch[BARE])
+    bare_upload = median(upload[BARE])
     results = [
         Result(
             SUITE,
@@ -225,6 +306,14 @@ async def run(ctx: Context) -> list[Result]:
             bare_batch,
             "obs/s",
             detail=f"{shape}; {batches} x {BATCH_SIZE}; parse only",
+        ),
+        Result(
+            SUITE,
+            f"{BARE} upload/s",
+            bare_upload,
+            "uploads/s",
+            detail=f"median of {rounds} round(s); {UPLOAD_CONCURRENCY} in flight; "
+            f"{uploads} x {len(data):,} B JPEG streamed to a file, fsynced",
         ),
     ]
     for name in ("sqlite", "postgres"):
@@ -267,6 +356,20 @@ async def run(ctx: Context) -> list[Result]:
                 met=batch_rate >= BATCH_TARGET if name == "postgres" else None,
                 detail=f"{shape}; {batches} x {BATCH_SIZE} per round; rounds: "
                 + ", ".join(f"{x:,.0f}" for x in batch[name]),
+            )
+        )
+        results.append(
+            Result.against(
+                SUITE,
+                f"{name} upload/s",
+                median(upload[name]),
+                "uploads/s",
+                baseline=bare_upload,
+                baseline_name=BARE,
+                detail=f"median of {rounds} round(s); {UPLOAD_CONCURRENCY} in flight; "
+                f"{uploads} x {len(data):,} B JPEG (sniffed, EXIF read, stored, fsynced, "
+                "row and event); informational, rounds: "
+                + ", ".join(f"{x:,.1f}" for x in upload[name]),
             )
         )
     return results

@@ -4,6 +4,7 @@ of an obscured observation; hostile files refused with 4xx."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import uuid
@@ -230,3 +231,34 @@ async def test_hostile_files_get_4xx_and_leave_nothing(
     assert (await client.get(f"{API}/observations/{obs_id}")).json()["media"] == []
     media_dir = app.state.parts.storage.root
     assert not [p for p in media_dir.rglob("*") if p.is_file()]
+
+
+async def test_an_upload_in_progress_holds_no_transaction(
+    client: httpx.AsyncClient, observation: Any, photo_bytes: bytes
+) -> None:
+    """While a client is still sending a file, other writes go on (on SQLite a transaction
+    held across the upload would hold the one connection until the last byte)."""
+    observation_id = await new_observation(client, observation())
+    started, finish = asyncio.Event(), asyncio.Event()
+
+    async def slowly() -> Any:
+        yield photo_bytes[:1000]
+        started.set()
+        await finish.wait()
+        yield photo_bytes[1000:]
+
+    upload = asyncio.create_task(
+        client.post(
+            f"{API}/observations/{observation_id}/media",
+            content=slowly(),
+            headers={"Content-Type": "image/jpeg"},
+        )
+    )
+    await asyncio.wait_for(started.wait(), 10)
+    created = await asyncio.wait_for(client.post(f"{API}/observations", json=observation()), 10)
+    assert created.status_code == 201, created.text
+    assert not upload.done()
+    finish.set()
+    uploaded = await upload
+    assert uploaded.status_code == 201, uploaded.text
+    assert uploaded.json()["sha256"] == hashlib.sha256(photo_bytes).hexdigest()

@@ -255,6 +255,80 @@ async def test_batch_keeps_good_items_whatever_the_bad_ones(
     assert len(created_ids(events)) == 4
 
 
+async def test_batch_repeats_of_an_id_are_judged_against_what_is_stored(
+    client: httpx.AsyncClient, observation: Body, events: list[CloudEvent], eventually: Any
+) -> None:
+    stored, new = str(uuid.uuid4()), str(uuid.uuid4())
+    await client.post(f"{API}/observations", json=observation(id=stored))
+    other = observation(id=stored, scientificName="Other")
+    items = [
+        other,  # conflicts with the stored one
+        other,  # the same again: still a conflict, not a duplicate of the item before
+        observation(id=stored),  # a retry of the stored one
+        observation(id=new),
+        observation(id=new, scientificName="Other"),  # conflicts with the item before
+        observation(id=new),  # a duplicate of it
+    ]
+    response = await client.post(f"{API}/observations:batch", json=items)
+    assert response.status_code == 200, response.text
+    outcomes = response.json()["items"]
+    assert [o["status"] for o in outcomes] == [
+        "error",
+        "error",
+        "duplicate",
+        "created",
+        "error",
+        "duplicate",
+    ]
+    assert [o["problem"]["status"] for o in outcomes if o["status"] == "error"] == [409] * 3
+    assert {o["id"] for o in outcomes} == {stored, new}
+    assert (await client.get(f"{API}/observations/{new}")).json()["scientificName"] == (
+        "Quercus ilex"
+    )
+    await eventually(lambda: set(created_ids(events)) == {stored, new})
+    event = next(e for e in events if e.subject == f"observation/{new}")
+    assert event.source == "/c4c/ingest"
+    assert event.type == "observation.created"
+    assert event.data["id"] == new
+    assert event.data["version"] == 1
+
+
+async def test_text_with_nul_characters_is_refused_on_every_database(
+    client: httpx.AsyncClient, observation: Body
+) -> None:
+    """PostgreSQL's text cannot hold NUL: a 422 naming the field, not a 500 from the database."""
+    single = await client.post(f"{API}/observations", json=observation(occurrenceRemarks="a\x00b"))
+    assert problem(single, 422)["errors"][0]["field"] == "occurrenceRemarks"
+    items = [observation(recordedBy="user\x00"), observation()]
+    batch = await client.post(f"{API}/observations:batch", json=items)
+    assert [o["status"] for o in batch.json()["items"]] == ["error", "created"]
+    assert batch.json()["items"][0]["problem"]["errors"][0]["field"] == "recordedBy"
+
+
+async def test_create_refuses_other_bodies_and_overlong_keys(
+    client: httpx.AsyncClient, observation: Body
+) -> None:
+    not_json = await client.post(
+        f"{API}/observations",
+        content=json.dumps(observation()),
+        headers={"content-type": "text/plain"},
+    )
+    assert problem(not_json, 415)["type"] == "urn:c4c:problem:unsupported-media-type"
+    long_key = await client.post(
+        f"{API}/observations", json=observation(), headers={"Idempotency-Key": "k" * 256}
+    )
+    assert problem(long_key, 422)["errors"][0]["in"] == "header"
+    merged_type = await client.post(
+        f"{API}/observations",
+        content=json.dumps(observation()),
+        headers={"content-type": "application/merge-patch+json"},
+    )
+    assert merged_type.status_code == 201, merged_type.text
+    assert (await client.get(f"{API}/observations")).json()["items"][0]["id"] == (
+        merged_type.json()["id"]
+    )
+
+
 async def test_concurrent_batches_sharing_ids_store_each_once(
     client: httpx.AsyncClient, observation: Body, events: list[Any], eventually: Any
 ) -> None:

@@ -4,6 +4,7 @@ from fastapi import FastAPI
 
 from c4c.ingest.api import MEDIA_OVERHEAD, build_router
 from c4c.ingest.consumers import consumers
+from c4c.ingest.service import MediaUploads
 from c4c.ingest.settings import IngestSettings
 from c4c.ingest.wiring import Creations, Parts
 from c4c.shared.app import create_service_app
@@ -35,4 +36,5 @@ def create_app(settings: IngestSettings | None = None, bus: EventBus | None = No
     )
     app.state.parts = parts = Parts(app.state.runtime, settings, storage)
     app.state.creations = Creations(parts, max_items=settings.batch_max_items)
+    app.state.uploads = MediaUploads(parts.unit, storage, settings)
     return app

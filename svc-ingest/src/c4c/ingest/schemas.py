@@ -17,7 +17,7 @@ import math
 import re
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 from uuid import UUID
 
 from pydantic import (
@@ -101,55 +101,65 @@ class DegreeOfEstablishment(StrEnum):
 _PARTIAL = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
 
 
-class EventPeriod(BaseModel):
+class EventPeriod(NamedTuple):  # a tuple, not a model: built for every observation stored
     start: datetime
     end: datetime
 
 
-def _single_period(text: str) -> tuple[datetime, datetime]:
-    match = _PARTIAL.match(text)
-    if match:
-        year, month, day = (int(g) if g else None for g in match.groups())
-        assert year is not None
+def _single_period(text: str) -> tuple[datetime, datetime, str]:
+    """``[start, end)`` in UTC and the normal form of one date or instant."""
+    if "T" in text:  # an instant, the usual form (never a partial date): no regex
         try:
-            if day is not None and month is not None:
-                start = datetime(year, month, day, tzinfo=UTC)
-                return start, start + timedelta(days=1)
-            if month is not None:
-                start = datetime(year, month, 1, tzinfo=UTC)
-                after = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
-                return start, after
-            return datetime(year, 1, 1, tzinfo=UTC), datetime(year + 1, 1, 1, tzinfo=UTC)
+            instant = datetime.fromisoformat(text)
         except ValueError as exc:
-            raise ValueError(f"{text!r} is not a real date ({exc})") from exc
-    if "T" not in text:
+            raise ValueError(f"{text!r} is not an ISO 8601 date and time") from exc
+        if instant.tzinfo is None:
+            raise ValueError(f"{text!r} has no UTC offset: add Z or ±hh:mm")
+        start = instant.astimezone(UTC)
+        return start, start + _INSTANT, instant.isoformat().replace("+00:00", "Z")
+    match = _PARTIAL.match(text)
+    if not match:
         raise ValueError(
             f"{text!r} is not an ISO 8601 date: use YYYY, YYYY-MM, YYYY-MM-DD, "
             "YYYY-MM-DDThh:mm:ss±hh:mm or an interval start/end"
         )
+    year, month, day = (int(g) if g else None for g in match.groups())
+    assert year is not None
     try:
-        instant = datetime.fromisoformat(text)
+        if day is not None and month is not None:
+            start = datetime(year, month, day, tzinfo=UTC)
+            return start, start + timedelta(days=1), text
+        if month is not None:
+            start = datetime(year, month, 1, tzinfo=UTC)
+            after = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+            return start, after, text
+        return datetime(year, 1, 1, tzinfo=UTC), datetime(year + 1, 1, 1, tzinfo=UTC), text
     except ValueError as exc:
-        raise ValueError(f"{text!r} is not an ISO 8601 date and time") from exc
-    if instant.tzinfo is None:
-        raise ValueError(f"{text!r} has no UTC offset: add Z or ±hh:mm")
-    start = instant.astimezone(UTC)
-    return start, start + timedelta(microseconds=1)
+        raise ValueError(f"{text!r} is not a real date ({exc})") from exc
 
 
-def event_period(text: str) -> EventPeriod:
-    """The ``[start, end)`` in UTC an ``eventDate`` covers (see the module's docstring)."""
+_INSTANT = timedelta(microseconds=1)
+
+
+def _period(text: str) -> tuple[EventPeriod, str]:
+    """The period an ``eventDate`` covers and its normal form, checked."""
     first, slash, second = text.partition("/")
-    start, end = _single_period(first)
+    start, end, normal = _single_period(first)
     if slash:
-        _, end = _single_period(second)
+        _, end, normal_end = _single_period(second)
         if end <= start:
             raise ValueError(f"the interval {text!r} ends before it starts")
+        normal = f"{normal}/{normal_end}"
     if start.year < EARLIEST_YEAR:
         raise ValueError(f"{text!r} is before the year {EARLIEST_YEAR}")
     if start > datetime.now(UTC) + FUTURE_TOLERANCE:
         raise ValueError(f"{text!r} is in the future")
-    return EventPeriod(start=start, end=end)
+    return EventPeriod(start, end), normal
+
+
+def event_period(text: str) -> EventPeriod:
+    """The ``[start, end)`` in UTC an ``eventDate`` covers (see the module's docstring)."""
+    return _period(text)[0]
 
 
 def _normalise_event_date(value: str) -> str:
@@ -157,14 +167,7 @@ def _normalise_event_date(value: str) -> str:
     parts = text.split("/")
     if len(parts) > 2 or not all(parts):
         raise ValueError(f"{value!r} is not a date or an interval start/end")
-    event_period(text)
-    normal = []
-    for part in parts:
-        if "T" in part:
-            normal.append(datetime.fromisoformat(part).isoformat().replace("+00:00", "Z"))
-        else:
-            normal.append(part)
-    return "/".join(normal)
+    return _period(text)[1]
 
 
 EventDate = Annotated[str, Field(max_length=80), AfterValidator(_normalise_event_date)]
@@ -172,8 +175,10 @@ EventDate = Annotated[str, Field(max_length=80), AfterValidator(_normalise_event
 
 # --- observations ---------------------------------------------------------------------------
 
-Text = Annotated[str, Field(min_length=1, max_length=500)]
-ShortText = Annotated[str, Field(min_length=1, max_length=200)]
+# PostgreSQL's text cannot hold NUL: refused here (422), not by the database (a 500).
+NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, Field(min_length=1, max_length=500, pattern=NO_NUL)]
+ShortText = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
 
 
 class Measurement(BaseModel):
@@ -183,9 +188,9 @@ class Measurement(BaseModel):
 
     measurementType: ShortText
     measurementValue: bool | int | float | str
-    measurementUnit: Annotated[str, Field(max_length=50)] | None = None
+    measurementUnit: Annotated[str, Field(max_length=50, pattern=NO_NUL)] | None = None
     measurementMethod: Text | None = None
-    measurementRemarks: Annotated[str, Field(max_length=2000)] | None = None
+    measurementRemarks: Annotated[str, Field(max_length=2000, pattern=NO_NUL)] | None = None
 
     @field_validator("measurementValue")
     @classmethod
@@ -194,6 +199,8 @@ class Measurement(BaseModel):
             raise ValueError("must be a finite number")
         if isinstance(value, str) and not 0 < len(value) <= 500:
             raise ValueError("must be 1 to 500 characters")
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
         return value
 
 
@@ -225,7 +232,7 @@ class ObservationFields(BaseModel):
         False,
         description="Publish coordinates rounded to 0.1° only, and media without EXIF.",
     )
-    occurrenceRemarks: Annotated[str, Field(max_length=5000)] | None = None
+    occurrenceRemarks: Annotated[str, Field(max_length=5000, pattern=NO_NUL)] | None = None
     measurements: list[Measurement] = Field(default_factory=list, max_length=200)
 
     @field_validator("countryCode")
@@ -254,7 +261,7 @@ class Identification(BaseModel):
     taxonRank: TaxonRank | None = None
     vernacularName: Text | None = None
     dateIdentified: datetime | None = Field(None, description="Unset = now.")
-    identificationRemarks: Annotated[str, Field(max_length=2000)] | None = None
+    identificationRemarks: Annotated[str, Field(max_length=2000, pattern=NO_NUL)] | None = None
 
     @field_validator("dateIdentified")
     @classmethod
@@ -392,7 +399,7 @@ class ObservationFilter(BaseModel):
 
     project: ShortText | None = Field(None, description="datasetID equals.")
     recordedBy: ShortText | None = None
-    name: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)] | None = Field(
         None, description="Case-insensitive prefix of scientificName or vernacularName."
     )
     bbox: Annotated[str, Field(max_length=200)] | None = Field(

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import AsyncIterable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
@@ -411,22 +412,23 @@ class IngestService:
         return Created(await self._full(row), etag(row), created=False)
 
     async def create_batch(self, items: Sequence[BatchItem]) -> list[dict[str, Any]]:
-        """Per-item outcomes; valid new items are stored together, whatever the others."""
-        ids = [str(i.model.id) for i in items if i.model is not None and i.model.id is not None]
-        known = await self.repo.known(ids=ids)
+        """Per-item outcomes; valid new items are stored together, whatever the others.
+        Inserted first, looked up after: only the items whose id is taken (a retry, a
+        conflict, a concurrent batch) cost a query more."""
         when = datetime.now(UTC)
         outcomes: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
         positions: dict[str, int] = {}  # id of a new row -> its outcome
+        repeats: list[tuple[int, str, str]] = []  # (outcome, id, digest): an id seen before
         for item in items:
             if item.model is None:
                 outcomes.append({"index": item.index, "status": "error", "problem": item.problem})
                 continue
             digest = body_hash(item.model)
             item_id = str(item.model.id) if item.model.id else None
-            prior = known.get(item_id) if item_id else None
-            if prior is not None:
-                outcomes.append(self._existing(item.index, prior, digest))
+            if item_id in positions:
+                repeats.append((len(outcomes), item_id, digest))
+                outcomes.append({"index": item.index})  # settled once the first is
                 continue
             try:
                 values = new_row(item.model, idempotency_key=None, digest=digest, when=when)
@@ -439,19 +441,23 @@ class IngestService:
                     }
                 )
                 continue
-            known[values["id"]] = Known(values["id"], digest, deleted=False)
             rows.append(values)
             positions[values["id"]] = len(outcomes)
             outcomes.append(self._outcome(item.index, "created", values["id"]))
         inserted = await self.repo.insert_many(rows)
-        raced = [values for values in rows if values["id"] not in inserted]
-        if raced:  # stored by a concurrent request since the look-up: answered as retries
-            winners = await self.repo.known(ids=[values["id"] for values in raced])
-            for values in raced:
-                position = positions[values["id"]]
-                outcomes[position] = self._existing(
-                    outcomes[position]["index"], winners[values["id"]], values["body_hash"]
-                )
+        # Taken before (a retry or a conflict) or concurrently: answered as retries.
+        taken = [values for values in rows if values["id"] not in inserted]
+        known = await self.repo.known(ids=[values["id"] for values in taken]) if taken else {}
+        for values in taken:
+            position = positions[values["id"]]
+            outcomes[position] = self._existing(
+                outcomes[position]["index"], known[values["id"]], values["body_hash"]
+            )
+        for values in rows:
+            if values["id"] in inserted:
+                known[values["id"]] = Known(values["id"], values["body_hash"], deleted=False)
+        for position, item_id, digest in repeats:
+            outcomes[position] = self._existing(outcomes[position]["index"], known[item_id], digest)
         stored = [values for values in rows if values["id"] in inserted]
         metrics.observations_created((v["dataset_id"], v["basis_of_record"]) for v in stored)
         await self.events.emit(
@@ -557,68 +563,38 @@ class IngestService:
 
     # --- media -----------------------------------------------------------------------------
 
-    async def add_media(
-        self,
-        observation_id: str,
-        media_id: str | None,
-        chunks: AsyncIterable[bytes],
-        declared_type: str | None,
-    ) -> tuple[dict[str, Any], bool]:
-        """Stream, check and store a media file; (media, created). Nothing is kept from a
-        file that fails a check."""
-        storage = self._storage()
+    async def media_target(
+        self, observation_id: str, media_id: str | None
+    ) -> tuple[ObservationRow, MediaRow | None]:
+        """The observation a media file is for (it must exist and be alive), and what is
+        stored under ``media_id`` already, if anything."""
         row = await self._alive(observation_id)
-        staged = await storage.stage(chunks, max_bytes=self.settings.media_max_bytes)
-        try:
-            if media_id is not None:
-                prior = await self.repo.get_media(media_id)
-                if prior is not None:
-                    await storage.discard(staged)
-                    return self._media_replay(prior, row.id, staged.sha256), False
-            media_type = require_type(staged.head, declared_type)
-            info = None
-            if media_type.kind == "image":
-                info = await anyio.to_thread.run_sync(
-                    lambda: probe_image(
-                        staged.path, media_type, max_pixels=self.settings.media_max_pixels
-                    )
-                )
-            key = await storage.commit(staged)
-        except BaseException:
-            await storage.discard(staged)
-            raise
+        return row, await self.repo.get_media(media_id) if media_id else None
+
+    async def record_media(
+        self, media: MediaRow, *, published_clean: bool
+    ) -> tuple[dict[str, Any], bool]:
+        """Store a media file's row, its bytes already stored; (media, created). The
+        observation is read again (it may have changed since its file was checked): if it
+        became obscured meanwhile, a copy not cleaned of EXIF is withheld, not published."""
+        row = await self._alive(media.observation_id, for_update=True)
+        if row.location_obscured and not published_clean:
+            media.public_key = media.public_sha256 = None
         now = datetime.now(UTC)
-        media = MediaRow(
-            id=media_id or str(uuid.uuid4()),
-            observation_id=row.id,
-            kind=media_type.kind,
-            media_type=media_type.mime,
-            size=staged.size,
-            sha256=staged.sha256,
-            storage_key=key,
-            public_key=key,
-            public_sha256=staged.sha256,
-            width=info.width if info else None,
-            height=info.height if info else None,
-            taken_at=info.taken_at if info else None,
-            exif_latitude=info.latitude if info else None,
-            exif_longitude=info.longitude if info else None,
-            created_at=now,
-        )
-        if row.location_obscured:
-            media.public_key, media.public_sha256 = await self._public_copy(key, media_type)
-        if not await self.repo.add_media(media):
+        media.created_at = now
+        change = {"updated_at": now, "version": row.version + 1}
+        if not await self.repo.add_media(media, change):
             prior = await self.repo.get_media(media.id)
             assert prior is not None
-            return self._media_replay(prior, row.id, staged.sha256), False
-        await self.repo.update(row.id, {"updated_at": now, "version": row.version + 1})
+            return self.media_replay(prior, row.id, media.sha256), False
         out = represent_media(media, self.settings.public_url)
         await self._emit(
             UPDATED, row.id, {"id": row.id, "version": row.version + 1, "changed": {"media": [out]}}
         )
         return out, True
 
-    def _media_replay(self, prior: MediaRow, observation_id: str, sha256: str) -> dict[str, Any]:
+    def media_replay(self, prior: MediaRow, observation_id: str, sha256: str) -> dict[str, Any]:
+        """The answer to an upload under a media id stored already: a retry, or a conflict."""
         if prior.observation_id != observation_id or prior.sha256 != sha256:
             raise MediaConflict(
                 f"Media {prior.id} exists with other content or on another observation.",
@@ -631,29 +607,12 @@ class IngestService:
             raise RuntimeError("no media storage configured")
         return self.storage
 
-    async def _public_copy(self, key: str, media_type: MediaType) -> tuple[str | None, str | None]:
-        """A copy without EXIF for an obscured observation; (None, None): withheld (types we
-        cannot clean, e.g. video, are not published rather than published with a position)."""
-        storage = self._storage()
-        source = storage.local_path(key)
-        if media_type.kind != "image" or source is None:
-            return None, None
-        buffer = BytesIO()
-        try:
-            await anyio.to_thread.run_sync(lambda: strip_metadata(source, buffer, media_type))
-        except ProblemError:
-            return None, None
-
-        async def one_chunk() -> Any:
-            yield buffer.getvalue()
-
-        staged = await storage.stage(one_chunk(), max_bytes=self.settings.media_max_bytes)
-        return await storage.commit(staged), staged.sha256
-
     async def _publish_media_without_exif(self, observation_id: str) -> None:
         for media in (await self.repo.media_of([observation_id]))[observation_id]:
             if media.storage_key and media.public_key == media.storage_key:
-                key, digest = await self._public_copy(media.storage_key, _type_of(media))
+                key, digest = await public_copy(
+                    self._storage(), self.settings, media.storage_key, _type_of(media)
+                )
                 await self.repo.set_public_copy(media.id, key, digest)
 
     async def media_file(self, media_id: str) -> MediaRow:
@@ -799,6 +758,96 @@ class IngestService:
                 )
             )
         return observation_id
+
+
+class MediaUploads:
+    """Media uploads: the file is streamed, checked and stored outside any transaction (a
+    transaction held across the upload and its fsync would hold SQLite's one connection, and
+    serialise every upload behind the slowest client); short ones before and after. Nothing
+    is kept from a file that fails a check."""
+
+    def __init__(
+        self,
+        units: Callable[[], AbstractAsyncContextManager[IngestService]],
+        storage: MediaStorage,
+        settings: IngestSettings,
+    ) -> None:
+        self.units = units
+        """Each call: a service in a transaction of its own, committed on exit."""
+        self.storage = storage
+        self.settings = settings
+
+    async def add(
+        self,
+        observation_id: str,
+        media_id: str | None,
+        chunks: AsyncIterable[bytes],
+        declared_type: str | None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Stream, check and store a media file; (media, created)."""
+        async with self.units() as service:
+            row, prior = await service.media_target(observation_id, media_id)
+        storage = self.storage
+        staged = await storage.stage(chunks, max_bytes=self.settings.media_max_bytes)
+        try:
+            if prior is not None:
+                await storage.discard(staged)
+                return service.media_replay(prior, row.id, staged.sha256), False
+            media_type = require_type(staged.head, declared_type)
+            info = None
+            if media_type.kind == "image":
+                info = await anyio.to_thread.run_sync(
+                    lambda: probe_image(
+                        staged.path, media_type, max_pixels=self.settings.media_max_pixels
+                    )
+                )
+            key = await storage.commit(staged)
+        except BaseException:
+            await storage.discard(staged)
+            raise
+        public_key: str | None = key
+        public_sha256: str | None = staged.sha256
+        if row.location_obscured:
+            public_key, public_sha256 = await public_copy(storage, self.settings, key, media_type)
+        media = MediaRow(
+            id=media_id or str(uuid.uuid4()),
+            observation_id=row.id,
+            kind=media_type.kind,
+            media_type=media_type.mime,
+            size=staged.size,
+            sha256=staged.sha256,
+            storage_key=key,
+            public_key=public_key,
+            public_sha256=public_sha256,
+            width=info.width if info else None,
+            height=info.height if info else None,
+            taken_at=info.taken_at if info else None,
+            exif_latitude=info.latitude if info else None,
+            exif_longitude=info.longitude if info else None,
+        )
+        async with self.units() as service:
+            return await service.record_media(media, published_clean=row.location_obscured)
+
+
+async def public_copy(
+    storage: MediaStorage, settings: IngestSettings, key: str, media_type: MediaType
+) -> tuple[str | None, str | None]:
+    """A copy without EXIF for an obscured observation; (None, None): withheld (types we
+    cannot clean, e.g. video, are not published rather than published with a position)."""
+    source = storage.local_path(key)
+    if media_type.kind != "image" or source is None:
+        return None, None
+    buffer = BytesIO()
+    try:
+        await anyio.to_thread.run_sync(lambda: strip_metadata(source, buffer, media_type))
+    except ProblemError:
+        return None, None
+
+    async def one_chunk() -> Any:
+        yield buffer.getvalue()
+
+    staged = await storage.stage(one_chunk(), max_bytes=settings.media_max_bytes)
+    return await storage.commit(staged), staged.sha256
 
 
 def _subject(observation_id: str) -> str:

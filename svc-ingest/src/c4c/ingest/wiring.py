@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,7 @@ class OutboxSink:
         self.session = session
 
     async def emit(self, type: str, items: Iterable[tuple[str, dict[str, Any]]]) -> None:
-        events = [self.runtime.event(type, data, subject=subject) for subject, data in items]
-        await self.runtime.outbox.add_many(self.session, events)
+        await self.runtime.outbox.add_batch(self.session, type, items)
 
 
 class Parts:
@@ -44,10 +44,15 @@ class Parts:
         self.settings = settings
         self.storage = storage
 
+    @contextlib.asynccontextmanager
+    async def unit(self) -> AsyncIterator[IngestService]:
+        """A service in a short transaction of its own, committed on exit."""
+        async with self.runtime.db.sessions() as session, session.begin():
+            yield self.service(session)
+
     def service(self, session: AsyncSession) -> IngestService:
-        return IngestService(
-            Repository(session), OutboxSink(self.runtime, session), self.settings, self.storage
-        )
+        repo = Repository(session)
+        return IngestService(repo, OutboxSink(self.runtime, session), self.settings, self.storage)
 
 
 @dataclass(frozen=True)
