@@ -108,7 +108,15 @@ async def test_a_clip_with_a_bird_gives_detections_with_keyframe_and_clip(
     assert keyframe.content[:2] == b"\xff\xd8"
     clip = await client.get(detection["clip_url"])
     assert clip.status_code == 200
+    assert clip.headers["content-type"] == "video/mp4"
+    assert clip.headers["content-disposition"].startswith("inline")
+    assert clip.headers["accept-ranges"] == "bytes"
     assert len(clip.content) > 1000
+    # A <video> element seeks with Range requests.
+    part = await client.get(detection["clip_url"], headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes 100-199/{len(clip.content)}"
+    assert part.content == clip.content[100:200]
 
     def published() -> bool:
         types = [e.type for e in received]

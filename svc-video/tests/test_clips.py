@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -52,6 +53,21 @@ def test_pedestrians_are_tracked_about_as_a_person_counts_them(
     clip = cv2.VideoCapture(str(events[0].clip_path))
     assert clip.isOpened()
     assert clip.grab()
+
+
+def test_clips_are_h264_mp4_that_browsers_play_while_downloading(
+    test_data: Path, tmp_path: Path
+) -> None:
+    events, _ = run(test_data / "video" / "cockatoo.mp4", tmp_path)
+    assert events
+    path = events[0].clip_path
+    assert path is not None
+    with av.open(str(path)) as clip:
+        stream = clip.streams.video[0]
+        assert (stream.codec_context.name, stream.codec_context.pix_fmt) == ("h264", "yuv420p")
+        assert sum(1 for _ in clip.decode(stream)) > 0
+    data = path.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # the index first: "fast start"
 
 
 def test_a_moving_bird_makes_events(test_data: Path, tmp_path: Path) -> None:

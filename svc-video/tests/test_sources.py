@@ -62,11 +62,14 @@ def test_decoded_frames_match_opencv_in_grey_and_colour(test_data: Path, clip: s
         colour = picture.colour()
         assert colour.shape == reference.shape
         assert np.abs(colour.astype(np.int16) - reference).mean() < 6
-        small = picture.colour((320, 240))
-        assert small.shape == (240, 320, 3)
+        small = picture.clip_frame((320, 240))
+        assert (small.width, small.height, small.format.name) == (320, 240, "yuv420p")
+        shrunk = cv2.resize(reference, (320, 240), interpolation=cv2.INTER_AREA)
+        small_bgr = cv2.cvtColor(small.to_ndarray(), cv2.COLOR_YUV2BGR_I420)
+        assert np.abs(small_bgr.astype(np.int16) - shrunk).mean() < 6
 
 
-def test_array_pictures_give_grey_and_resized_colour() -> None:
+def test_array_pictures_give_grey_colour_and_clip_frames() -> None:
     pixels = np.zeros((90, 160, 3), np.uint8)
     pixels[:, 80:] = (255, 255, 255)
     picture = ArrayPicture(pixels)
@@ -75,7 +78,10 @@ def test_array_pictures_give_grey_and_resized_colour() -> None:
     assert picture.grey()[0, 0] == 0
     assert picture.grey()[0, 159] == 255
     assert picture.colour() is pixels
-    assert picture.colour((80, 46)).shape == (46, 80, 3)
+    small = picture.clip_frame((80, 46))
+    assert (small.width, small.height, small.format.name) == (80, 46, "yuv420p")
+    luma = small.to_ndarray()[:46]
+    assert (luma[0, 0], luma[0, 79]) == (16, 235)  # black and white in video range
 
 
 def test_analysis_width_follows_the_frame_size() -> None:
@@ -83,9 +89,10 @@ def test_analysis_width_follows_the_frame_size() -> None:
     assert analysis_width(auto, 1920) == 320
     assert analysis_width(auto, 1280) == 320
     assert analysis_width(auto, 1080) == 270
-    assert analysis_width(auto, 768) == 240
-    assert analysis_width(auto, 320) == 240  # not upscaled: the detector caps the scale at 1
-    assert analysis_width(AnalysisParams(analysis_width=160), 1280) == 160
+    assert analysis_width(auto, 768) == 192
+    assert analysis_width(auto, 640) == 160
+    assert analysis_width(auto, 320) == 160  # not upscaled: the detector caps the scale at 1
+    assert analysis_width(AnalysisParams(analysis_width=200), 1280) == 200
 
 
 def test_the_opencv_fallback_runs_the_same_pipeline(

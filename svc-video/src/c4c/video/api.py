@@ -247,4 +247,11 @@ async def detection_clip(detection_id: str, session: SessionDep, request: Reques
     path = service.store.path("clips", row.clip_name)
     if not path.is_file():
         raise NotFound("the clip file is missing")
-    return FileResponse(path, media_type=CLIP_CONTENT_TYPE, filename=f"detection-{row.id}.mp4")
+    # Inline: a browser plays it where it is opened; FileResponse answers Range requests, so
+    # a <video> element can seek.
+    return FileResponse(
+        path,
+        media_type=CLIP_CONTENT_TYPE,
+        filename=f"detection-{row.id}.mp4",
+        content_disposition_type="inline",
+    )

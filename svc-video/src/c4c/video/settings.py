@@ -43,7 +43,7 @@ class VideoSettings(ServiceSettings):
         0,
         ge=0,
         description="Analysis downscales frames to this width; 0 = by frame size (a quarter "
-        "of the source width, between 240 and 320).",
+        "of the source width, between 160 and 320).",
     )
     subtractor: Literal["mog2", "knn"] = Field("mog2", description="Background subtractor.")
     learning_rate: float = Field(
@@ -60,7 +60,7 @@ class VideoSettings(ServiceSettings):
     clip_width: int = Field(
         320,
         ge=32,
-        description="Width of event clips (colour, converted from the decoder's YUV at this size).",
+        description="Width of event clips (H.264 MP4, resized from the decoder's YUV).",
     )
     clip_seconds: float = Field(15.0, gt=0, description="Longest event clip.")
     job_workers: int = Field(1, ge=1, description="Clips analysed at the same time.")

@@ -76,8 +76,19 @@ class GuardedOpener:
         self.policy = policy
         self.refusal: str | None = None
         self.nested = False
-        # No environment proxies: a proxy would connect on our behalf to unchecked places.
-        self.client = httpx.Client(follow_redirects=False, timeout=timeout, trust_env=False)
+        self.timeout = timeout
+        self._client: httpx.Client | None = None
+
+    @property
+    def client(self) -> httpx.Client:
+        # Made at the first HTTP request: its TLS context costs 30-60 ms of CPU, as much as
+        # analysing a short local clip does.
+        if self._client is None:
+            # No environment proxies: a proxy would connect on our behalf to unchecked places.
+            self._client = httpx.Client(
+                follow_redirects=False, timeout=self.timeout, trust_env=False
+            )
+        return self._client
 
     def __call__(self, url: str, flags: int, options: dict[str, Any]) -> Any:
         self.ensure_allowed()
@@ -156,7 +167,8 @@ class GuardedOpener:
         raise last_error
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
 
 
 def _local_path(url: str) -> Path:

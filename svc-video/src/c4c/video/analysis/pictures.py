@@ -2,8 +2,9 @@
 
 Colour conversion is the costliest step after decoding (full-size BGR of a 720p frame costs
 about twice its decode), and the analysis does not need it: background subtraction runs on
-the luma plane, which a YUV decoder hands over for free. Colour is made small for event
-clips, and full size only for the keyframe an event finally keeps.
+the luma plane, which a YUV decoder hands over for free. Event clips get small YUV 4:2:0
+frames, the encoder's own format, resized plane by plane (no colour conversion at all); full
+size BGR is made only for the keyframe an event finally keeps.
 """
 
 from __future__ import annotations
@@ -37,12 +38,40 @@ LUMA_FIRST = frozenset(
         "yuvj444p",
     }
 )
-# swscale's fast bilinear: as sharp as OpenCV's INTER_LINEAR for small previews, and a
-# third of the default (filtered) bilinear's cost on a 720p frame.
+# Three 8-bit planes, Y then U then V, chroma subsampled or not: resized plane by plane into
+# a clip frame. The ``j`` ones are full range and get squeezed to the limited range of the rest.
+PLANAR_YUV = frozenset(
+    {
+        "yuv410p",
+        "yuv411p",
+        "yuv420p",
+        "yuv422p",
+        "yuv440p",
+        "yuv444p",
+        "yuvj420p",
+        "yuvj422p",
+        "yuvj440p",
+        "yuvj444p",
+    }
+)
+_levels = np.arange(256, dtype=np.float64)
+# Full range (0-255) to video range: luma 16-235, chroma 16-240 around 128 (ITU-R BT.601).
+_LUMA_TO_VIDEO = np.round(16 + _levels * 219 / 255).astype(np.uint8)
+_CHROMA_TO_VIDEO = np.round(128 + (_levels - 128) * 224 / 255).astype(np.uint8)
+_TO_VIDEO_RANGE = (_LUMA_TO_VIDEO, _CHROMA_TO_VIDEO, _CHROMA_TO_VIDEO)
+# swscale's fast bilinear, for formats without a plane-by-plane path: as sharp as OpenCV's
+# INTER_LINEAR for small frames, a third of the default (filtered) bilinear's cost at 720p.
 SMALL_INTERPOLATION = "FAST_BILINEAR"
 
 
 _reformatters = threading.local()
+
+
+def _pixels(plane: av.video.plane.VideoPlane) -> Frame:
+    """The plane's pixels in place (writable): rows are padded to ``line_size``, the view
+    skips the padding without a copy."""
+    rows: Frame = np.frombuffer(memoryview(plane), np.uint8)
+    return rows.reshape(plane.height, plane.line_size)[:, : plane.width]
 
 
 def _reformatter(form: str, size: tuple[int, int] | None = None) -> VideoReformatter:
@@ -70,8 +99,13 @@ class Picture(Protocol):
         """Full-size 8-bit brightness."""
         ...
 
-    def colour(self, size: tuple[int, int] | None = None) -> Frame:
-        """BGR pixels, full size or resized to ``size`` (width, height)."""
+    def colour(self) -> Frame:
+        """Full-size BGR pixels."""
+        ...
+
+    def clip_frame(self, size: tuple[int, int]) -> av.VideoFrame:
+        """Resized to ``size`` (width, height; even) as video-range YUV 4:2:0, what an H.264
+        encoder takes."""
         ...
 
 
@@ -92,21 +126,32 @@ class DecodedPicture:
         if frame.format.name not in LUMA_FIRST:
             grey: Frame = _reformatter("gray").reformat(frame, format="gray").to_ndarray()
             return grey
-        plane = frame.planes[0]
-        # Rows are padded to ``line_size``; the view skips the padding without a copy.
-        rows: Frame = np.frombuffer(memoryview(plane), np.uint8)
-        return rows.reshape(plane.height, plane.line_size)[:, : plane.width]
+        return _pixels(frame.planes[0])
 
-    def colour(self, size: tuple[int, int] | None = None) -> Frame:
-        if size is None or size == self.size:
-            full: Frame = _reformatter("bgr24").reformat(self.frame, format="bgr24").to_ndarray()
-            return full
+    def colour(self) -> Frame:
+        full: Frame = _reformatter("bgr24").reformat(self.frame, format="bgr24").to_ndarray()
+        return full
+
+    def clip_frame(self, size: tuple[int, int]) -> av.VideoFrame:
+        frame = self.frame
+        form = frame.format.name
         width, height = size
-        small = _reformatter("bgr24", size).reformat(
-            self.frame, width, height, "bgr24", interpolation=SMALL_INTERPOLATION
-        )
-        pixels: Frame = small.to_ndarray()
-        return pixels
+        if form not in PLANAR_YUV:
+            converted: av.VideoFrame = _reformatter("yuv420p", size).reformat(
+                frame, width, height, "yuv420p", interpolation=SMALL_INTERPOLATION
+            )
+            return converted
+        # OpenCV's resize of the three planes, straight into the new frame's, costs a third
+        # to a half of swscale's scaled conversion to 4:2:0 (no fast path for these sizes).
+        small = av.VideoFrame(width, height, "yuv420p")
+        for source, target, lut in zip(frame.planes, small.planes, _TO_VIDEO_RANGE, strict=True):
+            pixels = _pixels(target)
+            cv2.resize(
+                _pixels(source), pixels.shape[::-1], dst=pixels, interpolation=cv2.INTER_LINEAR
+            )
+            if form.startswith("yuvj"):
+                cv2.LUT(pixels, lut, dst=pixels)
+        return small
 
 
 class ArrayPicture:
@@ -129,11 +174,13 @@ class ArrayPicture:
             self._grey = cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY) if pixels.ndim == 3 else pixels
         return self._grey
 
-    def colour(self, size: tuple[int, int] | None = None) -> Frame:
+    def colour(self) -> Frame:
         pixels = self.pixels
         if pixels.ndim == 2:
             pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
-        if size is None or size == self.size:
-            return pixels
-        resized: Frame = cv2.resize(pixels, size, interpolation=cv2.INTER_LINEAR)
-        return resized
+        return pixels
+
+    def clip_frame(self, size: tuple[int, int]) -> av.VideoFrame:
+        resized = cv2.resize(self.colour(), size, interpolation=cv2.INTER_LINEAR)
+        i420: Frame = cv2.cvtColor(resized, cv2.COLOR_BGR2YUV_I420)
+        return av.VideoFrame.from_ndarray(i420, format="yuv420p")

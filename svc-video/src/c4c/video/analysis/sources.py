@@ -233,6 +233,9 @@ def open_capture(
         "http_persistent": "0",
     }
     if url.lower().startswith("rtsp"):
+        # RTSP is FFmpeg's own client, which io_open does not see: the host was checked
+        # (check_url) but FFmpeg resolves it again and follows RTSP redirects unchecked.
+        # Deployments restrict the service's egress for that (see the README).
         options["rtsp_transport"] = "tcp"
     guard = GuardedOpener(url, policy, httpx.Timeout(read_timeout, connect=open_timeout))
     container: av.container.InputContainer | None = None
@@ -372,6 +375,8 @@ def analyse_file(
             with contextlib.suppress(queue.Empty):
                 frames.get(timeout=0.1)
         reader.join()
+        if analyzer is not None:  # stopped early (cancelled, an error): its thread ends too
+            analyzer.output.stop()
     if cancelled.is_set():
         raise Cancelled("stopped before the end of the clip")
     if capture.refusal is not None:

@@ -183,6 +183,8 @@ class Tracker:
         pairs = np.nonzero(iou >= self.params.iou_threshold)
         # Highest IoU first; ties broken like a reverse sort of (iou, track, box) tuples.
         take(pairs, np.lexsort((pairs[1], pairs[0], iou[pairs]))[::-1])
+        if len(taken_tracks) == len(predicted) or len(taken_boxes) == len(found):
+            return matches  # the usual frame: nothing left over to match by distance
 
         # Centroid distance in units of the predicted box's diagonal.
         centres = (predicted[:, :2] + predicted[:, 2:]) / 2
