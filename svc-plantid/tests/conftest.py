@@ -3,14 +3,17 @@ development photos (read from ../shared/data, never copied into the repository).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from c4c.plantid.app import create_app
 from c4c.plantid.engine.embedder import ModelSpec, default_model
+from c4c.plantid.settings import PlantidSettings
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +32,20 @@ def model(model_cache: Path) -> ModelSpec:
 @pytest.fixture
 def plants(test_data: Path) -> Path:
     return test_data / "plants"
+
+
+@pytest.fixture
+async def plantid(
+    tmp_path: Path, model_cache: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """The service in process, with its app."""
+    app = create_app(
+        PlantidSettings(data_dir=tmp_path, model_cache=model_cache, log_level="WARNING")
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://plantid") as client:
+            yield client, app
 
 
 async def _metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:

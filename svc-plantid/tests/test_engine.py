@@ -117,7 +117,8 @@ def test_gallery_identifies_ranks_and_rejects_far_queries() -> None:
     assert all(0 <= s <= 1 for s in scores)
     assert sum(scores) == pytest.approx(1.0, abs=1e-5)
     assert not found.rejected
-    assert found.predicted_organs == [("flower", 1.0)]
+    assert found.predicted_organs == []  # asked for 'auto' photos only
+    assert gallery.identify(x[:1], ["auto"]).predicted_organs == [("flower", 1.0)]
     far = -x[:1]  # pointing away from every reference
     assert gallery.identify(far, ["auto"]).rejected
     # The threshold is the quantile of the gallery's own nearest-neighbour similarities.

@@ -1,6 +1,6 @@
-"""The identification path's database work: one short transaction before inference (the
-caller's quota and the gallery version), nothing after once the flora is cached; species
-metadata kept with the cached flora still follows enrolments in any project."""
+"""The identification path's database work: one statement before inference (the caller's
+quota and the gallery version), run beside it once the flora is cached, nothing after;
+species metadata kept with the cached flora still follows enrolments in any project."""
 
 from __future__ import annotations
 
@@ -18,20 +18,6 @@ from c4c.plantid.settings import PlantidSettings
 
 PHOTO = "Viola_sp"
 OTHER = "Galanthus_nivalis"
-
-
-@pytest.fixture
-async def plantid(
-    tmp_path: Path, model_cache: Path
-) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    """The service in process, with its app."""
-    app = create_app(
-        PlantidSettings(data_dir=tmp_path, model_cache=model_cache, log_level="WARNING")
-    )
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://plantid") as client:
-            yield client, app
 
 
 def _photos(plants: Path, folder: str) -> list[Path]:
@@ -76,7 +62,7 @@ def plantid_statements(app: Any) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-async def test_a_warm_identification_reads_only_quota_and_gallery_version(
+async def test_a_warm_identification_runs_one_statement_quota_and_gallery_version(
     plantid: tuple[httpx.AsyncClient, Any], plants: Path
 ) -> None:
     client, app = plantid
@@ -90,9 +76,9 @@ async def test_a_warm_identification_reads_only_quota_and_gallery_version(
         response = await _identify(client, "meadow", query)
     assert response.status_code == 200, response.text
     assert response.json()["results"][0]["species"]["scientificNameWithoutAuthor"] == ("Viola sp.")
-    assert len(statements) == 2, statements
-    assert any("plantid_quota" in s for s in statements)
-    assert any(s.startswith("SELECT plantid_projects.id") for s in statements)
+    (statement,) = statements
+    assert "plantid_quota" in statement
+    assert "plantid_projects.gallery_version" in statement
 
 
 async def test_an_unknown_project_charges_no_quota(
@@ -136,3 +122,82 @@ async def test_species_names_changed_in_one_project_reach_every_project_holding_
     assert common_names(await _identify(client, "garden", query)) == ["Violet"]
     floras = [key.project for key in app.state.plantid_engine._floras]
     assert sorted(floras) == ["garden"]  # the older version of garden's flora is gone
+
+
+@pytest.fixture
+async def plantid_quota_1(
+    tmp_path: Path, model_cache: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """The service in process with a daily quota of one identification."""
+    app = create_app(
+        PlantidSettings(
+            data_dir=tmp_path, model_cache=model_cache, daily_quota=1, log_level="WARNING"
+        )
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://plantid") as client:
+            yield client, app
+
+
+def _count_inferences(app: Any) -> list[int]:
+    """The photo counts of the inferences the engine runs from now on."""
+    engine = app.state.plantid_engine
+    inferred: list[int] = []
+    embed_photos = engine.embed_photos
+
+    async def counting(photos: Any) -> Any:
+        inferred.append(len(photos))
+        return await embed_photos(photos)
+
+    engine.embed_photos = counting
+    return inferred
+
+
+async def test_an_unknown_project_is_404_before_a_used_up_quota(
+    plantid_quota_1: tuple[httpx.AsyncClient, Any], plants: Path
+) -> None:
+    client, _ = plantid_quota_1
+    await client.post("/plantid/v1/projects", json={"id": "meadow", "title": "Meadow"})
+    await _enrol(client, "meadow", "Viola sp.", _photos(plants, PHOTO)[:4])
+    query = _photos(plants, PHOTO)[10].read_bytes()
+    assert (await _identify(client, "meadow", query)).status_code == 200
+    assert (await _identify(client, "meadow", query)).status_code == 429
+    assert (await _identify(client, "nowhere", query)).status_code == 404
+    assert (await client.get("/v2/quota")).json()["identify"]["used"] == 1
+
+
+async def test_a_caller_out_of_quota_costs_no_inference(
+    plantid_quota_1: tuple[httpx.AsyncClient, Any], plants: Path
+) -> None:
+    """With the flora cached, inference starts beside the quota's transaction; once the
+    caller was refused today, it no longer does."""
+    client, app = plantid_quota_1
+    inferred = _count_inferences(app)
+    await client.post("/plantid/v1/projects", json={"id": "meadow", "title": "Meadow"})
+    await _enrol(client, "meadow", "Viola sp.", _photos(plants, PHOTO)[:4])
+    query = _photos(plants, PHOTO)[10].read_bytes()
+    assert (await _identify(client, "meadow", query)).status_code == 200
+    assert len(inferred) == 1
+    refused = await _identify(client, "meadow", query)  # inferred beside, result dropped
+    assert refused.status_code == 429
+    assert len(inferred) == 2
+    for _ in range(3):
+        assert (await _identify(client, "meadow", query)).status_code == 429
+    assert len(inferred) == 2
+
+
+async def test_a_deleted_project_costs_no_inference_after_its_first_404(
+    plantid: tuple[httpx.AsyncClient, Any], plants: Path
+) -> None:
+    client, app = plantid
+    await client.post("/plantid/v1/projects", json={"id": "meadow", "title": "Meadow"})
+    await _enrol(client, "meadow", "Viola sp.", _photos(plants, PHOTO)[:4])
+    query = _photos(plants, PHOTO)[10].read_bytes()
+    assert (await _identify(client, "meadow", query)).status_code == 200  # flora cached
+    assert (await client.delete("/plantid/v1/projects/meadow")).status_code == 204
+    inferred = _count_inferences(app)
+    assert (await _identify(client, "meadow", query)).status_code == 404  # inferred beside
+    assert len(inferred) == 1
+    assert (await _identify(client, "meadow", query)).status_code == 404
+    assert len(inferred) == 1

@@ -18,8 +18,9 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.background import BackgroundTask
-from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -137,14 +138,94 @@ class PlantNetRoute(APIRoute):
 plantnet = APIRouter(prefix="/v2", tags=["Pl@ntNet API v2"], route_class=PlantNetRoute)
 
 
+class _Part:
+    """One part of a multipart body, in memory."""
+
+    def __init__(self) -> None:
+        self.disposition = b""
+        self.data = bytearray()
+
+
+async def _multipart(request: Request) -> list[tuple[str, str | None, bytes]]:
+    """(name, filename or None, content) of each part of a multipart/form-data body, in
+    order; 400 unless it is one with at most ``MAX_IMAGES`` files. Parsed here rather than by
+    Starlette's form parser, which spools each file over 1 MB (a phone photo) to a temporary
+    file, written and read back in worker threads. Memory is bounded by the body limit."""
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data" or b"boundary" not in params:
+        raise InvalidQuery("Send the photos as multipart/form-data.")
+    parts: list[_Part] = []
+    header = [b"", b""]  # name, value of the header being read
+
+    def on_part_begin() -> None:
+        if len(parts) == 2 * MAX_IMAGES + 10:
+            raise InvalidQuery("Too many parts.")
+        parts.append(_Part())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        if header[0].lower() == b"content-disposition":
+            parts[-1].disposition = header[1]
+        header[:] = [b"", b""]
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1].data += data[start:end]
+
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_part_data": on_part_data,
+        },
+    )
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise InvalidQuery("Invalid multipart data.") from exc
+    if parser.state != MultipartState.END:  # cut short: no closing boundary
+        raise InvalidQuery("Invalid multipart data.")
+    out = []
+    for part in parts:
+        _, options = parse_options_header(part.disposition)
+        if b"name" not in options:
+            raise InvalidQuery('Each part needs a Content-Disposition "name".')
+        filename = options.get(b"filename")
+        content = bytes(part.data)
+        part.data.clear()  # one copy of the body at a time, plus one part
+        out.append(
+            (
+                options[b"name"].decode("utf-8", "replace"),
+                None if filename is None else filename.decode("utf-8", "replace"),
+                content,
+            )
+        )
+    if sum(filename is not None for _, filename, _ in out) > MAX_IMAGES:
+        raise InvalidQuery(f"Too many files. Maximum number of files is {MAX_IMAGES}.")
+    return out
+
+
 async def _form_photos(request: Request) -> tuple[list[bytes], list[str], list[str]]:
     """The repeated ``images`` and ``organs`` parts, in order; 400 when they do not pair."""
-    form = await request.form(max_files=MAX_IMAGES, max_fields=2 * MAX_IMAGES + 10)
-    uploads = form.getlist("images")
-    organs = [str(o).strip().lower() for o in form.getlist("organs")]
+    parts = await _multipart(request)
+    uploads = [(filename, data) for name, filename, data in parts if name == "images"]
+    organs = [
+        data.decode("utf-8", "replace").strip().lower()
+        for name, _, data in parts
+        if name == "organs"
+    ]
     if not uploads:
         raise InvalidQuery("Send 1 to 5 photos as repeated 'images' parts.")
-    if any(not isinstance(u, StarletteUpload) for u in uploads):
+    if any(filename is None for filename, _ in uploads):
         raise InvalidQuery("Each 'images' part must be a file.")
     if not organs:
         organs = ["auto"] * len(uploads)
@@ -157,10 +238,8 @@ async def _form_photos(request: Request) -> tuple[list[bytes], list[str], list[s
         raise InvalidQuery(f"Unknown organs {unknown}; use {', '.join(ORGANS + SECONDARY_ORGANS)}.")
     if all(o in SECONDARY_ORGANS for o in organs):
         raise InvalidQuery("'habit' and 'other' are accepted only beside a primary organ.")
-    photos = [await u.read() for u in uploads if isinstance(u, StarletteUpload)]
-    names = [
-        u.filename or f"image_{i}" for i, u in enumerate(uploads) if isinstance(u, StarletteUpload)
-    ]
+    photos = [data for _, data in uploads]
+    names = [filename or f"image_{i}" for i, (filename, _) in enumerate(uploads)]
     return photos, organs, names
 
 

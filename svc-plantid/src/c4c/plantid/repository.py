@@ -27,9 +27,17 @@ _GALLERY_VERSION = _ALL_GALLERY_VERSIONS.where(ProjectRow.id == bindparam("proje
 
 
 @functools.cache
-def _use_quota_statement(dialect: str) -> Any:
+def _use_quota_statement(dialect: str, *, with_version: bool = False) -> Any:
+    """Count one identification (unless the limit is reached) returning the count; with
+    ``with_version``, the gallery version of a project too, in the same statement (NULL when
+    there is no such project): the identification path's one round trip."""
     table = cast(Table, QuotaRow.__table__)
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    returned: list[Any] = [table.c.used]
+    if with_version:
+        returned.append(
+            _GALLERY_VERSION.with_only_columns(ProjectRow.gallery_version).scalar_subquery()
+        )
     return (
         insert(table)
         .values(caller=bindparam("quota_caller"), day=bindparam("quota_day"), used=1)
@@ -38,7 +46,7 @@ def _use_quota_statement(dialect: str) -> Any:
             set_={"used": table.c.used + 1},
             where=table.c.used < bindparam("quota_limit"),
         )
-        .returning(table.c.used)
+        .returning(*returned)
     )
 
 
@@ -187,6 +195,24 @@ class Repository:
         values = {"quota_caller": caller, "quota_day": day, "quota_limit": limit}
         used = (await self.session.execute(statement, values)).scalar_one_or_none()
         return None if used is None or limit < 1 else int(used)
+
+    async def use_quota_reading_version(
+        self, caller: str, day: str, limit: int, project_id: str
+    ) -> tuple[int, int | None] | None:
+        """``use_quota`` with, read by the same statement, the gallery version of
+        ``project_id`` (None when there is no such project: the caller was charged all the
+        same, so roll back)."""
+        statement = _use_quota_statement(self.session.get_bind().dialect.name, with_version=True)
+        values = {
+            "quota_caller": caller,
+            "quota_day": day,
+            "quota_limit": limit,
+            "project_id": project_id,
+        }
+        row = (await self.session.execute(statement, values)).one_or_none()
+        if row is None or limit < 1:
+            return None
+        return int(row[0]), None if row[1] is None else int(row[1])
 
     async def quota_used(self, caller: str, day: str) -> int:
         row = await self.session.get(QuotaRow, (caller, day))

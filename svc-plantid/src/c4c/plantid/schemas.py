@@ -4,13 +4,14 @@ API v2 shapes (``/v2``)."""
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from c4c.plantid.models import ImportRow, ProjectRow, ReferenceRow, SpeciesRow
-from c4c.plantid.service import IdentifyOutcome, RankedSpecies, ReferencePhoto
+from c4c.plantid.service import IdentifyOutcome, ReferencePhoto
 
 ProjectId = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Slug: a-z, 0-9, '-'.")
 
@@ -234,9 +235,11 @@ def _taxon(name: str | None, authorship: str | None = None) -> Taxon:
     )
 
 
-def _species(ranked: RankedSpecies, language: str) -> Species:
-    row: SpeciesRow | None = ranked.species
-    name = ranked.candidate.species
+@functools.lru_cache(maxsize=4096)
+def _species(name: str, row: SpeciesRow | None, language: str) -> Species:
+    """Cached by row object (a cached flora's rows never change: a new gallery version loads
+    new ones): answers show the same few species again and again, and building one costs
+    more than the rest of a result."""
     base = _taxon(name, row.authorship if row else None)
     names = (row.common_names or {}) if row else {}
     return Species(
@@ -275,7 +278,7 @@ def identify_response(
     results = [
         Result(
             score=round(r.candidate.score, 5),
-            species=_species(r, language),
+            species=_species(r.candidate.species, r.species, language),
             gbif=Gbif(id=r.species.gbif_id) if r.species and r.species.gbif_id else None,
             images=[_related(ref, base_url) for ref in r.related]
             if query.includeRelatedImages

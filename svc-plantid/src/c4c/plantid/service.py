@@ -180,6 +180,14 @@ class Engine:
 
         return await asyncio.get_running_loop().run_in_executor(embedder.pool, work)
 
+    def has_flora(self, project: str) -> bool:
+        """Whether a flora of ``project`` is cached (of any version)."""
+        return any(key.project == project for key in self._floras)
+
+    def forget(self, project: str) -> None:
+        """Drop the cached flora of ``project`` (replaced by a newer version, or deleted)."""
+        self._floras = {k: f for k, f in self._floras.items() if k.project != project}
+
     async def flora(self, key: GalleryKey, sessions: Callable[[], Any]) -> Flora:
         """The flora of ``key``, built from the database unless cached. References made with
         another model are re-embedded (and stored) first. The fit (and any re-embedding)
@@ -220,8 +228,7 @@ class Engine:
                 reject_similarity=s.reject_similarity,
             )
             flora = Flora(gallery, species, [ReferencePhoto.of(r) for r in references])
-            # One flora per project: older versions of this project go.
-            self._floras = {k: f for k, f in self._floras.items() if k.project != key.project}
+            self.forget(key.project)  # one flora per project: older versions go
             self._floras[key] = flora
             return flora
 
@@ -407,16 +414,44 @@ class PlantidService:
             raise ProjectNotFound(f"There is no project {project_id!r}.")
         return GalleryKey(project_id, tuple(sorted(versions.items())), embedder.version)
 
+    async def admit(
+        self, project_id: str, caller: str | None, moment: datetime
+    ) -> tuple[GalleryKey, Quota | None]:
+        """Which gallery answers, and the caller's quota once this identification is charged
+        to it: one statement for one project. An unknown project is refused before a refused
+        quota, and charges nothing (raising rolls the charge back)."""
+        if caller is None or project_id == ALL_PROJECTS:
+            key = await self.gallery_key(project_id)
+            return key, None if caller is None else await self.use_quota(caller, moment)
+        limit = self.settings.daily_quota
+        charged = await self.repo.use_quota_reading_version(
+            caller, utc_day(moment), limit, project_id
+        )
+        if charged is None:
+            await self.gallery_key(project_id)  # unknown project: 404 rather than 429
+            raise self._quota_exceeded(moment)
+        used, version = charged
+        if version is None:
+            raise ProjectNotFound(f"There is no project {project_id!r}.")
+        embedder = await self.engine.embedder()
+        return GalleryKey(project_id, ((project_id, version),), embedder.version), Quota(
+            limit, used
+        )
+
     # --- quota ------------------------------------------------------------------------------
     async def use_quota(self, caller: str, moment: datetime) -> Quota:
         limit = self.settings.daily_quota
         used = await self.repo.use_quota(caller, utc_day(moment), limit)
         if used is None:
-            raise QuotaExceeded(
-                f"The daily quota of {limit} identifications is used up; it resets at 00:00 UTC.",
-                headers=rate_limit_headers(Quota(limit, limit), moment, exceeded=True),
-            )
+            raise self._quota_exceeded(moment)
         return Quota(limit, used)
+
+    def _quota_exceeded(self, moment: datetime) -> QuotaExceeded:
+        limit = self.settings.daily_quota
+        return QuotaExceeded(
+            f"The daily quota of {limit} identifications is used up; it resets at 00:00 UTC.",
+            headers=rate_limit_headers(Quota(limit, limit), moment, exceeded=True),
+        )
 
     async def quota(self, caller: str, moment: datetime) -> Quota:
         return Quota(self.settings.daily_quota, await self.repo.quota_used(caller, utc_day(moment)))
@@ -450,9 +485,14 @@ class PlantidService:
 
 class Identifier:
     """Identification as requests and observation events ask for it, with the fewest
-    database round trips: one short transaction before inference charges the caller's quota
-    and reads the gallery version; after inference none, unless the flora changed and must
-    be rebuilt (or a classifier model names species, whose metadata is read then)."""
+    database round trips: one short transaction charges the caller's quota and reads the
+    gallery version (one statement); after inference none, unless the flora changed and must
+    be rebuilt (or a classifier model names species, whose metadata is read then).
+
+    Inference does not wait for that transaction when it will most likely pass — a project
+    whose flora is cached, a caller not yet refused today: both run at once, and a refusal
+    drops the inference's result. Otherwise (a first request, an unknown project, a caller
+    out of quota) nothing is inferred before the transaction passes."""
 
     def __init__(
         self, sessions: Callable[[], Any], engine: Engine, settings: PlantidSettings
@@ -460,6 +500,8 @@ class Identifier:
         self.sessions = sessions
         self.engine = engine
         self.settings = settings
+        self._refused: set[tuple[str, str]] = set()
+        """(caller, UTC day) whose quota was found used up."""
 
     def _service(self, session: Any) -> PlantidService:
         return PlantidService(Repository(session), self.engine, self.settings)
@@ -479,18 +521,21 @@ class Identifier:
         of ``caller``'s quota once this identification is charged to it (None: no caller,
         nothing charged). An unknown project charges nothing."""
         embedder = await self.engine.embedder()
-        quota: Quota | None = None
-        key: GalleryKey | None = None
+        classifier = embedder.spec.kind == "classifier"
+        moment = moment or now()
         started = time.perf_counter()
+        early = (caller is None or (caller, utc_day(moment)) not in self._refused) and (
+            classifier or self.engine.has_flora(project_id)
+        )
+        inference = asyncio.ensure_future(self.engine.embed_photos(photos)) if early else None
         try:
-            if caller is not None or embedder.spec.kind == "embedder":
-                async with self.sessions() as session, session.begin():
-                    service = self._service(session)
-                    if embedder.spec.kind == "embedder":
-                        key = await service.gallery_key(project_id)
-                    if caller is not None:
-                        quota = await service.use_quota(caller, moment or now())
-            vectors = await self.engine.embed_photos(photos)
+            try:
+                key, quota = await self._admit(project_id, caller, moment, classifier)
+            except BaseException:
+                if inference is not None:
+                    _abandon(inference)
+                raise
+            vectors = await (inference or self.engine.embed_photos(photos))
             if key is None:
                 outcome = await self._classify(project_id, vectors, results)
             else:
@@ -507,6 +552,29 @@ class Identifier:
             project_id, rejected=outcome.rejected, seconds=time.perf_counter() - started
         )
         return outcome, quota
+
+    async def _admit(
+        self, project_id: str, caller: str | None, moment: datetime, classifier: bool
+    ) -> tuple[GalleryKey | None, Quota | None]:
+        """The gallery (None: a classifier needs none) and the caller's charged quota."""
+        if classifier and caller is None:
+            return None, None
+        try:
+            async with self.sessions() as session, session.begin():
+                service = self._service(session)
+                if classifier:
+                    assert caller is not None
+                    return None, await service.use_quota(caller, moment)
+                return await service.admit(project_id, caller, moment)
+        except QuotaExceeded:
+            assert caller is not None
+            day = utc_day(moment)
+            self._refused = {entry for entry in self._refused if entry[1] == day}
+            self._refused.add((caller, day))
+            raise
+        except ProjectNotFound:
+            self.engine.forget(project_id)  # no more inference started early for it
+            raise
 
     async def gallery(self, project_id: str) -> Gallery:
         async with self.sessions() as session, session.begin():
@@ -582,6 +650,12 @@ def rate_limit_headers(quota: Quota, moment: datetime, *, exceeded: bool = False
     if exceeded:
         headers["Retry-After"] = str(reset)
     return headers
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    """Stop waiting for ``task``; what it ends with is dropped, without a warning."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def embed_photos(embedder: Embedder, photos: Sequence[bytes], max_pixels: int) -> np.ndarray:

@@ -53,7 +53,8 @@ class Identification:
     threshold: float
     rejected: bool
     predicted_organs: list[tuple[str, float]] = field(default_factory=list)
-    """Per photo: the organ most of its nearest references show, and that share."""
+    """Per photo, when one's organ is 'auto': the organ most of its nearest references show,
+    and that share."""
 
 
 @dataclass
@@ -144,7 +145,9 @@ class Gallery:
             best_similarity=best_similarity,
             threshold=self.threshold,
             rejected=best_similarity < self.threshold,
-            predicted_organs=[self._organ_of(row) for row in similarities],
+            predicted_organs=[self._organ_of(row) for row in similarities]
+            if "auto" in organs
+            else [],
         )
 
     def _organ_of(self, similarities: np.ndarray, k: int = 5) -> tuple[str, float]:
