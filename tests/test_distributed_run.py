@@ -28,7 +28,7 @@ SERVICES = {
     "plantid": ("/plantid", "/v2"),
     "mobis": ("/mobis",),
 }
-START_TIMEOUT = 60.0
+START_TIMEOUT = 120.0  # quality loads its taxonomy before it is ready
 STOP_TIMEOUT = 30.0
 
 
@@ -101,7 +101,9 @@ async def test_each_service_in_its_own_process_behind_the_gateway(
             answer = await client.get(f"{prefixes[0]}/readyz")
             assert answer.status_code == 200, answer.text
             assert answer.json()["service"] == name
-            assert answer.json()["checks"] == {"database": True, "bus": True}
+            checks = answer.json()["checks"]
+            assert {"database", "bus"} <= checks.keys(), checks
+            assert all(checks.values()), checks
 
     # Really on PostgreSQL and RabbitMQ, not on the embedded-mode defaults.
     schemas = {run.schema(name) for name in run.components}
