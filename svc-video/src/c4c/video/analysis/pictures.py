@@ -20,24 +20,6 @@ from numpy.typing import NDArray
 
 Frame = NDArray[Any]  # uint8 pixels: BGR (height, width, 3) or grey (height, width)
 
-# Pixel formats whose first plane is 8-bit luma (the ``j`` ones are full range).
-LUMA_FIRST = frozenset(
-    {
-        "gray",
-        "nv12",
-        "nv21",
-        "yuv410p",
-        "yuv411p",
-        "yuv420p",
-        "yuv422p",
-        "yuv440p",
-        "yuv444p",
-        "yuvj420p",
-        "yuvj422p",
-        "yuvj440p",
-        "yuvj444p",
-    }
-)
 # Three 8-bit planes, Y then U then V, chroma subsampled or not: resized plane by plane into
 # a clip frame. The ``j`` ones are full range and get squeezed to the limited range of the rest.
 PLANAR_YUV = frozenset(
@@ -54,6 +36,8 @@ PLANAR_YUV = frozenset(
         "yuvj444p",
     }
 )
+# Pixel formats whose first plane is 8-bit luma (the ``j`` ones are full range).
+LUMA_FIRST = PLANAR_YUV | {"gray", "nv12", "nv21"}
 _levels = np.arange(256, dtype=np.float64)
 # Full range (0-255) to video range: luma 16-235, chroma 16-240 around 128 (ITU-R BT.601).
 _LUMA_TO_VIDEO = np.round(16 + _levels * 219 / 255).astype(np.uint8)
