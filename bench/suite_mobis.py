@@ -20,24 +20,20 @@ import asyncio
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from subprocess import Popen
 from typing import Any
 
 import httpx
 from PIL import Image
 
 from bench._core import Context, Result, ServiceUnavailable
+from c4c.shared.testing import LocalRun, Processes
 
 SUITE = "mobis"
 BATCH = 50
@@ -355,78 +351,34 @@ async def sign_in(mobis: httpx.AsyncClient) -> None:
 # --- distributed ----------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [int(sock.getsockname()[1]) for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 @contextlib.asynccontextmanager
 async def distributed(
     data_dir: Path, broker_url: str
 ) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
-    run = uuid.uuid4().hex[:8]
-    ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("C4C_")} | {
-        "C4C_BROKER_URL": broker_url,
-        "C4C_DATABASE_URL": POSTGRES_URL,
-        "C4C_BUS_EXCHANGE": f"bench.{run}.events",
-        "C4C_BUS_QUEUE_PREFIX": f"bench.{run}",
-        "C4C_DATA_DIR": str(data_dir),
-        "C4C_LOG_LEVEL": "WARNING",
-        "C4C_OUTBOX_POLL_INTERVAL": "0.05",
-        "C4C_PRINCIPAL_SECRET": SECRET,
-        "C4C_SERVICE_URLS": json.dumps(urls),
-    }
-    for name, port in ports.items():
-        env |= {f"C4C_{name.upper()}_PORT": str(port)}
-        env |= {f"C4C_{name.upper()}_DATABASE_SCHEMA": f"bench_{run}_{name}"}
-    processes = start(SERVICES, env, data_dir)
+    run = LocalRun(
+        dict.fromkeys(SERVICES, ()),
+        broker_url,
+        POSTGRES_URL,
+        data_dir,
+        gateway=False,
+        label="bench",
+    )
+    env = run.environment(
+        C4C_LOG_LEVEL="WARNING", C4C_OUTBOX_POLL_INTERVAL="0.05", C4C_PRINCIPAL_SECRET=SECRET
+    )
+    processes = Processes(run.components, env, data_dir)
     try:
         async with (
-            httpx.AsyncClient(base_url=urls["mobis"], timeout=60) as mobis,
-            httpx.AsyncClient(base_url=urls["ingest"], timeout=60) as ingest,
-            httpx.AsyncClient(base_url=urls["quality"], timeout=2) as quality,
+            httpx.AsyncClient(base_url=run.url("mobis"), timeout=60) as mobis,
+            httpx.AsyncClient(base_url=run.url("ingest"), timeout=60) as ingest,
+            httpx.AsyncClient(base_url=run.url("quality"), timeout=2) as quality,
         ):
-            await _ready(
-                [ingest, quality, mobis],
-                lambda: all(p.poll() is None for p in processes.values()),
-            )
+            await _ready([ingest, quality, mobis], lambda: not processes.exited())
             await sign_in(mobis)
             yield mobis, ingest
     finally:
-        stop(processes)
-        await clean(broker_url, POSTGRES_URL, f"bench.{run}", f"bench_{run}", SERVICES)
-
-
-def start(names: Sequence[str], env: dict[str, str], folder: Path) -> dict[str, Popen[bytes]]:
-    """``python -m c4c.<name>`` for each, logging to ``<folder>/<name>.log``."""
-    processes = {}
-    for name in names:
-        with (folder / f"{name}.log").open("wb") as log_file:
-            processes[name] = subprocess.Popen(
-                [sys.executable, "-m", f"c4c.{name}"],
-                cwd=folder,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-    return processes
-
-
-def stop(processes: dict[str, Popen[bytes]]) -> None:
-    for process in processes.values():
-        process.terminate()
-    for process in processes.values():
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        processes.stop()
+        await run.forget()
 
 
 async def _ready(services: Sequence[httpx.AsyncClient], alive: Callable[[], bool]) -> None:
@@ -443,30 +395,6 @@ async def _ready(services: Sequence[httpx.AsyncClient], alive: Callable[[], bool
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{service.base_url} not ready")
             await asyncio.sleep(0.2)
-
-
-async def clean(
-    broker_url: str, postgres_url: str, prefix: str, schema_prefix: str, names: Sequence[str]
-) -> None:
-    """Drop a run's schemas (``<schema_prefix>_<name>``), queues and exchange (``<prefix>.*``)."""
-    import aio_pika
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    engine = create_async_engine(postgres_url)
-    async with engine.begin() as conn:
-        for name in names:
-            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema_prefix}_{name}" CASCADE'))
-    await engine.dispose()
-    connection = await aio_pika.connect(broker_url)
-    async with connection:
-        channel = await connection.channel()
-        for name in names:
-            await channel.queue_delete(f"{prefix}.{name}")
-            await channel.queue_delete(f"{prefix}.{name}.dlq")
-        for exchange in (f"{prefix}.events", f"{prefix}.events.dlx"):
-            with contextlib.suppress(Exception):
-                await channel.exchange_delete(exchange)
 
 
 async def _services_up(broker_url: str) -> None:
