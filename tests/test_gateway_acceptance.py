@@ -1,7 +1,8 @@
 """The gateway's acceptance, as a real process in front of real upstream processes on
 loopback: 200 MB streamed each way in little memory, a killed upstream opening the breaker
-(503 + Retry-After) and closing it once back, POSTs never sent twice by retries, and keys
-made and revoked with the CLI.
+(503 + Retry-After) and closing it once back, POSTs never sent twice by retries, keys
+made and revoked with the CLI, and several worker processes sharing the port and (with the
+database backend) one quota.
 
 Run as a script, this file is the upstream: ``python test_gateway_acceptance.py PORT LOG``.
 """
@@ -67,6 +68,9 @@ def upstream_app(log_path: str) -> Callable[..., Any]:
             await send({"type": "http.response.body", "body": b""})
             return
         length, digest = await read_body(receive)
+        if path == "/up/peer":  # the port the gateway's connection came from
+            await respond(send, 200, json.dumps({"port": scope["client"][1]}).encode())
+            return
         if path in ("/up/record", "/up/crash"):
             line = f"{headers.get(b'x-marker', b'-').decode()} {os.getpid()}\n"
             with Path(log_path).open("a") as log:  # noqa: ASYNC230  (one short line, flushed)
@@ -81,7 +85,14 @@ def upstream_app(log_path: str) -> Callable[..., Any]:
 def run_upstream(port: int, log_path: str) -> None:
     import uvicorn
 
-    uvicorn.run(upstream_app(log_path), host="127.0.0.1", port=port, log_level="warning")
+    # proxy_headers off: the client is the gateway's connection, not what X-Forwarded-For says.
+    uvicorn.run(
+        upstream_app(log_path),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        proxy_headers=False,
+    )
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -161,6 +172,14 @@ class Gateway:
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
         raise AssertionError(f"no {field}")
+
+    def workers(self) -> list[int]:
+        """The worker processes' ids (``C4C_GATEWAY_WORKERS`` > 1): the children spawned by
+        multiprocessing (not its resource tracker)."""
+        assert self.process is not None
+        pid = self.process.pid
+        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -295,6 +314,56 @@ async def test_a_killed_upstream_opens_the_breaker_and_it_closes_once_back(
     assert broken <= 4  # at most the requests in flight at the kill
     assert f'c4c_gateway_breaker_state{{upstream="{upstream.url}"}} 0.0' in metrics
     assert f'c4c_gateway_breaker_opened_total{{upstream="{upstream.url}"}}' in metrics
+
+
+def local_ports(pid: int) -> set[int]:
+    """The local ports of a process's TCP sockets (on IPv4), from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    ports = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
+
+
+async def test_workers_share_the_port_and_with_the_database_backend_one_quota(
+    upstreams: Callable[[int], list[Upstream]],
+    gateway: Callable[..., Any],
+    eventually: Callable[..., Any],
+) -> None:
+    settings = {"workers": "2", "rate_limit_backend": "database"}
+    async with gateway(upstreams(1), **settings) as (gw, client):
+        await eventually(lambda: len(gw.workers()) == 2, timeout=START_TIMEOUT)
+        served: set[int] = set()
+
+        async def fresh_connection(path: str, headers: dict[str, str]) -> httpx.Response:
+            # A connection of its own: the kernel hands each one to one of the workers.
+            async with httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=60) as new:
+                return await new.get(path)
+
+        async def both_workers_answered() -> bool:
+            answer = await fresh_connection("/up/peer", dict(client.headers))
+            assert answer.status_code == 200, answer.text
+            # The worker whose pooled connection to the upstream has that port answered.
+            port = answer.json()["port"]
+            served.update(pid for pid in gw.workers() if port in local_ports(pid))
+            return len(served) == 2
+
+        await eventually(both_workers_answered, timeout=START_TIMEOUT)
+
+        quota = 6
+        key = gw.cli("keys", "create", "--name", "q", "--scopes", "up", "--daily-quota", "6")
+        answers = [
+            await fresh_connection("/up/ping", {"X-API-Key": key.strip()}) for _ in range(10)
+        ]
+    assert [a.status_code for a in answers] == [200] * quota + [429] * (10 - quota)
+    assert answers[-1].headers["ratelimit"].startswith('"daily";r=0;')
 
 
 def received_markers(log: Path) -> list[str]:

@@ -26,7 +26,11 @@ FIVE_MB = 5 * 1024 * 1024
 
 
 @pytest.fixture
-async def embedded(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def embedded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[httpx.AsyncClient]:
+    # Quality is ready only once its taxonomy is loaded, which these tests do not need.
+    monkeypatch.setenv("C4C_QUALITY_PRELOAD", "false")
     app = create_app(GatewaySettings(data_dir=tmp_path))
     async with app.router.lifespan_context(app):
         # The first embedded start made a development key with every scope.

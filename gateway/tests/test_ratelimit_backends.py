@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from c4c.gateway._ratelimit import (
     DAY,
@@ -19,6 +19,7 @@ from c4c.gateway._ratelimit import (
     RateLimiter,
 )
 from c4c.gateway.app import MIGRATIONS
+from c4c.gateway.models import RateLimitBucket, RateLimitWindow
 from c4c.shared.db import Database
 
 BURST = Policy("burst", 3, 3.0)  # 3 tokens, one more each second
@@ -70,3 +71,45 @@ async def test_replicas_sharing_the_database_share_the_daily_quota(database: Dat
     next_day = await limiters[0].check("api-key:k2", daily_quota=2, now=NOW + DAY)
     assert next_day[0].allowed
     assert next_day[0].remaining == 1
+
+
+async def _rows(db: Database, table: type[RateLimitBucket] | type[RateLimitWindow]) -> int:
+    async with db.sessions() as session:
+        return int(await session.scalar(select(func.count()).select_from(table)) or 0)
+
+
+async def test_idle_buckets_are_pruned_a_batch_at_a_time(database: Database) -> None:
+    backend = DatabaseBackend(database, prune_seconds=60, prune_batch=2)
+    for caller in range(5):  # the first take prunes (nothing yet), the next ones wait 60 s
+        await backend.take(f"bucket:ip:{caller}", BURST, NOW)
+    assert await _rows(database, RateLimitBucket) == 5
+    # 59 s on: every bucket has been full for long, but the next prune is not due yet.
+    await backend.take("bucket:ip:0", BURST, NOW + 59)
+    assert await _rows(database, RateLimitBucket) == 5
+    # Due: two of the four idle ones go (a full batch: the next check prunes again); never
+    # ip:0, taken 1 s ago (its bucket is not full again yet).
+    await backend.take("bucket:ip:new", BURST, NOW + 60)
+    assert await _rows(database, RateLimitBucket) == 4
+    await backend.take("bucket:ip:new", BURST, NOW + 60)
+    assert await _rows(database, RateLimitBucket) == 2  # ip:0 and ip:new
+    await backend.take("bucket:ip:new", BURST, NOW + 60)  # nothing left: done for 60 s
+    await backend.take("bucket:ip:other", BURST, NOW + 100)
+    assert await _rows(database, RateLimitBucket) == 3
+    await backend.take("bucket:ip:other", BURST, NOW + 120)  # due again: ip:0 and ip:new go
+    assert await _rows(database, RateLimitBucket) == 1
+    # A pruned bucket is as good as new: its caller gets the whole burst again.
+    decisions = [await backend.take("bucket:ip:3", BURST, NOW + 61) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+
+
+async def test_ended_daily_windows_are_pruned(database: Database) -> None:
+    backend = DatabaseBackend(database, prune_seconds=60, prune_batch=10)
+    daily = Policy("daily", 5, DAY)
+    for caller in range(3):
+        await backend.count(f"daily:api-key:{caller}", daily, NOW)
+    assert await _rows(database, RateLimitWindow) == 3
+    tomorrow = NOW + DAY
+    answer = await backend.count("daily:api-key:0", daily, tomorrow)
+    assert answer.allowed
+    assert answer.remaining == 4  # a new day: counted from zero
+    assert await _rows(database, RateLimitWindow) == 1  # yesterday's others are gone

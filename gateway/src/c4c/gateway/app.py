@@ -11,6 +11,7 @@ import httpx
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route as PathRoute
+from starlette.types import ASGIApp
 
 from c4c.gateway._clients import AsgiClient, NetworkClient, Timeouts, UpstreamClient
 from c4c.gateway._identity import Identity
@@ -28,7 +29,7 @@ from c4c.gateway._upstreams import (
 )
 from c4c.gateway.api import router
 from c4c.gateway.embedded import in_process_upstreams, load_services
-from c4c.gateway.proxy import PROXIED_METHODS, Proxy, ProxyRoute
+from c4c.gateway.proxy import PROXIED_METHODS, FrontDoor, Proxy, ProxyRoute
 from c4c.gateway.service import ApiKeys
 from c4c.gateway.settings import GatewaySettings
 from c4c.shared.app import ServiceRuntime, create_service_app, run_together
@@ -135,9 +136,7 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
         trusted_proxies=settings.trusted_proxies,
         retries=settings.upstream_retries,
     )
-    # Proxied paths first (by prefix alone), and last whatever no route took: the proxy
-    # answers 404 for it. Both plain ASGI: no request objects on the hot path.
-    app.router.routes.insert(0, ProxyRoute(proxy))
+    # Whatever no route took goes to the proxy, which answers 404 for it.
     app.router.routes.append(
         PathRoute("/{path:path}", proxy, methods=list(PROXIED_METHODS), include_in_schema=False)
     )
@@ -150,6 +149,12 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
             allow_headers=["*"],
             expose_headers=["X-Request-ID", "RateLimit", "RateLimit-Policy", "Retry-After"],
         )
+    # Proxied paths (by prefix alone) skip FastAPI's layers: through the same middleware,
+    # in the same order, to the proxy. Built now, so no middleware can be added later.
+    proxied: ASGIApp = proxy
+    for cls, args, kwargs in reversed(app.user_middleware):
+        proxied = cls(proxied, *args, **kwargs)
+    app.middleware_stack = FrontDoor(ProxyRoute(proxy), proxied, app.build_middleware_stack())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

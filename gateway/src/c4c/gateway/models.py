@@ -32,7 +32,7 @@ class RateLimitBucket(Base):
 
     key: Mapped[str] = mapped_column(String(300), primary_key=True)
     tokens: Mapped[float] = mapped_column(Float)
-    at: Mapped[float] = mapped_column(Float)  # Unix time of the last take
+    at: Mapped[float] = mapped_column(Float, index=True)  # Unix time of the last take
     allowed: Mapped[bool] = mapped_column(Boolean)  # whether the last take got a token
 
 
@@ -42,5 +42,5 @@ class RateLimitWindow(Base):
     __tablename__ = "rate_limit_windows"
 
     key: Mapped[str] = mapped_column(String(300), primary_key=True)
-    start: Mapped[int] = mapped_column(BigInteger)  # Unix time the window began
+    start: Mapped[int] = mapped_column(BigInteger, index=True)  # Unix time the window began
     used: Mapped[int] = mapped_column(Integer)  # requests counted, capped at quota + 1

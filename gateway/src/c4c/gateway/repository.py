@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -92,3 +92,19 @@ async def count_request(session: AsyncSession, key: str, *, quota: int, start: i
         .returning(window.used)
     )
     return int((await session.execute(statement)).scalar_one())
+
+
+async def prune_buckets(session: AsyncSession, *, idle_before: float, limit: int) -> int:
+    """Delete up to ``limit`` buckets last taken from before ``idle_before``; how many."""
+    bucket = RateLimitBucket.__table__.c
+    idle = select(bucket.key).where(bucket.at < idle_before).limit(limit)
+    result = await session.execute(delete(RateLimitBucket).where(bucket.key.in_(idle)))
+    return int(getattr(result, "rowcount", 0))
+
+
+async def prune_windows(session: AsyncSession, *, started_before: int, limit: int) -> int:
+    """Delete up to ``limit`` windows that began before ``started_before``; how many."""
+    window = RateLimitWindow.__table__.c
+    ended = select(window.key).where(window.start < started_before).limit(limit)
+    result = await session.execute(delete(RateLimitWindow).where(window.key.in_(ended)))
+    return int(getattr(result, "rowcount", 0))
