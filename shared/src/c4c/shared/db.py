@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.util import await_only
 
 log = logging.getLogger("c4c.db")
 
@@ -135,13 +136,20 @@ def _sqlite_reader_on_connect(dbapi_connection: Any, _: Any) -> None:
 
 def _sqlite_reader_on_begin(conn: Connection) -> None:
     # Deferred: a read transaction takes no lock in WAL mode, and sees one snapshot.
-    conn.exec_driver_sql("BEGIN")
+    _begin(conn, "BEGIN")
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
     # Take the write lock up front: a deferred transaction that upgrades from read to write
     # fails with SQLITE_BUSY instead of waiting, whatever the busy timeout.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    _begin(conn, "BEGIN IMMEDIATE")
+
+
+def _begin(conn: Connection, statement: str) -> None:
+    # Straight on aiosqlite's connection (SQLAlchemy's way for awaitable-only driver calls in
+    # events): one trip to its thread, where a cursor through the adapter takes three.
+    driver: Any = conn.connection.driver_connection  # aiosqlite's, for a connection in use
+    await_only(driver.execute(statement))
 
 
 def _postgres_on_checkout(dbapi_connection: Any, *_: Any) -> None:
