@@ -147,9 +147,15 @@ def _sqlite_on_begin(conn: Connection) -> None:
 
 def _begin(conn: Connection, statement: str) -> None:
     # Straight on aiosqlite's connection (SQLAlchemy's way for awaitable-only driver calls in
-    # events): one trip to its thread, where a cursor through the adapter takes three.
+    # events): two trips to its thread, where a cursor through the adapter takes three. The
+    # cursor is closed: left to the garbage collector it outlives its connection.
     driver: Any = conn.connection.driver_connection  # aiosqlite's, for a connection in use
-    await_only(driver.execute(statement))
+    await_only(_execute_and_close(driver, statement))
+
+
+async def _execute_and_close(driver: Any, statement: str) -> None:
+    cursor = await driver.execute(statement)
+    await cursor.close()
 
 
 def _postgres_on_checkout(dbapi_connection: Any, *_: Any) -> None:
