@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -94,6 +95,9 @@ async def test_rulesets_are_versioned_and_used(client: httpx.AsyncClient, observ
         ("PUT", "/rulesets/p", {"checks": {"coordinates": {"params": {"nope": 1}}}}),
         ("PUT", "/rulesets/p", {"checks": {"coordinates": {"weight": -1}}}),
         ("PUT", "/rulesets/p", {"research_min_score": 500}),
+        ("PUT", "/rulesets/p", {"checks": {"duplicates": {"params": {"max_distance": 6.5}}}}),
+        ("PUT", "/rulesets/p", {"checks": {"open_sea": {"params": {"penalty": True}}}}),
+        ("PUT", "/rulesets/p", {"checks": {"measurements": {"params": {"ranges": {"c": [2, 1]}}}}}),
         ("GET", "/assessments/unknown", None),
     ],
 )
@@ -103,6 +107,33 @@ async def test_bad_input_is_a_4xx_problem(
     response = await client.request(method, PREFIX + path, json=payload)
     assert 400 <= response.status_code < 500, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
+
+
+@pytest.mark.parametrize(
+    ("check", "param", "value"),
+    [
+        ("recorded_date", "future_tolerance_hours", 1e300),
+        ("recorded_date", "max_period_days", 99999999999),
+        ("recorded_date", "earliest_year", {"a": [1.0]}),
+        ("exif_location", "max_km", "Infinity"),
+        ("exif_location", "max_km", "NaN"),
+        ("measurements", "ranges", {"c": [0, "Infinity"]}),
+    ],
+)
+async def test_a_parameter_out_of_its_range_is_refused_and_named(
+    client: httpx.AsyncClient, observation: Any, check: str, param: str, value: Any
+) -> None:
+    # Infinity and NaN as bare JSON tokens, which Python's JSON parser accepts.
+    body = json.dumps({"checks": {check: {"params": {param: value}}}})
+    body = body.replace('"Infinity"', "Infinity").replace('"NaN"', "NaN")
+    response = await client.put(
+        f"{PREFIX}/rulesets/natusfera", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["parameter"] == param
+    assessed = await client.post(f"{PREFIX}/assessments", json=observation())
+    assert assessed.json()["ruleset"]["version"] == 0
 
 
 async def test_malformed_json_and_huge_body_are_4xx(client: httpx.AsyncClient) -> None:

@@ -11,9 +11,11 @@ import pytest
 
 from c4c.quality.geography import offline_geography
 from c4c.quality.images import analyse, hamming
-from c4c.quality.rules import CHECKS, RuleSet, assess, dates, location, plausibility
+from c4c.quality.models import RuleSetRow
+from c4c.quality.rules import CHECKS, CheckSettings, RuleSet, assess, dates, location, plausibility
 from c4c.quality.rules.grade import community_taxon
 from c4c.quality.rules.model import Context, Identification, Measurement, Observation
+from c4c.quality.service import ruleset_from
 from c4c.shared.taxonomy import backbone
 
 NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
@@ -253,3 +255,26 @@ def test_valid_point_excludes_zero_and_out_of_range() -> None:
     assert location.valid_point(Observation(latitude=41.0, longitude=2.0))
     assert not location.valid_point(Observation(latitude=0.0, longitude=0.0))
     assert not location.valid_point(Observation(latitude=91.0, longitude=2.0))
+
+
+def test_a_failing_check_is_skipped_not_the_assessment(geography: Any) -> None:
+    # A rule set stored before parameters were bounded: 1e300 hours overflows a timedelta.
+    bad = CheckSettings(params={"future_tolerance_hours": 1e300})
+    ruleset = RuleSet(project="p", checks={"recorded_date": bad})
+    obs = Observation(event_date="2099-01-01", **BARCELONA)
+    result = assess(obs, ctx(geography), ruleset)
+    assert not any(f.check == "recorded_date" for f in result.flags)
+    assert "MEDIA_MISSING" in {f.code for f in result.flags}
+
+
+def test_a_stored_rule_set_reads_its_invalid_values_as_defaults() -> None:
+    def row(body: dict[str, Any]) -> RuleSetRow:
+        return RuleSetRow(project="p", version=2, body=body, created_at=NOW)
+
+    overflowing = {"checks": {"recorded_date": {"params": {"max_period_days": 1e300}}}}
+    ruleset = ruleset_from("p", row(overflowing))
+    assert ruleset.params("recorded_date")["max_period_days"] == 31
+    unreadable = {"checks": {"recorded_date": {"params": {"future_tolerance_hours": None}}}}
+    ruleset = ruleset_from("p", row(unreadable))
+    assert ruleset.version == 2
+    assert ruleset.params("recorded_date")["future_tolerance_hours"] == 24

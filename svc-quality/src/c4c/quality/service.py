@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import math
 import time
 import uuid
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
+from pydantic import ValidationError
 
 from c4c.quality import images
 from c4c.quality.background import (
@@ -37,7 +39,7 @@ from c4c.quality.geography import OfflineGeography, offline_geography
 from c4c.quality.metrics import ASSESSMENT_DURATION, ASSESSMENTS
 from c4c.quality.models import AssessmentRow, ImageRow, MachineIdRow, RuleSetRow, SeenObservation
 from c4c.quality.repository import IndexedPhoto, Repository
-from c4c.quality.rules import CHECKS, CheckSettings, Result, RuleSet, assess
+from c4c.quality.rules import CHECKS, CheckSettings, Result, RuleSet, assess, param_error
 from c4c.quality.rules import dates as date_rules
 from c4c.quality.rules.model import (
     Context,
@@ -55,6 +57,7 @@ from c4c.shared.problems import NotFound, ProblemError
 from c4c.shared.taxonomy import Backbone, Match, Taxon, load_backbone
 
 SCORED = "observation.scored"
+log = logging.getLogger("c4c.quality")
 _NAME_CACHE_SIZE = 100_000
 DUPLICATE_CANDIDATES_EACH = 200
 """Indexed photos read per photo assessed that share one of its hash bands."""
@@ -71,6 +74,10 @@ Assessed = tuple[dict[str, Any], Observation, Result]
 
 class UnknownCheck(ProblemError):
     status, code, title = 422, "unknown-check", "The rule set names a check that does not exist"
+
+
+class InvalidParameter(ProblemError):
+    status, code, title = 422, "invalid-parameter", "A check's parameter is out of its range"
 
 
 class PhotosChanged(Exception):
@@ -241,18 +248,36 @@ def observation_from(data: ObservationIn) -> Observation:
     )
 
 
+def stored_body(row: RuleSetRow | None) -> RuleSetIn:
+    """A stored rule set as the API takes it; one stored before its values were checked
+    (NaN kept as null) and no longer valid reads as the defaults, with a log line."""
+    try:
+        return RuleSetIn.model_validate(row.body if row else {})
+    except ValidationError:
+        assert row is not None
+        log.exception("rule set %s v%s is invalid: defaults apply", row.project, row.version)
+        return RuleSetIn()
+
+
 def ruleset_from(project: str, row: RuleSetRow | None) -> RuleSet:
     if row is None:
         return RuleSet(project=project)
-    body = RuleSetIn.model_validate(row.body)
+    body = stored_body(row)
     return RuleSet(
         project=project,
         version=row.version,
         checks={
-            name: CheckSettings(c.enabled, c.weight, c.params) for name, c in body.checks.items()
+            name: CheckSettings(c.enabled, c.weight, _valid_params(name, c.params))
+            for name, c in body.checks.items()
+            if name in CHECKS
         },
         research_min_score=body.research_min_score,
     )
+
+
+def _valid_params(check: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The stored parameters still valid; the others take their defaults."""
+    return {k: v for k, v in params.items() if param_error(check, k, v) is None}
 
 
 def _bands(phash: int) -> list[int]:
@@ -715,7 +740,7 @@ class QualityService:
 
     async def ruleset(self, project: str) -> dict[str, Any]:
         row = await self.repo.latest_ruleset(project)
-        body = RuleSetIn.model_validate(row.body if row else {})
+        body = stored_body(row)
         return {
             "project": project,
             "version": row.version if row else 0,
@@ -736,6 +761,13 @@ class QualityService:
                 raise UnknownCheck(
                     f"The check {name} has no parameters {', '.join(extra)}.", unknown=extra
                 )
+            for param, value in check.params.items():
+                if error := param_error(name, param, value):
+                    raise InvalidParameter(
+                        f"The parameter {param} of the check {name} {error}.",
+                        check=name,
+                        parameter=param,
+                    )
         prior = await self.repo.latest_ruleset(project)
         await self.repo.add_ruleset(
             RuleSetRow(

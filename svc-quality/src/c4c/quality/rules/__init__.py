@@ -7,6 +7,8 @@ the defaults below (version 0 is the built-in rule set)."""
 from __future__ import annotations
 
 import functools
+import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,7 @@ from c4c.quality.rules.grade import CommunityTaxon, grade
 from c4c.quality.rules.model import Context, Finding, Flag, Grade, Observation
 
 Rule = Callable[[Observation, Context, Mapping[str, Any]], list[Finding]]
+log = logging.getLogger("c4c.quality")
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,9 @@ class Check:
     rule: Rule
     params: Mapping[str, Any]
     description: str
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    """The allowed range of each numeric parameter that is not a penalty (penalties are
+    0 to 100); a parameter is whole when its default is."""
 
 
 CHECKS: dict[str, Check] = {
@@ -51,6 +57,7 @@ CHECKS: dict[str, Check] = {
             "uncertainty_large_penalty": 5,
         },
         "Coordinates precise enough; uncertainty valid and not too large.",
+        {"min_decimals": (0, 15), "max_uncertainty_m": (0, location.EARTH_HALF_CIRCUMFERENCE_M)},
     ),
     "recorded_date": Check(
         dates.recorded_date,
@@ -64,16 +71,23 @@ CHECKS: dict[str, Check] = {
             "imprecise_penalty": 3,
         },
         "The date is a real date, not in the future nor before 1600, and precise.",
+        {
+            "earliest_year": (1, 9999),
+            "future_tolerance_hours": (0, 24 * 366),
+            "max_period_days": (0, 3_660_000),
+        },
     ),
     "exif_date": Check(
         dates.exif_date,
         {"max_days": 2, "penalty": 10},
         "The photos' capture dates agree with the stated date.",
+        {"max_days": (0, 36_600)},
     ),
     "exif_location": Check(
         evidence.exif_location,
         {"max_km": 5.0, "penalty": 10},
         "The photos' GPS positions agree with the stated position.",
+        {"max_km": (0, location.EARTH_HALF_CIRCUMFERENCE_M / 1000)},
     ),
     "taxon_match": Check(
         record.taxon_match,
@@ -87,6 +101,7 @@ CHECKS: dict[str, Check] = {
         record.individual_count,
         {"penalty": 5, "max_count": 1_000_000},
         "A plausible individual count.",
+        {"max_count": (1, 10**12)},
     ),
     "multimedia": Check(record.multimedia, {"penalty": 5}, "Media URLs usable."),
     "media_present": Check(
@@ -104,32 +119,38 @@ CHECKS: dict[str, Check] = {
             "exposure_penalty": 5,
         },
         "Photos readable, big enough, sharp and well exposed.",
+        {"min_side_px": (0, 100_000), "min_sharpness": (0, 1e9), "max_clipped_share": (0, 1)},
     ),
     "duplicates": Check(
         evidence.duplicates,
         {"other_user_penalty": 40, "same_user_penalty": 10, "max_distance": 6},
         "Photos not reused from other observations (perceptual hash).",
+        {"max_distance": (0, 64)},
     ),
     "spatial_outlier": Check(
         plausibility.spatial_outlier,
         {"min_records": 5, "max_km": 500.0, "penalty": 10},
         "Near the taxon's accepted records.",
+        {"min_records": (0, 1_000_000), "max_km": (0, location.EARTH_HALF_CIRCUMFERENCE_M / 1000)},
     ),
     "seasonal_outlier": Check(
         plausibility.seasonal_outlier,
         {"min_records": 5, "max_days": 45, "penalty": 5},
         "In the taxon's season among accepted records.",
+        {"min_records": (0, 1_000_000), "max_days": (0, 366)},
     ),
     "open_sea": Check(plausibility.open_sea, {"penalty": 30}, "Land plants not in the open sea."),
     "observer": Check(
         plausibility.observer,
         {"min_observations": 10, "min_research_share": 0.2, "penalty": 2},
         "The observer's track record.",
+        {"min_observations": (0, 1_000_000), "min_research_share": (0, 1)},
     ),
     "machine_id": Check(
         plausibility.machine_id,
         {"min_score": 0.5, "penalty": 10},
         "Agreement with the machine identification (svc-plantid).",
+        {"min_score": (0, 1)},
     ),
     "measurements": Check(
         plausibility.measurements,
@@ -143,10 +164,49 @@ CHECKS: dict[str, Check] = {
             "spike_penalty": 10,
         },
         "Sensor values within the unit's physical range, not stuck, no spikes.",
+        {"stuck_run": (2, 1000), "spike_min_history": (2, 1000), "spike_z": (0, 1000)},
     ),
 }
 
 DEFAULT_RESEARCH_MIN_SCORE = 50.0
+MAX_RANGES = 200
+"""Units a rule set may give its own physical range for (``measurements.ranges``)."""
+
+
+def param_error(check: str, name: str, value: Any) -> str | None:
+    """Why ``value`` is no valid ``name`` parameter of ``check`` (a known check), or None:
+    checks do arithmetic with dates and distances, so a huge, non-finite or mistyped value
+    would fail every assessment of the project."""
+    default = CHECKS[check].params.get(name)
+    if default is None:
+        return "is no parameter of this check"
+    if isinstance(default, dict):
+        return _ranges_error(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "must be a number"
+    low, high = CHECKS[check].bounds.get(name, (0, 100))
+    whole = isinstance(default, int)
+    in_range = math.isfinite(value) and low <= value <= high
+    if not (in_range and (isinstance(value, int) or not whole)):
+        return f"must be a {'whole ' if whole else ''}number from {low:g} to {high:g}"
+    return None
+
+
+def _ranges_error(value: Any) -> str | None:
+    if not isinstance(value, dict) or len(value) > MAX_RANGES:
+        return f"must map at most {MAX_RANGES} units to their [lowest, highest] values"
+    for unit, bounds in value.items():
+        if not (
+            isinstance(bounds, list | tuple)
+            and len(bounds) == 2
+            and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+            and all(math.isfinite(b) for b in bounds)
+            and bounds[0] <= bounds[1]
+        ):
+            return f"must give the unit {unit!r} two finite numbers, the lowest first"
+    return None
+
+
 _INVALID_DATE = {"RECORDED_DATE_MISSING", "RECORDED_DATE_INVALID", "RECORDED_DATE_UNLIKELY"}
 
 
@@ -196,7 +256,7 @@ def assess(obs: Observation, ctx: Context, ruleset: RuleSet) -> Result:
     flags = [
         _flag(finding, weight, name)
         for name, rule, params, weight in ruleset.plan
-        for finding in rule(obs, ctx, params)
+        for finding in _run(name, rule, obs, ctx, params, ruleset)
     ]
     score = round(max(0.0, 100.0 - sum(f.effect for f in flags)), 1)
     codes = {f.code for f in flags}
@@ -210,6 +270,29 @@ def assess(obs: Observation, ctx: Context, ruleset: RuleSet) -> Result:
     )
     flags += [_flag(f, 1.0, "grade") for f in result.findings]
     return Result(score, result.grade, flags, result.community)
+
+
+def _run(
+    name: str,
+    rule: Rule,
+    obs: Observation,
+    ctx: Context,
+    params: Mapping[str, Any],
+    ruleset: RuleSet,
+) -> list[Finding]:
+    """A check that fails (a bug, or a rule set stored before its parameters were bounded)
+    raises no flag: one check must not fail the assessment, nor dead-letter its event."""
+    try:
+        return rule(obs, ctx, params)
+    except Exception:
+        log.exception(
+            "check %s failed on observation %s (rule set %s v%s): skipped",
+            name,
+            obs.id,
+            ruleset.project,
+            ruleset.version,
+        )
+        return []
 
 
 def _flag(finding: Finding, weight: float, check: str) -> Flag:
