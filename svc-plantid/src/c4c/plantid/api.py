@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -45,6 +46,19 @@ from c4c.shared.storage import BlobNotFound
 VERSION = "0.1.0"
 MAX_IMAGES = 5
 LANGUAGES = ("en", "fr", "es", "de", "it", "pt", "nl", "ca", "cs", "pl")
+
+
+_FORWARDED_HOST = re.compile(r"[A-Za-z0-9.:\[\]-]{1,300}")
+
+
+def _public_base(request: Request) -> str:
+    """The suite's URL as the caller reached it: through the gateway (which states it in
+    ``X-Forwarded-Host``/``-Proto``), else this service's own."""
+    host = request.headers.get("x-forwarded-host", "")
+    proto = request.headers.get("x-forwarded-proto", "http")
+    if _FORWARDED_HOST.fullmatch(host) and proto in ("http", "https"):
+        return f"{proto}://{host}/"
+    return str(request.base_url)
 
 
 def _settings(request: Request) -> PlantidSettings:
@@ -296,7 +310,7 @@ async def identify(
         language=lang,
         remaining=quota.remaining,
         service_version=VERSION,
-        base_url=str(request.base_url),
+        base_url=_public_base(request),
     )
     return Response(  # serialised by pydantic-core, without an intermediate dict
         body.model_dump_json(exclude_none=True),
@@ -412,7 +426,7 @@ async def list_references(
     service: ServiceDep,
     species: Annotated[str | None, Query(max_length=300)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> schemas.ReferencePage:
     rows, total = await service.references(project, species=species, limit=limit, offset=offset)
     return schemas.ReferencePage(

@@ -5,13 +5,22 @@ API v2 shapes (``/v2``)."""
 from __future__ import annotations
 
 import functools
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from c4c.plantid.models import ImportRow, ProjectRow, ReferenceRow, SpeciesRow
 from c4c.plantid.service import IdentifyOutcome, ReferencePhoto
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite gives back the naive UTC times it was given.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+Utc = Annotated[datetime, AfterValidator(_utc)]
+"""A time answered with its UTC offset (``Z``), whatever the database gave back."""
 
 ProjectId = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Slug: a-z, 0-9, '-'.")
 
@@ -30,8 +39,8 @@ class ProjectOut(BaseModel):
     description: str | None
     galleryVersion: int
     speciesCount: int
-    createdAt: datetime
-    updatedAt: datetime
+    createdAt: Utc
+    updatedAt: Utc
 
     @classmethod
     def of(cls, row: ProjectRow, species: int) -> ProjectOut:
@@ -57,7 +66,7 @@ class ReferenceOut(BaseModel):
     author: str | None
     license: str | None
     modelVersion: str
-    createdAt: datetime
+    createdAt: Utc
     imageUrl: str
 
     @classmethod
@@ -114,8 +123,8 @@ class ImportOut(BaseModel):
     failed: int
     progress: float = Field(description="Share of the items handled, 0..1.")
     errors: list[dict[str, Any]]
-    createdAt: datetime
-    finishedAt: datetime | None
+    createdAt: Utc
+    finishedAt: Utc | None
 
     @classmethod
     def of(cls, row: ImportRow) -> ImportOut:
@@ -252,13 +261,14 @@ def _species(name: str, row: SpeciesRow | None, language: str) -> Species:
 
 def _related(row: ReferencePhoto, base_url: str) -> RelatedImage:
     url = f"{base_url.rstrip('/')}/plantid/v1/references/{row.id}/image"
+    created = _utc(row.created_at)
     return RelatedImage(
         organ=row.organ,
         author=row.author or "",
         license=row.license or "",
         date=ImageDate(
-            timestamp=int(row.created_at.timestamp() * 1000),
-            string=row.created_at.date().isoformat(),
+            timestamp=int(created.timestamp() * 1000),
+            string=created.date().isoformat(),
         ),
         citation=f"{row.author or 'unknown'} / {row.project_id}",
         url=ImageUrls(o=url, m=url, s=url),

@@ -631,8 +631,12 @@ def _described(row: SpeciesRow) -> tuple[Any, ...]:
 def resolve_import_source(settings: PlantidSettings, relative: str) -> Path:
     """A source inside the import directory: imports never read elsewhere on the server."""
     root = settings.resolved_import_dir.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root) or not path.exists():
+    try:
+        path = (root / relative).resolve()
+        found = path.is_relative_to(root) and path.exists()
+    except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+        found = False
+    if not found:
         raise InvalidImportSource(
             f"{relative!r} is not a folder or file under the import directory.",
         )
