@@ -53,7 +53,7 @@ def _workers(request: Request) -> Workers:
 # Streams
 
 
-@router.post("/streams", status_code=201, response_model=StreamOut, max_body_size=JSON_LIMIT)
+@router.post("/streams", status_code=201, response_model=StreamOut)
 async def create_stream(
     body: StreamIn,
     session: SessionDep,
@@ -78,7 +78,7 @@ async def get_stream(stream_id: str, session: SessionDep, request: Request) -> S
     return stream_out(await _service(request).stream(session, stream_id))
 
 
-@router.patch("/streams/{stream_id}", response_model=StreamOut, max_body_size=JSON_LIMIT)
+@router.patch("/streams/{stream_id}", response_model=StreamOut)
 async def patch_stream(
     stream_id: str, body: StreamPatch, session: SessionDep, request: Request
 ) -> StreamOut:

@@ -4,7 +4,7 @@ from fastapi import FastAPI
 
 from c4c.shared.app import create_service_app
 from c4c.shared.bus import EventBus
-from c4c.video.api import router
+from c4c.video.api import JSON_LIMIT, router
 from c4c.video.service import VideoService
 from c4c.video.settings import VideoSettings
 from c4c.video.storage import MediaStore
@@ -24,7 +24,10 @@ def create_app(settings: VideoSettings | None = None, bus: EventBus | None = Non
         routers=[router],
         bus=bus,
         migrations=["c4c.video:migrations"],
-        body_limits={f"{router.prefix}/jobs": settings.max_upload_bytes},
+        body_limits={
+            f"{router.prefix}/jobs": settings.max_upload_bytes,
+            f"{router.prefix}/streams": JSON_LIMIT,  # a 413 problem, where FastAPI's is text
+        },
     )
     runtime = app.state.runtime
     service = VideoService(runtime, settings, MediaStore(settings.resolved_media_dir / "video"))

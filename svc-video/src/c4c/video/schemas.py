@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 Coordinate = float
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite gives back the naive UTC times it was given.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+Utc = Annotated[datetime, AfterValidator(_utc)]
+"""A time answered with its UTC offset (``Z``), whatever the database gave back."""
 
 
 class Line(BaseModel):
@@ -66,7 +75,7 @@ class StreamStatus(BaseModel):
     reason: str | None
     stats: dict[str, Any]
     counts: dict[str, Any]
-    updated_at: datetime
+    updated_at: Utc
 
 
 class StreamOut(StreamStatus):
@@ -75,7 +84,7 @@ class StreamOut(StreamStatus):
     url: str
     lines: list[Line]
     zones: list[Zone]
-    created_at: datetime
+    created_at: Utc
 
 
 class JobOut(BaseModel):
@@ -92,9 +101,9 @@ class JobOut(BaseModel):
     detections: int
     classification: Literal["empty", "events"] | None
     attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: Utc
+    started_at: Utc | None
+    finished_at: Utc | None
 
 
 class BoxOut(BaseModel):
@@ -113,8 +122,8 @@ class DetectionOut(BaseModel):
     track_id: int
     start_seconds: float
     end_seconds: float
-    started_at: datetime | None
-    ended_at: datetime | None
+    started_at: Utc | None
+    ended_at: Utc | None
     keyframe_seconds: float
     keyframe_box: list[float]
     frame_width: int
@@ -122,7 +131,7 @@ class DetectionOut(BaseModel):
     boxes: list[BoxOut]
     keyframe_url: str
     clip_url: str | None
-    created_at: datetime
+    created_at: Utc
 
 
 class Page(BaseModel):

@@ -280,7 +280,11 @@ class VideoService:
             attempts=0,
             created_at=now(),
         )
-        await repository.add(session, row)
+        try:
+            await repository.add(session, row)
+        except BaseException:  # a failed or cancelled insert: no job will ever read the file
+            self.store.delete("uploads", name)
+            raise
         return row
 
     async def job(self, session: AsyncSession, job_id: str) -> JobRow:
