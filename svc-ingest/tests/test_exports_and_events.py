@@ -7,6 +7,7 @@ import csv
 import io
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from geojson_pydantic import FeatureCollection
 
 from c4c.ingest.exports import CORE
 from c4c.shared.bus import CloudEvent, new_event
+from c4c.video.models import DetectionRow
+from c4c.video.service import detection_event_data
 
 API = "/ingest/v1"
 Body = Callable[..., dict[str, Any]]
@@ -207,3 +210,84 @@ async def test_a_detection_becomes_a_machine_observation(
     redirect = await client.get(f"{API}/media/{o['media'][0]['id']}")
     assert redirect.status_code == 307
     assert len([e for e in events if e.type == "observation.created"]) == 1
+
+
+def _video_detection(**overrides: Any) -> CloudEvent:
+    """``detection.created`` exactly as svc-video builds it (its own code)."""
+    row = DetectionRow(
+        id=str(uuid.uuid4()),
+        stream_id=None,
+        job_id=str(uuid.uuid4()),
+        source_key="12:3",
+        track_id=3,
+        start_seconds=0.4,
+        end_seconds=2.1,
+        started_at=None,  # an uploaded video has no wall clock
+        ended_at=None,
+        boxes=[{"t": 0.4, "frame": 12, "x": 10.0, "y": 20.0, "w": 30.0, "h": 40.0}],
+        keyframe_box=[10.0, 20.0, 30.0, 40.0],
+        keyframe_seconds=0.4,
+        keyframe_name="k.jpg",
+        clip_name=None,
+        frame_width=640,
+        frame_height=480,
+        created_at=datetime.now(UTC),
+    )
+    for key, value in overrides.items():
+        setattr(row, key, value)
+    subject = f"video/stream/{row.stream_id}" if row.stream_id else f"video/job/{row.job_id}"
+    return new_event("video", "detection.created", detection_event_data(row), subject=subject)
+
+
+async def test_video_detections_as_video_publishes_them_become_unlocated_machine_observations(
+    client: httpx.AsyncClient, app: Any, events: list[CloudEvent], eventually: Any
+) -> None:
+    from_job = _video_detection()
+    started = datetime(2024, 5, 3, 10, 15, tzinfo=UTC)
+    from_stream = _video_detection(
+        stream_id=str(uuid.uuid4()),
+        job_id=None,
+        started_at=started,
+        ended_at=started + timedelta(seconds=2),
+    )
+    for event in (from_job, from_stream):
+        await app.state.runtime.bus.publish(event)
+    await eventually(lambda: len([e for e in events if e.type == "observation.created"]) == 2)
+    listing = (await client.get(f"{API}/observations?project=video")).json()["items"]
+    by_remark = {o["occurrenceRemarks"].split(",")[0]: o for o in listing}
+    job = by_remark[f"Detection {from_job.data['detection_id']}"]
+    stream = by_remark[f"Detection {from_stream.data['detection_id']}"]
+    for o in (job, stream):
+        assert o["basisOfRecord"] == "MachineObservation"
+        assert (o["decimalLatitude"], o["decimalLongitude"]) == (None, None)
+        assert "track 3" in o["occurrenceRemarks"]
+    assert job["eventDate"] == from_job.time.isoformat().replace("+00:00", "Z")
+    assert job["recordedBy"] == f"video:job/{from_job.data['job_id']}"
+    assert stream["eventDate"] == "2024-05-03T10:15:00Z/2024-05-03T10:15:02Z"
+    keyframe = f"http://suite.test/video/v1/detections/{from_stream.data['detection_id']}"
+    assert [m["url"] for m in stream["media"]] == [keyframe + "/keyframe.jpg"]
+    geojson = (await client.get(f"{API}/observations:export?format=geojson&project=video")).json()
+    assert [f["geometry"] for f in geojson["features"]] == [None, None]
+    csv_rows = list(
+        csv.DictReader(
+            io.StringIO((await client.get(f"{API}/observations:export?project=video")).text)
+        )
+    )
+    assert [r["decimalLatitude"] for r in csv_rows] == ["", ""]
+
+
+async def test_only_a_machine_observation_may_have_no_position(
+    client: httpx.AsyncClient, observation: Body
+) -> None:
+    body = observation()
+    del body["decimalLatitude"], body["decimalLongitude"]
+    refused = (await client.post(f"{API}/observations", json=body)).json()
+    assert refused["status"] == 422
+    assert refused["errors"][0]["field"] == "basisOfRecord"
+    assert "decimalLatitude" in refused["errors"][0]["detail"]
+    half = observation(basisOfRecord="MachineObservation")
+    del half["decimalLongitude"]
+    halved = (await client.post(f"{API}/observations", json=half)).json()
+    assert [(e["field"], halved["status"]) for e in halved["errors"]] == [("decimalLongitude", 422)]
+    body["basisOfRecord"] = "MachineObservation"
+    assert (await client.post(f"{API}/observations", json=body)).status_code == 201

@@ -133,6 +133,11 @@ async def test_same_media_id_twice_is_idempotent_and_other_content_conflicts(
     assert again.json() == created.json()
     assert problem(await client.post(url, content=second.read_bytes()), 409)["media_id"] == media_id
     assert len((await client.get(f"{API}/observations/{obs_id}")).json()["media"]) == 1
+    for malformed in ("-" * 36, media_id.replace("-", "")[:32] + "----"):
+        refused = await client.post(
+            f"{API}/observations/{obs_id}/media?mediaId={malformed}", content=first.read_bytes()
+        )
+        assert problem(refused, 422)["errors"][0]["field"] == "mediaId"
 
 
 async def test_exif_is_read_and_stripped_from_the_public_copy_when_obscured(

@@ -5,6 +5,7 @@ cursor paging under concurrent inserts."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from collections.abc import Callable
@@ -13,7 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from c4c.ingest.models import ObservationRow
 from c4c.shared.bus import CloudEvent
 
 API = "/ingest/v1"
@@ -52,6 +55,9 @@ async def test_create_answers_201_with_location_and_darwin_core_fields(
     assert fetched.status_code == 200
     assert fetched.json() == body
     assert fetched.headers["etag"] == response.headers["etag"]
+    for tag in (fetched.headers["etag"], "*"):
+        unchanged = await client.get(response.headers["location"], headers={"If-None-Match": tag})
+        assert unchanged.status_code == 304
 
     await eventually(lambda: created_ids(events) == [body["id"]])
     [event] = events
@@ -577,3 +583,90 @@ async def test_cursor_paging_is_stable_under_concurrent_inserts(
         assert pages < 100
     assert len(seen) == len(set(seen)), "an observation was listed twice"
     assert set(before) <= set(seen), "an observation that existed before paging was skipped"
+
+
+# --- hostile input ---------------------------------------------------------------------------
+
+EDGE_DATES = ("9999-12-31", "2026-01-01/9999-12-31", "9999-12-31T23:59:59-14:00")
+
+
+async def test_dates_at_the_end_of_the_calendar_are_a_422_naming_the_field(
+    client: httpx.AsyncClient, observation: Body
+) -> None:
+    stored = await client.post(f"{API}/observations", json=observation())
+    for edge in EDGE_DATES:
+        single = await client.post(f"{API}/observations", json=observation(eventDate=edge))
+        assert problem(single, 422)["errors"][0]["field"] == "eventDate"
+        batch = await client.post(
+            f"{API}/observations:batch", json=[observation(eventDate=edge), observation()]
+        )
+        assert [o["status"] for o in batch.json()["items"]] == ["error", "created"]
+        assert batch.json()["items"][0]["problem"]["errors"][0]["field"] == "eventDate"
+        patched = await client.patch(
+            f"{API}/observations/{stored.json()['id']}",
+            json={"eventDate": edge},
+            headers={"If-Match": stored.headers["etag"]},
+        )
+        assert problem(patched, 422)["errors"][0]["field"] == "eventDate"
+    for query in (
+        "eventDateTo=9999-12-31",
+        "eventDateTo=9999-12-31T23:00:00-14:00",
+        "updatedSince=9999-12-31T23:00:00-14:00",
+    ):
+        for path in ("/observations", "/observations:export"):
+            field = query.split("=")[0]
+            answer = await client.get(f"{API}{path}?{query}")
+            assert problem(answer, 422)["errors"][0]["field"] == field
+    late = await client.post(
+        f"{API}/observations/{stored.json()['id']}/identifications",
+        json={
+            "identifiedBy": "u",
+            "scientificName": "Quercus ilex",
+            "dateIdentified": "0001-01-01T00:00:00+14:00",
+        },
+    )
+    assert problem(late, 422)["errors"][0]["field"] == "dateIdentified"
+
+
+async def test_json_too_deep_or_with_huge_integers_is_a_400(
+    client: httpx.AsyncClient, observation: Body
+) -> None:
+    huge = json.dumps([observation()])[:-2].encode() + b', "individualCount": ' + b"9" * 5000
+    for body in (b"[" * 2000 + b"]" * 2000, huge + b"}]"):
+        answer = await client.post(
+            f"{API}/observations:batch", content=body, headers={"content-type": "application/json"}
+        )
+        assert "not valid JSON" in problem(answer, 400)["detail"]
+    assert (await client.get(f"{API}/observations")).json()["items"] == []
+
+
+async def test_cursors_out_of_range_are_a_400(client: httpx.AsyncClient) -> None:
+    def cursor(*payload: Any) -> str:
+        return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+    when = "2026-01-01T00:00:00+00:00"
+    for bad in (
+        cursor("-created", when, 99999999999999999999),
+        cursor("-created", when, -99999999999999999999),
+        cursor("-created", when, -1),
+        cursor("-created", when, True),
+        cursor("-created", "2026-01-01T00:00:00", 1),
+        cursor("-created", "9999-12-31T23:59:59-14:00", 1),
+    ):
+        answer = await client.get(f"{API}/observations?cursor={bad}")
+        assert problem(answer, 400)["type"] == "urn:c4c:problem:invalid-cursor"
+    good = await client.get(f"{API}/observations?cursor={cursor('-created', when, 1)}")
+    assert good.status_code == 200
+
+
+async def test_reads_do_not_queue_behind_a_write_transaction(
+    client: httpx.AsyncClient, app: Any, observation: Body
+) -> None:
+    """GETs read a snapshot beside the writer (on SQLite, the writer's one connection is
+    taken while a write transaction is open)."""
+    location = (await client.post(f"{API}/observations", json=observation())).headers["location"]
+    async with app.state.runtime.db.sessions() as session, session.begin():
+        await session.execute(select(ObservationRow.seq).limit(1))  # the transaction begins
+        for url in (location, f"{API}/observations", f"{API}/observations:export"):
+            answer = await asyncio.wait_for(client.get(url), 10)
+            assert answer.status_code == 200, answer.text

@@ -7,7 +7,7 @@ import binascii
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
@@ -35,13 +35,15 @@ from c4c.ingest.schemas import (
 from c4c.ingest.service import BatchItem, IngestService, MediaUploads, invalid_item
 from c4c.ingest.settings import IngestSettings
 from c4c.ingest.wiring import Creations, Parts
-from c4c.shared.db import SessionDep
+from c4c.shared.db import ReadSessionDep, SessionDep
 from c4c.shared.problems import BadRequest, BodyTooLarge, ProblemError
 
 PREFIX = "/ingest/v1"
 MEDIA_OVERHEAD = 1 << 20  # multipart framing and form fields around a media file
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-seq")
 IDEMPOTENCY_KEY_MAX = 255
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$"
+SEQ_MAX = 2**63 - 1  # a BIGINT: a cursor's larger number would fail in the database
 IfMatch = Annotated[str | None, Header(alias="If-Match", max_length=1000)]
 _BATCH = TypeAdapter(list[ObservationCreate])
 
@@ -80,10 +82,13 @@ def decode_cursor(cursor: str, sort: str) -> tuple[datetime, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         cursor_sort, value, seq = json.loads(raw)
-        if cursor_sort != sort or not isinstance(seq, int):
+        if cursor_sort != sort or type(seq) is not int or not 0 <= seq <= SEQ_MAX:
             raise ValueError(sort)
-        return datetime.fromisoformat(value), seq
-    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
+        when = datetime.fromisoformat(value)
+        if when.tzinfo is None:
+            raise ValueError(value)
+        return when.astimezone(UTC), seq
+    except (ValueError, TypeError, OverflowError, binascii.Error) as exc:
         raise InvalidCursor(
             "Use the cursor from the previous page, with the same sort.", cursor=cursor[:100]
         ) from exc
@@ -254,7 +259,7 @@ def build_router(settings: IngestSettings) -> APIRouter:
 
     @router.get("/observations", response_model=ObservationPage, summary="List observations")
     async def list_observations(
-        query: Annotated[ListQuery, Query()], request: Request, session: SessionDep
+        query: Annotated[ListQuery, Query()], request: Request, session: ReadSessionDep
     ) -> Response:
         after = decode_cursor(query.cursor, query.sort) if query.cursor else None
         items, last = await _service(request, session).page(query, after)
@@ -277,7 +282,7 @@ def build_router(settings: IngestSettings) -> APIRouter:
         query: Annotated[ExportQuery, Query()], request: Request
     ) -> StreamingResponse:
         parts = _parts(request)
-        async with parts.runtime.db.sessions() as session:
+        async with parts.runtime.db.readers() as session:
             horizon = await parts.service(session).export_horizon()
         batches = _export_batches(parts, query, horizon)
         if query.format == "csv":
@@ -300,10 +305,10 @@ def build_router(settings: IngestSettings) -> APIRouter:
 
     @router.get("/observations/{observation_id}", response_model=Observation)
     async def get_observation(
-        observation_id: str, request: Request, session: SessionDep
+        observation_id: str, request: Request, session: ReadSessionDep
     ) -> Response:
         observation, tag = await _service(request, session).view(observation_id)
-        if request.headers.get("if-none-match") == tag:
+        if request.headers.get("if-none-match") in (tag, "*"):
             return Response(status_code=304, headers={"ETag": tag})
         return JSONResponse(observation, headers={"ETag": tag})
 
@@ -363,9 +368,7 @@ def build_router(settings: IngestSettings) -> APIRouter:
     async def upload_media(
         observation_id: str,
         request: Request,
-        media_id: Annotated[
-            str | None, Query(alias="mediaId", pattern=r"^[0-9a-fA-F-]{36}$")
-        ] = None,
+        media_id: Annotated[str | None, Query(alias="mediaId", pattern=UUID_PATTERN)] = None,
     ) -> Response:
         uploads: MediaUploads = request.app.state.uploads
         media_id = media_id and media_id.lower()
@@ -392,7 +395,7 @@ def build_router(settings: IngestSettings) -> APIRouter:
         summary="A media file (public copy), with ETag and Range",
         response_class=FileResponse,
     )
-    async def get_media(media_id: str, request: Request, session: SessionDep) -> Response:
+    async def get_media(media_id: str, request: Request, session: ReadSessionDep) -> Response:
         media = await _service(request, session).media_file(media_id)
         if media.external_url:
             return RedirectResponse(media.external_url, status_code=307)
@@ -463,8 +466,10 @@ async def _read_batch(request: Request, max_items: int) -> list[BatchItem]:
         return [BatchItem(index, model) for index, model in enumerate(models)]
     try:
         parsed = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4,300 digits
         raise BadRequest(f"The body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequest("The body is not valid JSON: it is nested too deeply.") from exc
     if not isinstance(parsed, list):
         raise BadRequest("The body must be a JSON array of observations.")
     for index, item in enumerate(parsed):
@@ -483,7 +488,7 @@ async def _export_batches(
     lock, and the response outlives the request's session)."""
     after: int | None = 0
     while after is not None:
-        async with parts.runtime.db.sessions() as session, session.begin():
+        async with parts.runtime.db.readers() as session, session.begin():
             items, after = await parts.service(session).export_batch(query, after, horizon)
         if items:
             yield items

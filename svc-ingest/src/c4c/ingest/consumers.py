@@ -32,7 +32,7 @@ def consumers(
 
         async def detected(session: AsyncSession, event: CloudEvent) -> None:
             data = DetectionCreated.model_validate(event.data)
-            await wired.service(session).apply_detection(data)
+            await wired.service(session).apply_detection(data, event.time)
 
         db, service = runtime.db, runtime.service
         return {

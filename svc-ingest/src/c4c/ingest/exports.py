@@ -124,10 +124,13 @@ async def csv_stream(batches: Batches) -> AsyncIterator[bytes]:
 
 def feature(o: dict[str, Any]) -> dict[str, Any]:
     properties = {k: v for k, v in o.items() if k not in ("decimalLatitude", "decimalLongitude")}
+    unlocated = o["decimalLatitude"] is None  # RFC 7946 §3.2: a feature without a position
     return {
         "type": "Feature",
         "id": o["id"],
-        "geometry": {"type": "Point", "coordinates": [o["decimalLongitude"], o["decimalLatitude"]]},
+        "geometry": None
+        if unlocated
+        else {"type": "Point", "coordinates": [o["decimalLongitude"], o["decimalLatitude"]]},
         "properties": properties,
     }
 

@@ -29,8 +29,8 @@ class ObservationRow(IngestBase):
     event_date: Mapped[str] = mapped_column(String(80))
     event_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     event_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    latitude: Mapped[float] = mapped_column(Float)
-    longitude: Mapped[float] = mapped_column(Float)
+    latitude: Mapped[float | None] = mapped_column(Float)  # None: a detection without position
+    longitude: Mapped[float | None] = mapped_column(Float)
     coordinate_uncertainty: Mapped[float | None] = mapped_column(Float)
     geodetic_datum: Mapped[str] = mapped_column(String(20))
     country_code: Mapped[str | None] = mapped_column(String(2))

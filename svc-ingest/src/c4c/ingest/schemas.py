@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -108,6 +109,13 @@ class EventPeriod(NamedTuple):  # a tuple, not a model: built for every observat
 
 def _single_period(text: str) -> tuple[datetime, datetime, str]:
     """``[start, end)`` in UTC and the normal form of one date or instant."""
+    try:
+        return _checked_single_period(text)
+    except OverflowError as exc:  # its offset or its end moves it past year 9999 (or before 1)
+        raise ValueError(f"{text!r} is out of the range of dates") from exc
+
+
+def _checked_single_period(text: str) -> tuple[datetime, datetime, str]:
     if "T" in text:  # an instant, the usual form (never a partial date): no regex
         try:
             instant = datetime.fromisoformat(text)
@@ -213,15 +221,29 @@ class ObservationFields(BaseModel):
     datasetID: ShortText = Field(description="The project / observatory it belongs to.")
     recordedBy: ShortText = Field(description="The user who made the observation.")
     eventDate: EventDate = Field(examples=["2024-05-03T10:15:00+02:00", "2024-05"])
-    decimalLatitude: float = Field(ge=-90, le=90)
-    decimalLongitude: float = Field(ge=-180, le=180)
+    decimalLatitude: float | None = Field(
+        None,
+        ge=-90,
+        le=90,
+        description="Required unless basisOfRecord is MachineObservation (a camera's "
+        "detection may have no position).",
+    )
+    decimalLongitude: float | None = Field(
+        None,
+        ge=-180,
+        le=180,
+        validate_default=True,
+        description="Given with decimalLatitude, or not at all.",
+    )
     coordinateUncertaintyInMeters: float | None = Field(None, gt=0, le=20_037_509)
     geodeticDatum: Literal["WGS84", "EPSG:4326"] = "WGS84"
     countryCode: Annotated[str, Field(pattern=r"^[A-Za-z]{2}$")] | None = None
     scientificName: Text | None = Field(None, description="The name as submitted (verbatim).")
     taxonRank: TaxonRank | None = None
     vernacularName: Text | None = None
-    basisOfRecord: BasisOfRecord = BasisOfRecord.HUMAN_OBSERVATION
+    # After the coordinates (its check reads them); the order of the fields is also that of
+    # the idempotency hash (body_hash).
+    basisOfRecord: BasisOfRecord = Field(BasisOfRecord.HUMAN_OBSERVATION, validate_default=True)
     individualCount: int | None = Field(None, ge=0, le=1_000_000_000)
     occurrenceStatus: Literal["present", "absent"] = "present"
     license: Licence
@@ -239,6 +261,27 @@ class ObservationFields(BaseModel):
     @classmethod
     def _upper(cls, value: str | None) -> str | None:
         return value.upper() if value else value
+
+    @field_validator("decimalLongitude")
+    @classmethod
+    def _paired(cls, value: float | None, info: ValidationInfo) -> float | None:
+        latitude = info.data.get("decimalLatitude", 0.0)  # absent: invalid, reported already
+        if (value is None) != (latitude is None):
+            raise ValueError("is given with decimalLatitude, or not at all")
+        return value
+
+    @field_validator("basisOfRecord")
+    @classmethod
+    def _located(cls, value: BasisOfRecord, info: ValidationInfo) -> BasisOfRecord:
+        if value != BasisOfRecord.MACHINE_OBSERVATION and (
+            info.data.get("decimalLatitude", 0.0) is None
+            and info.data.get("decimalLongitude", 0.0) is None
+        ):
+            raise ValueError(
+                f"a {value.value} needs decimalLatitude and decimalLongitude "
+                "(only a MachineObservation may have no position)"
+            )
+        return value
 
 
 class ObservationCreate(ObservationFields):
@@ -266,11 +309,8 @@ class Identification(BaseModel):
     @field_validator("dateIdentified")
     @classmethod
     def _aware_past(cls, value: datetime | None) -> datetime | None:
-        if value is None:
-            return value
-        if value.tzinfo is None:
-            raise ValueError("needs a UTC offset")
-        if value > datetime.now(UTC) + FUTURE_TOLERANCE:
+        value = _aware(value)
+        if value is not None and value > datetime.now(UTC) + FUTURE_TOLERANCE:
             raise ValueError("is in the future")
         return value
 
@@ -382,9 +422,15 @@ def _bbox(value: str | None) -> BBox | None:
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
+    """The instant in UTC (as the database compares it)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         raise ValueError("needs a UTC offset")
-    return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError("is out of the range of dates") from exc
 
 
 AwareDateTime = Annotated[datetime | None, AfterValidator(_aware)]
@@ -423,23 +469,27 @@ class ObservationFilter(BaseModel):
 
     @field_validator("eventDateFrom", "eventDateTo")
     @classmethod
-    def _bound(cls, value: datetime | date | None) -> datetime | date | None:
+    def _bound(cls, value: datetime | date | None, info: ValidationInfo) -> datetime | date | None:
         if isinstance(value, datetime) and value.tzinfo is None:
             raise ValueError("needs a UTC offset (or give a plain date)")
+        try:
+            _utc_bound(value, end=info.field_name == "eventDateTo")
+        except OverflowError as exc:
+            raise ValueError("is out of the range of dates") from exc
         return value
 
     def date_range(self) -> tuple[datetime | None, datetime | None]:
         """``[from, to)`` in UTC; a plain ``eventDateTo`` date includes that whole day."""
+        return _utc_bound(self.eventDateFrom, end=False), _utc_bound(self.eventDateTo, end=True)
 
-        def utc(value: datetime | date | None, *, end: bool) -> datetime | None:
-            if value is None:
-                return None
-            if isinstance(value, datetime):
-                return value.astimezone(UTC)
-            day = datetime(value.year, value.month, value.day, tzinfo=UTC)
-            return day + timedelta(days=1) if end else day
 
-        return utc(self.eventDateFrom, end=False), utc(self.eventDateTo, end=True)
+def _utc_bound(value: datetime | date | None, *, end: bool) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.astimezone(UTC)
+    day = datetime(value.year, value.month, value.day, tzinfo=UTC)
+    return day + timedelta(days=1) if end else day
 
 
 class ListQuery(ObservationFilter):
@@ -496,7 +546,9 @@ class ObservationIdentified(BaseModel):
 
 
 class DetectionCreated(BaseModel):
-    """``detection.created`` from svc-video: becomes a MachineObservation."""
+    """``detection.created`` from svc-video (docs/events.md): becomes a MachineObservation.
+    Video sends neither a position nor a label; ``started_at`` is null for uploaded jobs
+    (then the event's time is used)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -507,21 +559,30 @@ class DetectionCreated(BaseModel):
         "video", validation_alias=AliasChoices("project", "datasetID"), max_length=200
     )
     stream_id: str | None = Field(
-        None, validation_alias=AliasChoices("stream_id", "streamId", "stream")
+        None, validation_alias=AliasChoices("stream_id", "streamId", "stream"), max_length=100
     )
-    start: datetime = Field(validation_alias=AliasChoices("start", "started_at", "time"))
+    job_id: str | None = Field(
+        None, validation_alias=AliasChoices("job_id", "jobId"), max_length=100
+    )
+    start: datetime | None = Field(
+        None, validation_alias=AliasChoices("start", "started_at", "time")
+    )
     end: datetime | None = Field(None, validation_alias=AliasChoices("end", "ended_at"))
     label: str | None = Field(
-        None, validation_alias=AliasChoices("label", "scientificName", "species")
+        None, validation_alias=AliasChoices("label", "scientificName", "species"), max_length=500
     )
     score: float | None = None
     model_version: str | None = Field(
         None, validation_alias=AliasChoices("model_version", "modelVersion", "model")
     )
-    latitude: float = Field(validation_alias=AliasChoices("latitude", "lat"), ge=-90, le=90)
-    longitude: float = Field(validation_alias=AliasChoices("longitude", "lon"), ge=-180, le=180)
+    latitude: float | None = Field(
+        None, validation_alias=AliasChoices("latitude", "lat"), ge=-90, le=90
+    )
+    longitude: float | None = Field(
+        None, validation_alias=AliasChoices("longitude", "lon"), ge=-180, le=180
+    )
     snapshot_url: str | None = Field(
         None, validation_alias=AliasChoices("snapshot_url", "snapshotUrl", "snapshot")
     )
     license: Licence = Licence.CC_BY
-    track_id: str | None = Field(None, validation_alias=AliasChoices("track_id", "track"))
+    track_id: int | str | None = Field(None, validation_alias=AliasChoices("track_id", "track"))

@@ -99,6 +99,11 @@ def etag(row: ObservationRow) -> str:
     return f'"{row.version}"'
 
 
+def _aware(value: datetime) -> datetime:
+    """A datetime sent without an offset is taken as UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def _iso(value: datetime | None) -> str | None:
     value = utc(value)
     return value.isoformat().replace("+00:00", "Z") if value else None
@@ -132,6 +137,11 @@ def fields_of(row: ObservationRow) -> dict[str, Any]:
 
 def media_url(public_url: str, media_id: str) -> str:
     return f"{public_url.rstrip('/')}/ingest/v1/media/{media_id}"
+
+
+def _under(public_url: str, url: str) -> str:
+    """An absolute URL; a path (as video sends its keyframes) is under the suite's URL."""
+    return public_url.rstrip("/") + url if url.startswith("/") else url
 
 
 def represent_media(m: MediaRow, public_url: str) -> dict[str, Any]:
@@ -175,7 +185,7 @@ def represent(
 ) -> dict[str, Any]:
     """An observation as published (coordinates generalised when obscured)."""
     out = {"id": row.id, **fields_of(row)}
-    if row.location_obscured:
+    if row.location_obscured and row.latitude is not None and row.longitude is not None:
         out["decimalLatitude"] = round(row.latitude, OBSCURED_DECIMALS)
         out["decimalLongitude"] = round(row.longitude, OBSCURED_DECIMALS)
         out["coordinateUncertaintyInMeters"] = max(
@@ -713,23 +723,22 @@ class IngestService:
                 },
             )
 
-    async def apply_detection(self, detection: DetectionCreated) -> str:
+    async def apply_detection(self, detection: DetectionCreated, when: datetime) -> str:
         """A video detection as a MachineObservation (its id derived from the detection,
-        so a replay maps to the same observation)."""
+        so a replay maps to the same observation), dated ``when`` (the event's time) when
+        it has no wall-clock start (an uploaded video)."""
         observation_id = str(
             uuid.uuid5(uuid.NAMESPACE_URL, f"c4c:detection:{detection.detection_id}")
         )
-        start = detection.start if detection.start.tzinfo else detection.start.replace(tzinfo=UTC)
+        start = _aware(detection.start or when)
         event_date = _iso(start) or ""
-        if detection.end is not None and detection.end > detection.start:
-            event_date += "/" + (
-                _iso(detection.end if detection.end.tzinfo else detection.end.replace(tzinfo=UTC))
-                or ""
-            )
+        if detection.end is not None and _aware(detection.end) > start:
+            event_date += "/" + (_iso(_aware(detection.end)) or "")
+        source = detection.stream_id or (f"job/{detection.job_id}" if detection.job_id else None)
         model = ObservationCreate(
             id=uuid.UUID(observation_id),
             datasetID=detection.project,
-            recordedBy="video:" + (detection.stream_id or "unknown"),
+            recordedBy="video:" + (source or "unknown"),
             eventDate=event_date,
             decimalLatitude=detection.latitude,
             decimalLongitude=detection.longitude,
@@ -737,7 +746,7 @@ class IngestService:
             basisOfRecord="MachineObservation",
             license=detection.license,
             occurrenceRemarks=f"Detection {detection.detection_id}"
-            + (f", track {detection.track_id}" if detection.track_id else "")
+            + (f", track {detection.track_id}" if detection.track_id is not None else "")
             + (f", score {detection.score:.3f}" if detection.score is not None else "")
             + (f", model {detection.model_version}" if detection.model_version else ""),
         )
@@ -753,7 +762,7 @@ class IngestService:
                     media_type="image/jpeg",
                     size=0,
                     sha256="",
-                    external_url=detection.snapshot_url,
+                    external_url=_under(self.settings.public_url, detection.snapshot_url),
                     created_at=datetime.now(UTC),
                 )
             )
