@@ -15,6 +15,7 @@ it passes the SSRF policy of :mod:`c4c.shared.urls` (public addresses only).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Generator, Mapping
 from urllib.parse import urlsplit
 
@@ -26,7 +27,7 @@ from c4c.shared.auth import PRINCIPAL_HEADER, Principal, principal_secret, sign_
 from c4c.shared.context import REQUEST_ID_HEADER, request_id_var
 from c4c.shared.problems import BodyTooLarge, ProblemError
 from c4c.shared.settings import ServiceSettings
-from c4c.shared.urls import HTTP_SCHEMES, UnsafeURL, URLPolicy, check_url
+from c4c.shared.urls import HTTP_SCHEMES, UnsafeURL, URLPolicy, check_url, split_url
 
 
 class ServiceUnreachable(ProblemError):
@@ -46,6 +47,13 @@ class FetchFailed(ProblemError):
     def __init__(self, detail: str, *, retryable: bool) -> None:
         super().__init__(detail)
         self.retryable = retryable
+
+
+class URLTooSlow(FetchFailed):
+    """The URL did not answer within the fetch deadline. A 422 (the caller gave a URL that
+    does not work), not a 504: the slow server is not ours. Retryable, as it may be busy."""
+
+    status, code, title = 422, "url-too-slow", "The URL did not answer in time"
 
 
 class _SignedPrincipal(httpx.Auth):
@@ -79,6 +87,7 @@ class ServiceClients:
         self._policy = URLPolicy(
             allowed_hosts=tuple(settings.fetch_allowed_hosts),
             timeout=settings.service_timeout,
+            deadline=settings.fetch_deadline,
             settings_prefix="C4C_FETCH_",
         )
 
@@ -127,8 +136,17 @@ class ServiceClients:
         if suite_target is not None:
             service, target = suite_target
             return await _read(self.client(service), target, url, max_bytes)
+        deadline = self.settings.fetch_deadline
         try:
-            if urlsplit(url).scheme.lower() not in HTTP_SCHEMES:
+            async with asyncio.timeout(deadline):
+                return await self._fetch_external(url, max_bytes)
+        except TimeoutError:
+            slow = f"{url} did not answer within {deadline:g} s."
+            raise URLTooSlow(slow, retryable=True) from None
+
+    async def _fetch_external(self, url: str, max_bytes: int) -> bytes:
+        try:
+            if split_url(url)[0].scheme.lower() not in HTTP_SCHEMES:
                 raise UnsafeURL("only http and https URLs are fetched")
             final = await check_url(url, self._policy, client=self._external_client())
         except UnsafeURL as exc:

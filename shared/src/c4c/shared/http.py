@@ -1,5 +1,6 @@
-"""ASGI middleware every service runs: request ids, metrics and access logs, the last-resort
-500 problem, and the request body size limit. Pure ASGI, so bodies stream through untouched.
+"""ASGI middleware every service runs: request ids, metrics and access logs, the refusal of
+NUL characters in the URL, the last-resort 500 problem, and the request body size limit.
+Pure ASGI, so bodies stream through untouched.
 """
 
 from __future__ import annotations
@@ -8,13 +9,20 @@ import logging
 import time
 from collections.abc import Mapping
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from c4c.shared.context import REQUEST_ID_HEADER, accept_request_id, request_id_var
 from c4c.shared.metrics import HTTP_DURATION, HTTP_IN_FLIGHT, HTTP_REQUESTS, labelled
-from c4c.shared.problems import BodyTooLarge, LengthRequired, problem_response, problem_type
+from c4c.shared.problems import (
+    BadRequest,
+    BodyTooLarge,
+    LengthRequired,
+    problem_response,
+    problem_type,
+)
 
 log = logging.getLogger("c4c.http")
 
@@ -26,6 +34,16 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+def _has_nul(scope: Scope) -> bool:
+    """A NUL in the decoded path or query string: no text column stores it (PostgreSQL
+    refuses it), so no identifier or filter can hold it."""
+    if "\x00" in scope["path"]:
+        return True
+    query: bytes = scope.get("query_string", b"")
+    # ``0 in`` (a byte) and a str search: each about 10x faster than bytes in bytes.
+    return bool(query) and (0 in query or "%00" in query.decode("latin-1"))
 
 
 def route_template(scope: Scope) -> str:
@@ -40,8 +58,9 @@ def route_template(scope: Scope) -> str:
 
 class RequestContextMiddleware:
     """Gives each request an id (the caller's ``X-Request-ID`` when sane), echoes it, logs and
-    measures the request by route template, and turns an uncaught exception into a 500
-    problem document that leaks nothing. ``access_log=False`` drops the log line (about a
+    measures the request by route template, refuses a NUL in the path or query string (400),
+    and turns an uncaught exception into a 500 problem document that leaks nothing; a client
+    that hangs up mid-request is only noted. ``access_log=False`` drops the log line (about a
     tenth of a millisecond per request in JSON), keeping the metrics."""
 
     def __init__(self, app: ASGIApp, *, service: str, access_log: bool = True) -> None:
@@ -73,7 +92,15 @@ class RequestContextMiddleware:
         in_flight = self.in_flight
         in_flight.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            if _has_nul(scope):
+                refusal = BadRequest("The path or query string holds a NUL character.")
+                await refusal.to_response()(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # Gone mid-upload: nobody to answer, nothing of ours failed.
+            log.info("client disconnected", extra={"path": scope.get("path")})
+            status = 499  # nginx's "client closed request", for the log and metrics
         except Exception:
             log.exception("unhandled error", extra={"path": scope.get("path")})
             if not response_started:

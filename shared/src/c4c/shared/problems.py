@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
@@ -77,6 +78,10 @@ class LengthRequired(ProblemError):
 
 class BodyTooLarge(ProblemError):
     status, code, title = 413, "body-too-large", "Content Too Large"
+
+
+class InvalidValue(ProblemError):
+    status, code, title = 422, "invalid-value", "A value cannot be stored"
 
 
 class ServiceUnavailable(ProblemError):
@@ -189,9 +194,40 @@ async def _on_pool_timeout(request: Request, exc: Exception) -> Response:
     )
 
 
+_INVALID_VALUE_DETAIL = (
+    "A value in the request is out of range or holds a character that cannot be stored "
+    "(such as NUL)."
+)
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    """Whether the database refused a value (SQLSTATE class 22, "data exception": a NUL in a
+    string, a number out of range) rather than failed."""
+    if isinstance(exc, DataError):
+        return True
+    # asyncpg's errors reach SQLAlchemy as a generic DBAPI error carrying the SQLSTATE.
+    code = getattr(getattr(exc, "orig", None), "pgcode", None)
+    return isinstance(exc, DBAPIError) and isinstance(code, str) and code.startswith("22")
+
+
+async def _on_database_error(request: Request, exc: Exception) -> Response:
+    if not _is_data_error(exc):
+        raise exc  # a failure of ours: the last-resort 500 (see ``http``)
+    return InvalidValue(_INVALID_VALUE_DETAIL).to_response(instance=request.url.path)
+
+
+async def _on_overflow(request: Request, exc: Exception) -> Response:
+    # sqlite3 refuses an int beyond 64 bits while binding it, before SQLAlchemy wraps errors.
+    if "SQLite" not in str(exc):
+        raise exc
+    return InvalidValue(_INVALID_VALUE_DETAIL).to_response(instance=request.url.path)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Every handled error answers with a problem document (uncaught ones: see ``http``)."""
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(PoolTimeout, _on_pool_timeout)
+    app.add_exception_handler(DBAPIError, _on_database_error)
+    app.add_exception_handler(OverflowError, _on_overflow)

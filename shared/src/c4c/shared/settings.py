@@ -100,6 +100,12 @@ class ServiceSettings(BaseSettings):
     service_timeout: float = Field(
         30.0, gt=0, description="Seconds a call to another service or a media fetch may take."
     )
+    fetch_deadline: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a fetch of a URL outside the suite may take in all (checking it, "
+        "its redirects and the download): a server trickling bytes is cut off there.",
+    )
     fetch_allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Non-public hosts or networks that media URLs may point at (SSRF "

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import httpx
 
@@ -68,6 +68,9 @@ class URLPolicy:
     file_root: Path | None = None
     max_redirects: int = 5
     timeout: float = 10.0
+    deadline: float = 10.0
+    """Seconds the whole check may take (resolving, every redirect): a server that trickles
+    its headers keeps each read under ``timeout`` and would otherwise hold us forever."""
     settings_prefix: str = "C4C_"
     """Of the settings named in refusals (``<prefix>ALLOWED_HOSTS``, ``<prefix>FILE_ROOT``),
     so the operator knows what would allow the URL."""
@@ -100,6 +103,8 @@ async def resolve(host: str, port: int | None) -> list[IPAddress]:
         infos = await loop.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UnsafeURL(f"the host {host!r} does not resolve ({exc.strerror})") from exc
+    except UnicodeError as exc:  # IDNA refuses the name, e.g. a label over 63 characters
+        raise UnsafeURL(f"the host {host!r} is not a valid name ({exc})") from exc
     addresses: list[IPAddress] = []
     for _, _, _, _, sockaddr in infos:
         address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
@@ -124,7 +129,7 @@ async def check_host(host: str, port: int | None, policy: URLPolicy) -> None:
 
 
 def check_file(url: str, policy: URLPolicy) -> Path:
-    parts = urlsplit(url)
+    parts, _ = split_url(url)
     if parts.netloc not in ("", "localhost"):
         raise UnsafeURL("file URLs must name a local path (file:///...)")
     if policy.file_root is None:
@@ -132,7 +137,10 @@ def check_file(url: str, policy: URLPolicy) -> Path:
             f"file URLs are disabled (set {policy.settings_prefix}FILE_ROOT to allow a folder)"
         )
     root = policy.file_root.resolve()
-    path = Path(unquote(parts.path)).resolve()
+    local = unquote(parts.path)
+    if "\x00" in local:
+        raise UnsafeURL("the file path holds a NUL character")
+    path = Path(local).resolve()
     if not path.is_relative_to(root):
         raise UnsafeURL(f"file URLs must point under the configured root {root}")
     if not path.is_file():
@@ -140,12 +148,17 @@ def check_file(url: str, policy: URLPolicy) -> Path:
     return path
 
 
-def _split(url: str, schemes: Iterable[str]) -> tuple[str, str, int | None]:
+def split_url(url: str) -> tuple[SplitResult, int | None]:
+    """The URL's parts and port, or :class:`UnsafeURL` when it does not parse."""
     try:
         parts = urlsplit(url)
-        port = parts.port
+        return parts, parts.port
     except ValueError as exc:
         raise UnsafeURL(f"not a valid URL: {exc}") from exc
+
+
+def _split(url: str, schemes: Iterable[str]) -> tuple[str, str, int | None]:
+    parts, port = split_url(url)
     scheme = parts.scheme.lower()
     if scheme not in schemes:
         allowed = ", ".join(sorted(schemes))
@@ -157,13 +170,17 @@ def _split(url: str, schemes: Iterable[str]) -> tuple[str, str, int | None]:
 
 async def check_url(url: str, policy: URLPolicy, *, client: httpx.AsyncClient | None = None) -> str:
     """The URL to open (after redirects for HTTP), or :class:`UnsafeURL` with the reason."""
-    if urlsplit(url).scheme.lower() == "file":
+    if split_url(url)[0].scheme.lower() == "file":
         return check_file(url, policy).as_uri()
     scheme, host, port = _split(url, NETWORK_SCHEMES)
-    await check_host(host, port, policy)
-    if scheme not in HTTP_SCHEMES:
-        return url
-    return await _follow_redirects(url, policy, client)
+    try:
+        async with asyncio.timeout(policy.deadline):
+            await check_host(host, port, policy)
+            if scheme not in HTTP_SCHEMES:
+                return url
+            return await _follow_redirects(url, policy, client)
+    except TimeoutError:
+        raise UnsafeURL(f"the URL did not answer within {policy.deadline:g} s") from None
 
 
 async def _follow_redirects(url: str, policy: URLPolicy, client: httpx.AsyncClient | None) -> str:
