@@ -90,9 +90,15 @@ async def test_raw_upload_is_sniffed_hashed_and_served_with_etag_and_range(
     assert part.status_code == 206
     assert part.content == data[100:200]
     assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
-    assert (
-        await client.get(f"{API}/media/{media['id']}", headers={"Range": f"bytes={len(data) + 5}-"})
-    ).status_code == 416
+    beyond = await client.get(
+        f"{API}/media/{media['id']}", headers={"Range": f"bytes={len(data) + 5}-"}
+    )
+    assert beyond.status_code == 416
+    assert beyond.headers["content-type"] == "application/problem+json"
+    assert beyond.headers["content-range"] == f"bytes */{len(data)}"
+    backwards = await client.get(f"{API}/media/{media['id']}", headers={"Range": "bytes=5-1"})
+    assert backwards.status_code == 400
+    assert backwards.headers["content-type"] == "application/problem+json"
 
     listed = (await client.get(f"{API}/observations/{obs_id}")).json()
     assert [m["id"] for m in listed["media"]] == [media["id"]]

@@ -117,6 +117,9 @@ async def test_a_clip_with_a_bird_gives_detections_with_keyframe_and_clip(
     assert part.status_code == 206
     assert part.headers["content-range"] == f"bytes 100-199/{len(clip.content)}"
     assert part.content == clip.content[100:200]
+    garbage = await client.get(detection["clip_url"], headers={"Range": "bytes=abc"})
+    assert garbage.status_code == 400
+    assert garbage.headers["content-type"] == "application/problem+json"
 
     def published() -> bool:
         types = [e.type for e in received]

@@ -21,7 +21,8 @@ import av
 import numpy as np
 import pytest
 
-from c4c.shared.urls import URLPolicy, check_url
+from c4c.shared.urls import UnsafeURL, URLPolicy, check_url
+from c4c.video.analysis.guarded_io import checked_addresses
 from c4c.video.analysis.pipeline import AnalysisParams
 from c4c.video.analysis.sources import (
     ClosedCapture,
@@ -256,3 +257,9 @@ def test_an_uploaded_playlist_cannot_reach_internal_addresses(
     with pytest.raises(VideoUnreadable, match=r"127\.0\.0\.1 is a loopback address"):
         analyse_file(upload, AnalysisParams(), sink=lambda _: None, clip_dir=None)
     assert internal.connections == 0
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example.org", "127.0.0.1", "[::1"])
+def test_what_ffmpeg_would_connect_to_is_refused_when_invalid_or_internal(host: str) -> None:
+    with pytest.raises(UnsafeURL):
+        checked_addresses(host, 80, URLPolicy())

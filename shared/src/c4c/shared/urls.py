@@ -92,15 +92,15 @@ class URLPolicy:
         return any(address in network for network in self.allowed_networks)
 
 
-async def resolve(host: str, port: int | None) -> list[IPAddress]:
-    """Every A/AAAA record of ``host`` (or the literal address)."""
+def addresses_of(host: str, port: int | None) -> list[IPAddress]:
+    """Every A/AAAA record of ``host`` (or the literal address), or :class:`UnsafeURL`.
+    Blocking: from a thread (FFmpeg's, or :func:`resolve`'s)."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
-    loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UnsafeURL(f"the host {host!r} does not resolve ({exc.strerror})") from exc
     except UnicodeError as exc:  # IDNA refuses the name, e.g. a label over 63 characters
@@ -115,10 +115,18 @@ async def resolve(host: str, port: int | None) -> list[IPAddress]:
     return addresses
 
 
-async def check_host(host: str, port: int | None, policy: URLPolicy) -> None:
+async def resolve(host: str, port: int | None) -> list[IPAddress]:
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        return await asyncio.to_thread(addresses_of, host, port)
+
+
+def check_addresses(host: str, addresses: list[IPAddress], policy: URLPolicy) -> None:
+    """:class:`UnsafeURL` unless ``host`` or each of its ``addresses`` is allowed."""
     if policy.host_allowed(host):
         return
-    for address in await resolve(host, port):
+    for address in addresses:
         if policy.address_allowed(address):
             continue
         problem = address_problem(address)
@@ -126,6 +134,11 @@ async def check_host(host: str, port: int | None, policy: URLPolicy) -> None:
             shown = host if host == str(address) else f"{host!r} ({address})"
             setting = f"{policy.settings_prefix}ALLOWED_HOSTS"
             raise UnsafeURL(f"the host {shown} is {problem}; add it to {setting} to allow it")
+
+
+async def check_host(host: str, port: int | None, policy: URLPolicy) -> None:
+    if not policy.host_allowed(host):
+        check_addresses(host, await resolve(host, port), policy)
 
 
 def check_file(url: str, policy: URLPolicy) -> Path:

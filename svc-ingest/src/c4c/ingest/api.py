@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
@@ -37,6 +37,7 @@ from c4c.ingest.settings import IngestSettings
 from c4c.ingest.wiring import Creations, Parts
 from c4c.shared.db import ReadSessionDep, SessionDep
 from c4c.shared.problems import BadRequest, BodyTooLarge, ProblemError
+from c4c.shared.responses import FileResponse
 
 PREFIX = "/ingest/v1"
 MEDIA_OVERHEAD = 1 << 20  # multipart framing and form fields around a media file

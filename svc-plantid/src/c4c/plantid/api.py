@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
@@ -41,6 +41,7 @@ from c4c.plantid.service import (
 from c4c.plantid.settings import PlantidSettings
 from c4c.shared.auth import api_key_of, current_principal
 from c4c.shared.db import SessionDep
+from c4c.shared.responses import FileResponse
 from c4c.shared.storage import BlobNotFound
 
 VERSION = "0.1.0"

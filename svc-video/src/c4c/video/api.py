@@ -6,10 +6,10 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
-from fastapi.responses import FileResponse
 
 from c4c.shared.db import SessionDep
 from c4c.shared.problems import NotFound
+from c4c.shared.responses import FileResponse
 from c4c.video import repository
 from c4c.video.analysis.pipeline import CLIP_CONTENT_TYPE
 from c4c.video.schemas import (

@@ -14,8 +14,6 @@ so FFmpeg cannot skip the refused segment and carry on, and the reason reaches t
 from __future__ import annotations
 
 import io
-import ipaddress
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,7 +26,8 @@ from c4c.shared.urls import (
     IPAddress,
     UnsafeURL,
     URLPolicy,
-    address_problem,
+    addresses_of,
+    check_addresses,
     check_file,
 )
 
@@ -40,28 +39,8 @@ SKIP_FORWARD = 256 * 1024  # a forward seek this short reads on instead of a new
 def checked_addresses(host: str, port: int, policy: URLPolicy) -> list[IPAddress]:
     """The addresses of ``host`` to connect to, every one allowed by ``policy``, or
     :class:`UnsafeURL`. Synchronous: called from FFmpeg's thread."""
-    try:
-        addresses: list[IPAddress] = [ipaddress.ip_address(host)]
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise UnsafeURL(f"the host {host!r} does not resolve ({exc.strerror})") from exc
-        addresses = []
-        for *_, sockaddr in infos:
-            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-            if address not in addresses:
-                addresses.append(address)
-    if not addresses:
-        raise UnsafeURL(f"the host {host!r} has no address")
-    if policy.host_allowed(host):
-        return addresses
-    for address in addresses:
-        problem = None if policy.address_allowed(address) else address_problem(address)
-        if problem is not None:
-            shown = host if host == str(address) else f"{host!r} ({address})"
-            setting = f"{policy.settings_prefix}ALLOWED_HOSTS"
-            raise UnsafeURL(f"the host {shown} is {problem}; add it to {setting} to allow it")
+    addresses = addresses_of(host, port)
+    check_addresses(host, addresses, policy)
     return addresses
 
 
