@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from fastapi import Depends, Request
+from pydantic import AfterValidator
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
@@ -31,6 +33,14 @@ log = logging.getLogger("c4c.db")
 SHARED_MIGRATIONS = "c4c.shared:migrations"
 """The suite's own tables (outbox, processed events), versioned apart from the service's."""
 
+
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC: SQLite gives back the naive UTC times it was given."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+Utc = Annotated[datetime, AfterValidator(as_utc)]
+"""A time answered with its UTC offset (``Z``), whatever the database gave back."""
 
 READERS = 4
 """Connections a SQLite database keeps for read-only sessions."""

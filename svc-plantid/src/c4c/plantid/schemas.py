@@ -5,22 +5,13 @@ API v2 shapes (``/v2``)."""
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from c4c.plantid.models import ImportRow, ProjectRow, ReferenceRow, SpeciesRow
 from c4c.plantid.service import IdentifyOutcome, ReferencePhoto
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite gives back the naive UTC times it was given.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-Utc = Annotated[datetime, AfterValidator(_utc)]
-"""A time answered with its UTC offset (``Z``), whatever the database gave back."""
+from c4c.shared.db import Utc, as_utc
 
 ProjectId = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Slug: a-z, 0-9, '-'.")
 
@@ -261,7 +252,7 @@ def _species(name: str, row: SpeciesRow | None, language: str) -> Species:
 
 def _related(row: ReferencePhoto, base_url: str) -> RelatedImage:
     url = f"{base_url.rstrip('/')}/plantid/v1/references/{row.id}/image"
-    created = _utc(row.created_at)
+    created = as_utc(row.created_at)
     return RelatedImage(
         organ=row.organ,
         author=row.author or "",

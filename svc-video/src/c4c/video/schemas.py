@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from c4c.shared.db import Utc
 
 Coordinate = float
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite gives back the naive UTC times it was given.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-Utc = Annotated[datetime, AfterValidator(_utc)]
-"""A time answered with its UTC offset (``Z``), whatever the database gave back."""
 
 
 class Line(BaseModel):
