@@ -218,6 +218,10 @@ async def test_hostile_files_get_4xx_and_leave_nothing(
 
     truncated = problem(await client.post(url, content=data[: len(data) // 2]), 422)
     assert truncated["type"] == "urn:c4c:problem:corrupt-media"
+    signature_only = b"\x89PNG\r\n\x1a\n" + bytes(200)
+    unreadable = problem(await client.post(url, content=signature_only), 422)
+    assert ".staging" not in unreadable["detail"]
+    assert "staging" not in str(unreadable)
     text = problem(await client.post(url, content=b"just some text, not a photo"), 415)
     assert text["type"] == "urn:c4c:problem:unsupported-media-type"
     mismatch = problem(

@@ -168,9 +168,14 @@ def probe_image(
                     # Decode at 1/8 scale: every byte is still parsed, so truncation shows.
                     image.draft("RGB", (max(width // 8, 1), max(height // 8, 1)))
                 image.load()
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc), max_pixels=max_pixels) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Image.DecompressionBombError as exc:  # its size could not even be read first
+        raise ImageTooLarge(
+            f"The image has more than {max_pixels} pixels; at most {max_pixels} are accepted.",
+            max_pixels=max_pixels,
+        ) from exc
+    except UnidentifiedImageError as exc:  # Pillow's message names our staging file
+        raise CorruptMedia(f"The file is not a readable {media_type.mime} image.") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptMedia(f"The {media_type.mime} image cannot be decoded: {exc}") from exc
     return info
 
