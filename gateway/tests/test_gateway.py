@@ -16,6 +16,7 @@ import pytest
 from c4c.gateway.app import create_app
 from c4c.gateway.settings import GatewaySettings
 from c4c.shared.context import request_id_var
+from c4c.shared.http import BodyLimitMiddleware
 
 SERVICES = {"/ingest": "ingest", "/quality": "quality", "/video": "video"}
 SERVICES |= {"/plantid": "plantid", "/mobis": "mobis"}
@@ -82,12 +83,42 @@ async def test_embedded_gateway_serves_its_own_operations(embedded: httpx.AsyncC
     assert openapi.json()["info"]["title"] == "Cos4Cloud API gateway"
 
 
+async def test_embedded_services_take_bodies_as_large_as_they_accept(
+    embedded: httpx.AsyncClient, test_data: Path, assert_problem: Callable[..., Any]
+) -> None:
+    """Ingest takes media far above the gateway's own 10 MB default: the gateway applies
+    the limit of the service behind the prefix."""
+    photo = (test_data / "plants" / "Anemone_nemorosa" / "image_1206.jpg").read_bytes()
+    padded = photo + bytes(11 * 1024 * 1024)  # after the image's end: still a valid JPEG
+    body = {"datasetID": "natusfera", "eventDate": "2024-05-03", "recordedBy": "ana"}
+    body |= {"decimalLatitude": 41.4, "decimalLongitude": 2.1, "license": "CC-BY"}
+    created = await embedded.post("/ingest/v1/observations", json=body)
+    assert created.status_code == 201, created.text
+    media = f"/ingest/v1/observations/{created.json()['id']}/media"
+    uploaded = await embedded.post(media, content=padded, headers={"Content-Type": "image/jpeg"})
+    assert uploaded.status_code == 201, uploaded.text
+    too_large = await embedded.post(
+        "/ingest/v1/observations", content=b" " * (11 * 1024 * 1024)
+    )  # the JSON routes keep the default
+    assert_problem(too_large, 413)
+
+
 async def test_embedded_unknown_prefix_is_a_404_problem(
     embedded: httpx.AsyncClient, assert_problem: Callable[..., Any]
 ) -> None:
     body = assert_problem(await embedded.get("/nowhere/v1/things"), 404)
     assert body["type"] == "urn:c4c:problem:not-found"
     assert "/nowhere/v1/things" in body["detail"]
+
+
+async def test_a_known_path_with_another_method_is_a_405_naming_the_allowed_ones(
+    embedded: httpx.AsyncClient, assert_problem: Callable[..., Any]
+) -> None:
+    own = await embedded.put("/health")
+    proxied = await embedded.post("/mobis/v1/me/notifications")
+    for answer in (own, proxied):
+        assert_problem(answer, 405)
+        assert answer.headers["allow"] == "GET"
 
 
 async def test_embedded_unknown_route_of_a_service_is_its_404_problem(
@@ -375,17 +406,38 @@ async def test_embedded_openapi_merges_every_services_document(
     assert "/openapi.json" in docs.text
 
 
-async def test_a_route_may_take_larger_bodies_than_the_default(
-    open_gateway: Callable[..., Any], assert_problem: Callable[..., Any]
+async def test_a_proxied_prefix_takes_the_upstreams_limit_unless_a_route_sets_one(
+    open_gateway: Callable[..., Any],
+    serve_on_loopback: Callable[[Any], Any],
+    echo_url: str,
+    big_body: bytes,
+    assert_problem: Callable[..., Any],
 ) -> None:
-    routes = {"/echo/big-uploads": {"max_body_bytes": 2 * FIVE_MB}}
-    async with open_gateway(max_body_bytes=1024, routes=routes) as (_, client):
-        small_route = await client.post("/echo/upload", content=b"x" * 2048)
-        big_route = await client.post("/echo/big-uploads/1", content=b"x" * FIVE_MB)
-        unsized = await client.post("/echo/upload", headers={"Content-Length": ""})
-    assert assert_problem(small_route, 413)["limit_bytes"] == 1024
-    assert big_route.status_code == 200, big_route.text
-    assert big_route.json()["body_length"] == FIVE_MB
+    """C4C_MAX_BODY_BYTES is the gateway's own: a proxied body goes on (streamed) for the
+    upstream to judge, and its 413 comes back as it said it."""
+
+    async def accept(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    limited = BodyLimitMiddleware(accept, max_bytes=FIVE_MB // 2)
+    async with serve_on_loopback(limited) as small_url:
+        upstreams = {"/echo": [echo_url], "/small": [small_url]}
+        routes = {"/echo/capped": {"max_body_bytes": 1024}}
+        async with open_gateway(max_body_bytes=1024, routes=routes, upstreams=upstreams) as (
+            _,
+            client,
+        ):
+            passed = await client.post("/echo/upload", content=big_body)
+            capped = await client.post("/echo/capped/1", content=b"x" * 2048)
+            refused = await client.post("/small/upload", content=big_body)
+            unsized = await client.post("/echo/upload", headers={"Content-Length": ""})
+    assert passed.status_code == 200, passed.text
+    assert passed.json()["body_length"] == FIVE_MB
+    assert assert_problem(capped, 413)["limit_bytes"] == 1024
+    assert assert_problem(refused, 413)["limit_bytes"] == FIVE_MB // 2
     assert unsized.status_code in (400, 411)
 
 

@@ -161,6 +161,26 @@ async def test_a_token_without_the_scope_is_refused_with_403(
     assert assert_problem(response, 403)["type"] == "urn:c4c:problem:missing-scope"
 
 
+async def test_a_bad_token_beside_a_good_key_is_refused_with_401(
+    open_gateway: Callable[..., Any],
+    serve_on_loopback: Callable[[Any], Any],
+    signing_key: rsa.RSAPrivateKey,
+    assert_problem: Callable[..., Any],
+) -> None:
+    async with (
+        serve_on_loopback(jwks_app(signing_key)) as jwks_url,
+        open_gateway(jwks_url=f"{jwks_url}/.well-known/jwks.json", jwt_audience=AUDIENCE) as gw,
+    ):
+        app, client = gw  # holding a good key
+        bad = await client.get("/echo/me", headers={"Authorization": "Bearer x.y.z"})
+        good = await client.get(
+            "/echo/me", headers={"Authorization": f"Bearer {token(signing_key)}"}
+        )
+    assert assert_problem(bad, 401)["type"] == "urn:c4c:problem:unauthorized"
+    assert good.status_code == 200, good.text
+    assert principal_received(app, good).kind == "api-key"
+
+
 async def test_tokens_are_refused_without_a_jwks(
     open_gateway: Callable[..., Any],
     signing_key: rsa.RSAPrivateKey,

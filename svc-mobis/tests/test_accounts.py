@@ -76,6 +76,20 @@ async def test_register_refuses_weak_passwords_and_taken_emails(
     bad = await anonymous.post("/mobis/v1/auth/register", json={"email": 5, "password": []})
     assert bad.status_code == 422
     assert bad.headers["content-type"] == "application/problem+json"
+    for body in (
+        {"email": "nul\x00@example.org", "password": PASSWORD},
+        {"email": "bell\x07@example.org", "password": PASSWORD},
+        {"email": "ok@exam\x7fple.org", "password": PASSWORD},
+        {"email": "dn@example.org", "password": PASSWORD, "displayName": "a\x00b"},
+    ):
+        control = await anonymous.post("/mobis/v1/auth/register", json=body)
+        assert control.status_code == 422, control.text
+        assert control.headers["content-type"] == "application/problem+json"
+    refused = await anonymous.post(
+        "/mobis/v1/auth/login",
+        json={"email": "bo@example.org", "password": PASSWORD, "deviceId": "\x00"},
+    )
+    assert refused.status_code == 422
 
 
 async def refresh_with(client: httpx.AsyncClient, token: str) -> httpx.Response:

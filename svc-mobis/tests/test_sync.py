@@ -4,6 +4,7 @@ updated by score and identification events, notifications, ownership and forget-
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import uuid
 from collections.abc import Callable, Sequence
@@ -244,8 +245,10 @@ async def test_scores_and_identifications_reach_my_observations_and_notification
     assert len(rest["items"]) == 1
     assert rest["next"] is None
     assert {o["id"] for o in first["items"] + rest["items"]} == {i["id"] for i in items}
-    bad = await anonymous.get("/mobis/v1/me/observations?cursor=garbage!", headers=me)
-    assert bad.status_code == 400
+    huge = base64.urlsafe_b64encode(b"o:99999999999999999999").decode()  # beyond int64
+    for cursor in ("garbage!", huge):
+        bad = await anonymous.get(f"/mobis/v1/me/observations?cursor={cursor}", headers=me)
+        assert bad.status_code == 400, bad.text
 
 
 async def test_nobody_reaches_another_users_observations_or_media(
@@ -327,6 +330,20 @@ async def test_bad_sync_requests_are_problems(
         answer = await anonymous.post("/mobis/v1/sync", json=body, headers=me)
         assert answer.status_code == status, answer.text
         assert answer.headers["content-type"] == "application/problem+json"
+    huge = item(observation(), [b"x"])
+    huge["media"][0]["size"] = 99999999999999999999  # beyond the database's integers
+    bad_ints = [
+        ({"observations": [huge]}, "/mobis/v1/sync"),
+        ({"observations": [item(observation()) | {"baseVersion": 2**63}]}, "/mobis/v1/sync"),
+        ({"upTo": 99999999999999999999}, "/mobis/v1/me/notifications:read"),
+    ]
+    for body, path in bad_ints:
+        answer = await anonymous.post(path, json=body, headers=me)
+        assert answer.status_code == 422, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+    for query in ("after=9223372036854775808", "after=-1"):
+        answer = await anonymous.get(f"/mobis/v1/me/notifications?{query}", headers=me)
+        assert answer.status_code == 422, answer.text
     garbage = await anonymous.post(
         "/mobis/v1/sync", content=b"{not json", headers=me | {"Content-Type": "application/json"}
     )
@@ -427,3 +444,29 @@ async def test_a_sync_cut_short_before_ingest_answered_is_sent_again_by_its_retr
     assert retry.json()["items"][0]["status"] == "created", retry.text
     mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
     assert [o["id"] for o in mine] == [new["id"]]
+
+
+async def test_a_media_id_announced_twice_or_too_large_fails_only_its_item(
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    settings: Any,
+) -> None:
+    _, me = await signed_up("md@example.org")
+    first, second, within = (item(observation(), [png(1)]) for _ in range(3))
+    second["media"] = first["media"]  # the same file claimed by another observation
+    within["media"] = first["media"] * 2  # and twice by one
+    large = item(observation(), [png(2)])
+    large["media"][0]["size"] = settings.media_max_bytes + 1  # could never be uploaded
+    answer = await anonymous.post(
+        "/mobis/v1/sync", json={"observations": [first, second, within, large]}, headers=me
+    )
+    assert answer.status_code == 200, answer.text
+    outcomes = answer.json()["items"]
+    assert [o["status"] for o in outcomes] == ["created", "error", "error", "error"]
+    assert outcomes[1]["problem"]["type"] == "urn:c4c:problem:duplicate-media"
+    assert outcomes[2]["problem"]["type"] == "urn:c4c:problem:duplicate-media"
+    assert outcomes[3]["problem"]["status"] == 422
+    assert "media[0].size" in outcomes[3]["problem"]["detail"]
+    mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
+    assert [o["id"] for o in mine] == [first["id"]]

@@ -67,6 +67,10 @@ class Identity:
         if self.is_public(path):
             return Caller(Principal("anonymous", client_ip))
         key = api_key_of(headers, QueryParams(query_string) if query_string else {})
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        bearer = token.strip() if scheme.lower() == "bearer" else ""
+        # A caller who names themselves wrongly is refused, even beside a good API key.
+        user = await self._user(bearer) if bearer else None
         if key is not None:
             record = await self.keys.authenticate(key)
             if record is None:
@@ -74,9 +78,8 @@ class Identity:
             return Caller(
                 Principal("api-key", record.id, record.name, record.scopes), record.daily_quota
             )
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return Caller(await self._user(token.strip()))
+        if user is not None:
+            return Caller(user)
         raise Unauthorized("Send an API key (X-API-Key header or api-key parameter) or a token.")
 
     async def _user(self, token: str) -> Principal:

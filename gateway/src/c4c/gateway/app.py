@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Sequence
 
 import httpx
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route as PathRoute
 from starlette.types import ASGIApp
 
 from c4c.gateway._clients import AsgiClient, NetworkClient, Timeouts, UpstreamClient
@@ -28,8 +28,8 @@ from c4c.gateway._upstreams import (
     remote_upstreams,
 )
 from c4c.gateway.api import router
-from c4c.gateway.embedded import in_process_upstreams, load_services
-from c4c.gateway.proxy import PROXIED_METHODS, FrontDoor, Proxy, ProxyRoute
+from c4c.gateway.embedded import body_limits, in_process_upstreams, load_services
+from c4c.gateway.proxy import FrontDoor, Proxy, ProxyRoute
 from c4c.gateway.service import ApiKeys
 from c4c.gateway.settings import GatewaySettings
 from c4c.shared.app import ServiceRuntime, create_service_app, run_together
@@ -40,6 +40,7 @@ log = logging.getLogger("c4c.gateway")
 
 MIGRATIONS = "c4c.gateway:migrations"
 DEV_KEY_FILE = "dev-api-key"
+UNLIMITED = sys.maxsize
 
 
 def _client(
@@ -89,9 +90,17 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
         bus = bus or bus_from_settings(settings)
         services = load_services(bus)
         specs = in_process_upstreams(services)
+        limits = body_limits(services)
     else:
         services = []
         specs = remote_upstreams(settings.upstreams)
+        # The upstream enforces its own limit (the body is streamed to it, never held here).
+        limits = dict.fromkeys((p for spec in specs for p in spec.prefixes), UNLIMITED)
+    limits |= {
+        prefix: options.max_body_bytes
+        for prefix, options in settings.routes.items()
+        if options.max_body_bytes is not None
+    }
     app = create_service_app(
         settings,
         title="Cos4Cloud API gateway",
@@ -103,11 +112,7 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
         routers=[router],
         bus=bus,
         migrations=[MIGRATIONS],
-        body_limits={
-            prefix: options.max_body_bytes
-            for prefix, options in settings.routes.items()
-            if options.max_body_bytes is not None
-        },
+        body_limits=limits,
         docs=False,
         accept_principal=False,
     )
@@ -136,10 +141,9 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
         trusted_proxies=settings.trusted_proxies,
         retries=settings.upstream_retries,
     )
-    # Whatever no route took goes to the proxy, which answers 404 for it.
-    app.router.routes.append(
-        PathRoute("/{path:path}", proxy, methods=list(PROXIED_METHODS), include_in_schema=False)
-    )
+    # A path no route knows goes to the proxy, which answers 404 for it; a known path with
+    # another method stays the router's 405 (with Allow).
+    app.router.default = proxy
     app.add_middleware(RouteMetricsMiddleware)
     if settings.cors_origins:
         app.add_middleware(

@@ -44,7 +44,10 @@ class GatewaySettings(ServiceSettings):
     routes: dict[str, RouteOptions] = Field(
         default_factory=dict,
         description='Per-prefix overrides, as JSON, e.g. {"/video": {"max_body_bytes": '
-        '2147483648, "read_timeout": 300}}: connect_timeout, read_timeout, max_body_bytes.',
+        '2147483648, "read_timeout": 300}}: connect_timeout, read_timeout, max_body_bytes. '
+        "Without max_body_bytes a proxied prefix gets the limit its service enforces (the "
+        "embedded service's own; an upstream refuses for itself); C4C_MAX_BODY_BYTES is for "
+        "the gateway's own routes.",
     )
     upstream_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect.")
     upstream_read_timeout: float = Field(60.0, gt=0, description="Seconds between bytes.")

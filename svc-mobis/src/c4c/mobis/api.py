@@ -23,6 +23,8 @@ from c4c.mobis.oidc import OidcNotConfigured
 from c4c.mobis.remote import UpstreamRefused
 from c4c.mobis.repository import utc
 from c4c.mobis.schemas import (
+    MAX_INT,
+    PRINTABLE,
     Account,
     AccountDeletion,
     IdTokenLogin,
@@ -209,7 +211,8 @@ def build_router(settings: MobisSettings) -> APIRouter:
         request: Request,
         oidc: OidcDep,
         device_id: Annotated[
-            str | None, Query(alias="deviceId", min_length=1, max_length=100)
+            str | None,
+            Query(alias="deviceId", min_length=1, max_length=100, pattern=PRINTABLE),
         ] = None,
         reauthenticate: Annotated[
             bool,
@@ -410,7 +413,7 @@ def build_router(settings: MobisSettings) -> APIRouter:
     async def notifications(
         request: Request,
         user: UserDep,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
     ) -> NotificationPage:
         async with _parts(request).unit() as repo:
@@ -436,10 +439,12 @@ def build_router(settings: MobisSettings) -> APIRouter:
     async def events(
         request: Request,
         user: UserDep,
-        after: Annotated[int, Query(ge=0)] = 0,
-        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+        after: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+        last_event_id: Annotated[
+            str | None, Header(alias="Last-Event-ID", pattern=r"^[0-9]{1,18}$")
+        ] = None,
     ) -> StreamingResponse:
-        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        start = int(last_event_id) if last_event_id else after
         return StreamingResponse(
             _event_stream(request, _parts(request), user.id, start),
             media_type="text/event-stream",

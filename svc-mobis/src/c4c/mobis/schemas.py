@@ -9,9 +9,19 @@ from uuid import UUID
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+# A database integer (int64): larger values are refused here, not by the driver with a 500.
+MAX_INT = 2**63 - 1
+# No control characters (NUL is refused by PostgreSQL) in any string of an account.
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 Email = Annotated[
-    str, Field(min_length=3, max_length=320, pattern=r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+    str,
+    Field(
+        min_length=3,
+        max_length=320,
+        pattern=r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+$",
+    ),
 ]
+Label = Annotated[str, Field(min_length=1, max_length=100, pattern=PRINTABLE)]
 Password = Annotated[str, Field(min_length=1, max_length=1024)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
 MediaType = Annotated[
@@ -34,7 +44,7 @@ class Strict(BaseModel):
 class Register(Strict):
     email: Email
     password: Password
-    displayName: Annotated[str, Field(min_length=1, max_length=100)] | None = Field(
+    displayName: Label | None = Field(
         None, description="How the user is credited on observations; unset = 'MOBIS user'."
     )
 
@@ -44,7 +54,7 @@ class Register(Strict):
 class Login(Strict):
     email: Email
     password: Password
-    deviceId: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    deviceId: Label | None = None
 
     _email = field_validator("email", mode="before")(_normal_email)
 
@@ -92,7 +102,7 @@ class IdTokenLogin(Strict):
     nonce: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
         None, description="The nonce the app sent the provider; the token must carry it."
     )
-    deviceId: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    deviceId: Label | None = None
 
 
 class Tokens(BaseModel):
@@ -123,7 +133,7 @@ class Account(BaseModel):
 class MediaAnnounced(Strict):
     id: UUID = Field(description="The app's id of this file: uploads and retries name it.")
     sha256: Sha256
-    size: int = Field(gt=0)
+    size: int = Field(gt=0, le=MAX_INT)
     contentType: MediaType
 
 
@@ -132,7 +142,7 @@ class SyncItem(Strict):
     createdAt: datetime = Field(description="When the observation was made on the phone.")
     formVersion: Annotated[str, Field(min_length=1, max_length=50)] | None = None
     baseVersion: int | None = Field(
-        None, ge=1, description="Edit of an observation the app holds at this version."
+        None, ge=1, le=MAX_INT, description="Edit of an observation the app holds at this version."
     )
     observation: dict[str, Any] = Field(
         description="Darwin Core fields as ingest takes them (datasetID, eventDate, "
@@ -246,7 +256,7 @@ class NotificationPage(BaseModel):
 
 
 class MarkRead(Strict):
-    upTo: int = Field(ge=0, description="Mark notifications up to this id read.")
+    upTo: int = Field(ge=0, le=MAX_INT, description="Mark notifications up to this id read.")
 
 
 # --- events consumed ------------------------------------------------------------------------

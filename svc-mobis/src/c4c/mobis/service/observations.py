@@ -25,6 +25,7 @@ from c4c.mobis.models import ExpectedMediaRow, NotificationRow, OwnedObservation
 from c4c.mobis.remote import Ingest, UpstreamRefused
 from c4c.mobis.repository import Repository, utc
 from c4c.mobis.schemas import (
+    MAX_INT,
     MediaState,
     MissingMedia,
     MyObservation,
@@ -99,7 +100,7 @@ def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, seq = text.partition(":")
-        if kind != "o" or not seq.isdigit():
+        if kind != "o" or not (seq.isascii() and seq.isdigit()) or int(seq) > MAX_INT:
             raise ValueError(cursor)
         return int(seq)
     except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
@@ -214,17 +215,35 @@ class Observations:
         creates: list[tuple[int, SyncItem, str]] = []
         edits: list[tuple[int, SyncItem, str, OwnedObservationRow]] = []
         seen: set[str] = set()
+        claimed: dict[str, str] = {}  # media id -> the observation of this sync announcing it
         for index, item in enumerate(items):
             observation_id, digest = str(item.id), item_hash(item)
             row = owned.get(observation_id)
+            media_ids = [str(m.id) for m in item.media]
             taken = [
-                str(m.id)
-                for m in item.media
-                if (k := known_media.get(str(m.id))) is not None
-                and k.observation_id != observation_id
+                m
+                for m in media_ids
+                if (k := known_media.get(m)) is not None and k.observation_id != observation_id
+            ]
+            too_large = [
+                i for i, m in enumerate(item.media) if m.size > self.settings.media_max_bytes
             ]
             if observation_id in seen:
                 outcomes[index] = _error(index, observation_id, 422, "duplicate-item", "Repeated")
+            elif len(set(media_ids)) < len(media_ids) or any(
+                claimed.get(m, observation_id) != observation_id for m in media_ids
+            ):
+                outcomes[index] = _error(
+                    index, observation_id, 422, "duplicate-media", "A media id is announced twice"
+                )
+            elif too_large:
+                outcomes[index] = _error(
+                    index,
+                    observation_id,
+                    422,
+                    "media-too-large",
+                    f"media[{too_large[0]}].size exceeds {self.settings.media_max_bytes} bytes",
+                )
             elif (row is not None and row.user_id != user.id) or taken:
                 # Never say whose: to this user the id is simply not available.
                 outcomes[index] = _error(
@@ -252,6 +271,8 @@ class Observations:
             else:
                 creates.append((index, item, digest))
             seen.add(observation_id)
+            if outcomes.get(index) is None:
+                claimed.update(dict.fromkeys(media_ids, observation_id))
         if creates:
             outcomes.update(await self._create(user, creates))
         for index, item, digest, row in edits:
