@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from c4c.mobis.remote import UpstreamFailed
+from c4c.mobis.repository import Repository
 from c4c.shared.bus import new_event
 
 PASSWORD = "correct horse battery"
@@ -470,3 +471,37 @@ async def test_a_media_id_announced_twice_or_too_large_fails_only_its_item(
     assert "media[0].size" in outcomes[3]["problem"]["detail"]
     mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
     assert [o["id"] for o in mine] == [first["id"]]
+
+
+async def test_a_media_id_taken_meanwhile_by_another_sync_fails_only_its_item(
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two syncs at once announcing one media id for different observations: the one that
+    reserves second gets id-taken for that item, not a 500."""
+    _, me = await signed_up("race@example.org")
+    first = item(observation(), [png(3)])
+    assert (
+        await anonymous.post("/mobis/v1/sync", json={"observations": [first]}, headers=me)
+    ).json()["items"][0]["status"] == "created"
+
+    # The second sync looked before the first had reserved: it saw no such media id.
+    async def nothing_known(self: Repository, media_ids: Sequence[str]) -> dict[str, Any]:
+        return {}
+
+    monkeypatch.setattr(Repository, "media", nothing_known)
+    late = item(observation(), [png(3)])
+    late["media"][0]["id"] = first["media"][0]["id"]
+    other = item(observation())
+    answer = await anonymous.post(
+        "/mobis/v1/sync", json={"observations": [late, other]}, headers=me
+    )
+    assert answer.status_code == 200, answer.text
+    outcomes = answer.json()["items"]
+    assert [o["status"] for o in outcomes] == ["error", "created"]
+    assert outcomes[0]["problem"]["status"] == 409
+    monkeypatch.undo()
+    mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
+    assert {o["id"] for o in mine} == {first["id"], other["id"]}

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -223,10 +223,8 @@ class Repository:
         observation may have inserted the others)."""
         if not rows:
             return set()
-        dialect = self.session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         statement = (
-            insert(OwnedObservationRow)
+            self._insert()(OwnedObservationRow)
             .on_conflict_do_nothing(index_elements=["id"])
             .returning(OwnedObservationRow.id)
         )
@@ -299,9 +297,17 @@ class Repository:
 
     # --- expected media ---------------------------------------------------------------------
 
-    async def add_media(self, rows: Sequence[dict[str, Any]]) -> None:
-        if rows:
-            await self.session.execute(insert(ExpectedMediaRow), list(rows))
+    async def add_media(self, rows: Sequence[dict[str, Any]]) -> set[str]:
+        """Insert the media whose id is new; the ids inserted (a concurrent sync may have
+        announced the others for another observation)."""
+        if not rows:
+            return set()
+        statement = (
+            self._insert()(ExpectedMediaRow)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(ExpectedMediaRow.id)
+        )
+        return set((await self.session.execute(statement, list(rows))).scalars())
 
     async def media_of(self, observation_ids: Sequence[str]) -> dict[str, list[ExpectedMediaRow]]:
         found: dict[str, list[ExpectedMediaRow]] = {i: [] for i in observation_ids}

@@ -314,16 +314,20 @@ class Observations:
             }
             for _, item, digest in creates
         }
+        outcomes: dict[int, SyncOutcome] = {}
         async with self.units() as repo:
             reserved = await repo.add_owned(list(rows.values()))
-            await repo.add_media(
-                [
-                    _media_row(str(i.id), m)
-                    for _, i, _ in creates
-                    if str(i.id) in reserved
-                    for m in i.media
-                ]
-            )
+            announced = [
+                _media_row(str(i.id), m)
+                for _, i, _ in creates
+                if str(i.id) in reserved
+                for m in i.media
+            ]
+            added = await repo.add_media(announced)
+            # A concurrent sync announced one of these media for another observation.
+            clashed = {m["observation_id"] for m in announced if m["id"] not in added}
+            await repo.drop_reserved(list(clashed))
+            reserved -= clashed
             earlier = await repo.owned([i for i in rows if i not in reserved])
             for observation_id, row in earlier.items():
                 if row.user_id == user.id and not row.confirmed:
@@ -333,10 +337,14 @@ class Observations:
                         observation_id, {k: values[k] for k in ("body_hash", "summary", "project")}
                     )
         sending = [c for c in creates if str(c[1].id) in reserved]
+        for index, item, _ in creates:
+            if str(item.id) in clashed:
+                outcomes[index] = _error(
+                    index, str(item.id), 409, "id-taken", "Use new ids (UUIDs) for new things"
+                )
         answers = await self.ingest.create_batch(
             [self._ingest_body(user, i) for _, i, _ in sending]
         )
-        outcomes: dict[int, SyncOutcome] = {}
         confirmed: list[str] = []
         refused: list[str] = []
         for (index, item, _), answer in zip(sending, answers, strict=True):
@@ -360,7 +368,7 @@ class Observations:
             await repo.confirm_owned(confirmed)
             await repo.drop_reserved(refused)
         for index, item, _ in creates:
-            if str(item.id) not in reserved:
+            if str(item.id) not in reserved and str(item.id) not in clashed:
                 # A concurrent sync of the same item won: answer as its retry would be.
                 outcomes[index] = SyncOutcome(
                     index=index,
