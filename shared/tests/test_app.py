@@ -476,3 +476,20 @@ async def test_readyz_is_a_503_problem_before_the_runtime_starts(tmp_path: Path)
     await app.state.runtime.db.dispose()
     body = assert_problem(response, 503)
     assert body["checks"]["bus"] is False
+
+
+async def test_the_openapi_document_says_errors_are_problem_documents(
+    client: httpx.AsyncClient,
+) -> None:
+    document = (await client.get("/openapi.json")).json()
+    assert document == (await client.get("/demo/openapi.json")).json()
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    put = document["paths"]["/demo/v1/items/{item_id}"]["put"]["responses"]
+    assert put["422"]["content"] == problem  # a bad item_id: as it is really answered
+    assert put["4XX"]["content"] == problem
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    # And the 422 really is that document.
+    answer = await client.put("/demo/v1/items/not-a-number")
+    assert answer.status_code == 422
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert set(document["components"]["schemas"]["Problem"]["required"]) <= answer.json().keys()

@@ -31,7 +31,12 @@ from c4c.shared.http import BodyLimitMiddleware, RequestContextMiddleware
 from c4c.shared.logs import configure_logging
 from c4c.shared.metrics import metrics_endpoint
 from c4c.shared.outbox import Outbox
-from c4c.shared.problems import install_problem_handlers, problem_response, problem_type
+from c4c.shared.problems import (
+    document_problems,
+    install_problem_handlers,
+    problem_response,
+    problem_type,
+)
 from c4c.shared.settings import ServiceSettings
 
 log = logging.getLogger("c4c.app")
@@ -230,6 +235,7 @@ def create_service_app(
     runtime.app = app
     app.state.prefixes = tuple(prefixes)
     install_problem_handlers(app)
+    document_problems(app)
     app.include_router(operations_router(runtime))
     if prefixes:
         app.include_router(operations_router(runtime), prefix=prefixes[0])

@@ -231,3 +231,73 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeout, _on_pool_timeout)
     app.add_exception_handler(DBAPIError, _on_database_error)
     app.add_exception_handler(OverflowError, _on_overflow)
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; a validation error lists each field in `errors`.",
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "description": "urn:c4c:problem:<code>"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "field": {"type": "string"},
+                    "in": {"type": "string"},
+                    "pointer": {"type": "string"},
+                    "detail": {"type": "string"},
+                    "code": {"type": "string"},
+                },
+            },
+        },
+    },
+    "required": ["type", "title", "status"],
+    "additionalProperties": True,
+}
+
+
+def document_problems(app: FastAPI) -> None:
+    """Make the app's OpenAPI document say what its errors look like: any operation may
+    answer a problem document (``4XX``, unless it documents a code itself), and its 422 is
+    one, not FastAPI's ``HTTPValidationError`` — except operations that document their
+    errors in a shape of their own."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        document = plain()
+        content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for path_item in document.get("paths", {}).values():
+            for operation in path_item.values():
+                responses = operation.get("responses") if isinstance(operation, dict) else None
+                if responses is None or _own_error_shape(responses):
+                    continue
+                if "422" in responses:
+                    responses["422"]["content"] = content
+                responses.setdefault("4XX", {"description": "A problem", "content": content})
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Problem"] = PROBLEM_SCHEMA
+        for unused in ("HTTPValidationError", "ValidationError"):
+            if f"#/components/schemas/{unused}" not in str(document):
+                schemas.pop(unused, None)
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
+
+
+def _own_error_shape(responses: dict[str, Any]) -> bool:
+    """An operation that documents its errors in another shape (plantid's Pl@ntNet API)."""
+    return any(
+        code.startswith("4")
+        and code != "422"
+        and set(answer.get("content", {})) - {PROBLEM_MEDIA_TYPE}
+        for code, answer in responses.items()
+    )
