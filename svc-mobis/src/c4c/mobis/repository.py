@@ -221,14 +221,7 @@ class Repository:
     async def add_owned(self, rows: Sequence[dict[str, Any]]) -> set[str]:
         """Insert the rows whose id is new; the ids inserted (a concurrent sync of the same
         observation may have inserted the others)."""
-        if not rows:
-            return set()
-        statement = (
-            self._insert()(OwnedObservationRow)
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(OwnedObservationRow.id)
-        )
-        return set((await self.session.execute(statement, list(rows))).scalars())
+        return await self._insert_new(OwnedObservationRow, rows)
 
     async def confirm_owned(self, ids: Sequence[str]) -> None:
         if ids:
@@ -300,12 +293,16 @@ class Repository:
     async def add_media(self, rows: Sequence[dict[str, Any]]) -> set[str]:
         """Insert the media whose id is new; the ids inserted (a concurrent sync may have
         announced the others for another observation)."""
+        return await self._insert_new(ExpectedMediaRow, rows)
+
+    async def _insert_new(
+        self, table: type[OwnedObservationRow | ExpectedMediaRow], rows: Sequence[dict[str, Any]]
+    ) -> set[str]:
+        """Insert the rows whose ``id`` is new, in one statement; the ids inserted."""
         if not rows:
             return set()
         statement = (
-            self._insert()(ExpectedMediaRow)
-            .on_conflict_do_nothing(index_elements=["id"])
-            .returning(ExpectedMediaRow.id)
+            self._insert()(table).on_conflict_do_nothing(index_elements=["id"]).returning(table.id)
         )
         return set((await self.session.execute(statement, list(rows))).scalars())
 
