@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from bench._core import Context, Result, ServiceUnavailable, median
+from c4c.shared.testing import free_ports
 
 SUITE = "gateway"
 CONNECTIONS = 32
@@ -153,12 +154,6 @@ def _which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -205,14 +200,13 @@ def _servers(workdir: Path) -> Iterator[dict[str, Target]]:
         return process.pid
 
     try:
-        upstream, proxy, gateway = _free_port(), _free_port(), _free_port()
+        upstream, proxy, gateway, minimal, gateway_n = free_ports(5)
         upstream_pid = start([sys.executable, "-c", UPSTREAM, str(upstream)], upstream)
         conf = workdir / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=workdir, upstream=upstream, port=proxy))
         nginx = _which("nginx")
         assert nginx
         nginx_pid = start([nginx, "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"], proxy)
-        minimal = _free_port()
         minimal_pid = start(
             [sys.executable, "-c", MINIMAL_PROXY, str(minimal), f"http://127.0.0.1:{upstream}"],
             minimal,
@@ -235,7 +229,6 @@ def _servers(workdir: Path) -> Iterator[dict[str, Target]]:
             check=True,
         ).stdout.strip()
         gateway_pid = start([sys.executable, "-m", "c4c.gateway"], gateway, env=env, cwd=workdir)
-        gateway_n = _free_port()
         env_n = env | {"C4C_GATEWAY_PORT": str(gateway_n), "C4C_GATEWAY_WORKERS": str(WORKERS)}
         gateway_n_pid = start(
             [sys.executable, "-m", "c4c.gateway"], gateway_n, env=env_n, cwd=workdir

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,22 +13,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from c4c.shared.testing import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE_PREFIXES = ["/ingest", "/quality", "/video", "/plantid", "/mobis"]
 READY_WITHIN = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow
 def test_make_run_from_a_clean_clone_serves_every_service(tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
-    port = free_port()
+    port = free_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("C4C_")}
     env["C4C_GATEWAY_PORT"] = str(port)
     venv = ROOT / ".venv"

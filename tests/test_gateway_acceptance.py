@@ -26,6 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
+from c4c.shared.testing import free_ports
+
 HERE = Path(__file__).resolve()
 MB = 1024 * 1024
 BIG = 200 * MB
@@ -98,12 +100,6 @@ def run_upstream(port: int, log_path: str) -> None:
 # --- processes -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -130,7 +126,7 @@ class Upstream:
 
 class Gateway:
     def __init__(self, tmp_path: Path, upstreams: list[Upstream], **settings: str) -> None:
-        self.port = free_port()
+        self.port = free_ports(1)[0]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("C4C_")} | {
             "C4C_DATA_DIR": str(tmp_path / "gateway"),
             "C4C_GATEWAY_PORT": str(self.port),
@@ -197,7 +193,7 @@ def upstreams(tmp_path: Path) -> Iterator[Callable[[int], list[Upstream]]]:
     def start(count: int) -> list[Upstream]:
         log = tmp_path / "received.log"
         for _ in range(count):
-            started.append(Upstream(free_port(), log))
+            started.append(Upstream(free_ports(1)[0], log))
             started[-1].start()
         return started[-count:]
 

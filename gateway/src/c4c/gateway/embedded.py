@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from importlib.metadata import entry_points
-from typing import Any
 
 from fastapi import FastAPI
 
@@ -15,7 +14,6 @@ from c4c.gateway._upstreams import UpstreamSpec
 from c4c.shared.app import ServiceRuntime
 from c4c.shared.asgi import StreamingASGITransport
 from c4c.shared.bus import EventBus
-from c4c.shared.http import BodyLimitMiddleware
 
 log = logging.getLogger("c4c.gateway")
 
@@ -45,10 +43,5 @@ def body_limits(apps: list[FastAPI]) -> dict[str, int]:
     what the service would (its own default suits only its own routes)."""
     limits: dict[str, int] = {}
     for app in apps:
-        for middleware in app.user_middleware:
-            factory: object = middleware.cls
-            if factory is BodyLimitMiddleware:
-                options: dict[str, Any] = middleware.kwargs
-                limits |= dict.fromkeys(app.state.prefixes, int(options["max_bytes"]))
-                limits |= options.get("per_prefix") or {}
+        limits |= app.state.body_limits
     return limits

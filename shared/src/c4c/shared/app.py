@@ -234,6 +234,10 @@ def create_service_app(
     app.state.runtime = runtime
     runtime.app = app
     app.state.prefixes = tuple(prefixes)
+    # The largest body each path prefix takes: what a gateway in front must let through.
+    app.state.body_limits = dict.fromkeys(prefixes, settings.max_body_bytes) | dict(
+        body_limits or {}
+    )
     install_problem_handlers(app)
     document_problems(app)
     app.include_router(operations_router(runtime))

@@ -107,35 +107,14 @@ class Outbox:
         )
         session.sync_session.info["c4c_outbox"] = self
 
-    async def add_many(self, session: AsyncSession, events: Sequence[CloudEvent]) -> None:
-        """Write ``events`` into ``session``'s transaction now, in one statement (the way
-        for many: no ORM object per event); the relay sends them once committed."""
-        if not events:
-            return
-        connection = await session.connection()
-        await connection.execute(
-            insert(OutboxRow),
-            [
-                {
-                    "event_id": event.id,
-                    "type": event.type,
-                    "subject": event.subject,
-                    "body": event.to_json(),
-                    "created_at": event.time,
-                    "attempts": 0,
-                }
-                for event in events
-            ],
-        )
-        session.sync_session.info["c4c_outbox"] = self
-
     async def add_batch(
         self, session: AsyncSession, type: str, items: Iterable[tuple[str | None, Any]]
-    ) -> None:
+    ) -> list[str]:
         """Write many events of one ``type`` from this service, given as (subject, data),
         into ``session``'s transaction now, in one statement. Their envelopes are made from
         one template (the JSON ``CloudEvent.to_json`` writes, one time for all) and encoded
-        with orjson: a model per event costs more than the rest of a batch's item."""
+        with orjson: a model per event costs more than the rest of a batch's item. The
+        events' ids, in order."""
         template = new_event(self.service, type, None)
         base = template.model_dump(mode="json", exclude_none=True)
         ids: list[str] = []
@@ -150,7 +129,7 @@ class Outbox:
             subjects.append(subject)
             bodies.append(orjson.dumps(envelope))
         if not ids:
-            return
+            return ids
         connection = await session.connection()
         if connection.dialect.name == "postgresql":  # arrays: one statement, few parameters
             params = (ids, subjects, bodies, type, template.time)
@@ -166,6 +145,7 @@ class Outbox:
                 ],
             )
         session.sync_session.info["c4c_outbox"] = self
+        return ids
 
     def wake(self) -> None:
         self._wake.set()

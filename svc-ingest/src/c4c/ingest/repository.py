@@ -84,7 +84,6 @@ def _insert_new_postgres(names: tuple[str, ...]) -> str:
 # SQLite's: built once, so its compiled form is cached; executed on the Core connection,
 # which skips the ORM's per-call work.
 _INSERT_NEW_SQLITE = sqlite.insert(ObservationRow).on_conflict_do_nothing()
-# The events as arrays, one per column (as JSON, the server would parse each body thrice).
 _INSERT_MEDIA = {
     "postgresql": postgresql.insert(MediaRow).on_conflict_do_nothing().returning(MediaRow.id),
     "sqlite": sqlite.insert(MediaRow).on_conflict_do_nothing().returning(MediaRow.id),

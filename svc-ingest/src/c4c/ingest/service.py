@@ -33,6 +33,7 @@ from c4c.ingest.schemas import (
     event_period,
 )
 from c4c.ingest.settings import IngestSettings
+from c4c.shared.db import as_utc
 from c4c.shared.media import KNOWN, MediaType, probe_image, require_type, strip_metadata
 from c4c.shared.problems import Conflict, NotFound, ProblemError, validation_errors
 from c4c.shared.storage import MediaStorage
@@ -97,11 +98,6 @@ def body_hash(model: ObservationCreate) -> str:
 
 def etag(row: ObservationRow) -> str:
     return f'"{row.version}"'
-
-
-def _aware(value: datetime) -> datetime:
-    """A datetime sent without an offset is taken as UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -730,10 +726,10 @@ class IngestService:
         observation_id = str(
             uuid.uuid5(uuid.NAMESPACE_URL, f"c4c:detection:{detection.detection_id}")
         )
-        start = _aware(detection.start or when)
+        start = as_utc(detection.start or when)
         event_date = _iso(start) or ""
-        if detection.end is not None and _aware(detection.end) > start:
-            event_date += "/" + (_iso(_aware(detection.end)) or "")
+        if detection.end is not None and as_utc(detection.end) > start:
+            event_date += "/" + (_iso(as_utc(detection.end)) or "")
         source = detection.stream_id or (f"job/{detection.job_id}" if detection.job_id else None)
         model = ObservationCreate(
             id=uuid.UUID(observation_id),

@@ -328,11 +328,15 @@ class Repository:
         return {row.id: row for row in result.scalars()}
 
     async def media_of_user(self, media_id: str, user_id: str) -> ExpectedMediaRow | None:
-        """The media, if it belongs to an observation of this user."""
+        """The media, if it belongs to an observation of this user that ingest has."""
         result = await self.session.execute(
             select(ExpectedMediaRow)
             .join(OwnedObservationRow, OwnedObservationRow.id == ExpectedMediaRow.observation_id)
-            .where(ExpectedMediaRow.id == media_id, OwnedObservationRow.user_id == user_id)
+            .where(
+                ExpectedMediaRow.id == media_id,
+                OwnedObservationRow.user_id == user_id,
+                OwnedObservationRow.confirmed.is_(True),
+            )
         )
         return result.scalar_one_or_none()
 
@@ -345,8 +349,6 @@ class Repository:
 
     def add_notifications(self, rows: Sequence[NotificationRow]) -> None:
         self.session.add_all(rows)
-
-    # --- events handled ---------------------------------------------------------------------
 
     async def notifications(self, user_id: str, *, after: int, limit: int) -> list[NotificationRow]:
         result = await self.session.execute(

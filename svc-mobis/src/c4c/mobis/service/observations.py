@@ -455,7 +455,7 @@ class Observations:
     async def one(self, user: UserRow, observation_id: str) -> MyObservation:
         async with self.units() as repo:
             row = (await repo.owned([observation_id])).get(observation_id)
-            if row is None or row.user_id != user.id:
+            if row is None or row.user_id != user.id or not row.confirmed:
                 raise ObservationNotFound(f"You have no observation {observation_id}.")
             media = await repo.media_of([observation_id])
         return MyObservation.model_validate(my_observation(row, media[observation_id]))
