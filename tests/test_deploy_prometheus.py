@@ -219,9 +219,15 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
+class PrometheusStarting(Exception):
+    """Prometheus answers 503 until it has loaded its storage and configuration."""
+
+
 async def prometheus_api(running: Running, path: str) -> Any:
     async with httpx.AsyncClient(base_url=running.prometheus_url, timeout=5) as client:
         answer = await client.get(f"/api/v1/{path}")
+    if answer.status_code == 503:
+        raise PrometheusStarting(answer.text)
     answer.raise_for_status()
     body = answer.json()
     assert body["status"] == "success", body
@@ -262,7 +268,7 @@ async def test_every_alert_rule_evaluates_without_error(
     async def all_evaluated() -> bool:
         nonlocal rules
         running.check_alive()
-        with contextlib.suppress(httpx.TransportError):
+        with contextlib.suppress(httpx.TransportError, PrometheusStarting):
             groups = (await prometheus_api(running, "rules"))["groups"]
             rules = [rule for group in groups for rule in group["rules"]]
         return bool(rules) and all(rule["health"] != "unknown" for rule in rules)
