@@ -4,8 +4,9 @@ one does for a single process — on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -79,37 +80,54 @@ async def _rows(db: Database, table: type[RateLimitBucket] | type[RateLimitWindo
 
 
 async def test_idle_buckets_are_pruned_a_batch_at_a_time(database: Database) -> None:
-    backend = DatabaseBackend(database, prune_seconds=60, prune_batch=2)
-    for caller in range(5):  # the first take prunes (nothing yet), the next ones wait 60 s
+    backend = DatabaseBackend(database, prune_batch=2)
+    for caller in range(5):
         await backend.take(f"bucket:ip:{caller}", BURST, NOW)
-    assert await _rows(database, RateLimitBucket) == 5
-    # 59 s on: every bucket has been full for long, but the next prune is not due yet.
     await backend.take("bucket:ip:0", BURST, NOW + 59)
     assert await _rows(database, RateLimitBucket) == 5
-    # Due: two of the four idle ones go (a full batch: the next check prunes again); never
-    # ip:0, taken 1 s ago (its bucket is not full again yet).
+    # Taking never prunes: that is the background's work.
     await backend.take("bucket:ip:new", BURST, NOW + 60)
+    assert await _rows(database, RateLimitBucket) == 6
+    # Two of the four idle ones a pass (a full batch: more may be left); never ip:0, taken
+    # 1 s ago, nor ip:new (their buckets are not full again yet).
+    assert await backend.prune(NOW + 60, bucket_window=BURST.window) is True
     assert await _rows(database, RateLimitBucket) == 4
-    await backend.take("bucket:ip:new", BURST, NOW + 60)
-    assert await _rows(database, RateLimitBucket) == 2  # ip:0 and ip:new
-    await backend.take("bucket:ip:new", BURST, NOW + 60)  # nothing left: done for 60 s
-    await backend.take("bucket:ip:other", BURST, NOW + 100)
-    assert await _rows(database, RateLimitBucket) == 3
-    await backend.take("bucket:ip:other", BURST, NOW + 120)  # due again: ip:0 and ip:new go
-    assert await _rows(database, RateLimitBucket) == 1
+    assert await backend.prune(NOW + 60, bucket_window=BURST.window) is True
+    assert await _rows(database, RateLimitBucket) == 2
+    assert await backend.prune(NOW + 60, bucket_window=BURST.window) is False  # done
+    assert await _rows(database, RateLimitBucket) == 2
     # A pruned bucket is as good as new: its caller gets the whole burst again.
     decisions = [await backend.take("bucket:ip:3", BURST, NOW + 61) for _ in range(4)]
     assert [d.allowed for d in decisions] == [True, True, True, False]
 
 
 async def test_ended_daily_windows_are_pruned(database: Database) -> None:
-    backend = DatabaseBackend(database, prune_seconds=60, prune_batch=10)
+    backend = DatabaseBackend(database, prune_batch=10)
     daily = Policy("daily", 5, DAY)
     for caller in range(3):
         await backend.count(f"daily:api-key:{caller}", daily, NOW)
-    assert await _rows(database, RateLimitWindow) == 3
     tomorrow = NOW + DAY
     answer = await backend.count("daily:api-key:0", daily, tomorrow)
     assert answer.allowed
     assert answer.remaining == 4  # a new day: counted from zero
+    assert await _rows(database, RateLimitWindow) == 3
+    assert await backend.prune(tomorrow, bucket_window=BURST.window) is False
     assert await _rows(database, RateLimitWindow) == 1  # yesterday's others are gone
+
+
+async def test_the_gateway_prunes_in_the_background(
+    open_gateway: Callable[..., Any], eventually: Callable[..., Any]
+) -> None:
+    """With the database backend the gateway prunes on its own, besides requests."""
+    async with open_gateway(rate_limit_backend="database", rate_limit_prune_interval=0.05) as (
+        app,
+        _,
+    ):
+        db: Database = app.state.runtime.db
+        async with db.sessions() as session, session.begin():
+            session.add(RateLimitBucket(key="bucket:ip:idle", tokens=0.0, at=0.0, allowed=True))
+
+        async def pruned() -> bool:
+            return await _rows(db, RateLimitBucket) == 0
+
+        await eventually(pruned)

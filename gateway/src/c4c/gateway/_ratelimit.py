@@ -97,20 +97,13 @@ class InMemoryBackend:
 class DatabaseBackend:
     """The gateway's database: every replica sees the same buckets and windows.
 
-    Rows that no longer matter are deleted as checks go: a bucket idle for its whole window
-    (full again: as good as none) and a window that has ended (the next count starts anew).
-    At most every ``prune_seconds``, at most ``prune_batch`` rows a time in a short
-    transaction of its own; a full batch means more are left, and the next check prunes
-    again."""
+    Rows that no longer matter are deleted by :meth:`prune`, which the gateway runs in the
+    background (never inside a request): a bucket idle for its whole window (full again: as
+    good as none) and a daily window that has ended (the next count starts anew)."""
 
-    def __init__(
-        self, db: Database, *, prune_seconds: float = 60.0, prune_batch: int = 1000
-    ) -> None:
+    def __init__(self, db: Database, *, prune_batch: int = 1000) -> None:
         self.db = db
-        self.prune_seconds = prune_seconds
         self.prune_batch = prune_batch
-        self._next_bucket_prune = 0.0
-        self._next_window_prune = 0.0
 
     async def take(self, key: str, policy: Policy, now: float) -> Decision:
         rate = policy.quota / policy.window
@@ -118,29 +111,28 @@ class DatabaseBackend:
             tokens, allowed = await repository.take_token(
                 session, key, quota=float(policy.quota), rate=rate, now=now
             )
-        if now >= self._next_bucket_prune:
-            async with self.db.sessions() as session, session.begin():
-                pruned = await repository.prune_buckets(
-                    session, idle_before=now - policy.window, limit=self.prune_batch
-                )
-            self._next_bucket_prune = self._next_prune(now, pruned)
         return _bucket_decision(policy, allowed, tokens)
 
     async def count(self, key: str, policy: Policy, now: float) -> Decision:
         start = _window_start(policy, now)
         async with self.db.sessions() as session, session.begin():
             used = await repository.count_request(session, key, quota=policy.quota, start=start)
-        if now >= self._next_window_prune:
-            async with self.db.sessions() as session, session.begin():
-                pruned = await repository.prune_windows(
-                    session, started_before=start, limit=self.prune_batch
-                )
-            self._next_window_prune = self._next_prune(now, pruned)
         allowed = used <= policy.quota
         return _window_decision(policy, allowed, min(used, policy.quota), start, now)
 
-    def _next_prune(self, now: float, pruned: int) -> float:
-        return now if pruned >= self.prune_batch else now + self.prune_seconds
+    async def prune(self, now: float, *, bucket_window: float) -> bool:
+        """Delete up to ``prune_batch`` buckets idle for ``bucket_window`` seconds and as many
+        daily windows that have ended, each in a short transaction of its own; whether a
+        batch was full (more may be left)."""
+        async with self.db.sessions() as session, session.begin():
+            buckets = await repository.prune_buckets(
+                session, idle_before=now - bucket_window, limit=self.prune_batch
+            )
+        async with self.db.sessions() as session, session.begin():
+            windows = await repository.prune_windows(
+                session, started_before=int(now // DAY * DAY), limit=self.prune_batch
+            )
+        return max(buckets, windows) >= self.prune_batch
 
 
 def _bucket_decision(policy: Policy, allowed: bool, tokens: float) -> Decision:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import httpx
@@ -16,7 +17,7 @@ from starlette.types import ASGIApp
 from c4c.gateway._clients import AsgiClient, NetworkClient, Timeouts, UpstreamClient
 from c4c.gateway._identity import Identity
 from c4c.gateway._metrics import RouteMetricsMiddleware
-from c4c.gateway._ratelimit import DatabaseBackend, InMemoryBackend, RateLimiter
+from c4c.gateway._ratelimit import DAY, DatabaseBackend, InMemoryBackend, RateLimiter
 from c4c.gateway._tokens import TokenVerifier
 from c4c.gateway._upstreams import (
     CircuitBreaker,
@@ -127,16 +128,25 @@ def create_app(settings: GatewaySettings | None = None, bus: EventBus | None = N
             cache_seconds=settings.jwks_cache_seconds,
         )
     table = routing_table(specs, settings)
+    backend = (
+        DatabaseBackend(gateway.db)
+        if settings.rate_limit_backend == "database"
+        else InMemoryBackend()
+    )
+    limiter = RateLimiter(
+        backend, per_second=settings.rate_limit_per_second, burst=settings.rate_limit_burst
+    )
+    if isinstance(backend, DatabaseBackend):
+        bucket_window = limiter.burst.window if limiter.burst else DAY
+        gateway.add_periodic(
+            "rate-limit-pruning",
+            lambda: backend.prune(time.time(), bucket_window=bucket_window),
+            interval=settings.rate_limit_prune_interval,
+        )
     app.state.proxy = proxy = Proxy(
         table,
         Identity(keys, tokens, settings.public_routes),
-        RateLimiter(
-            DatabaseBackend(gateway.db)
-            if settings.rate_limit_backend == "database"
-            else InMemoryBackend(),
-            per_second=settings.rate_limit_per_second,
-            burst=settings.rate_limit_burst,
-        ),
+        limiter,
         secret=secret,
         trusted_proxies=settings.trusted_proxies,
         retries=settings.upstream_retries,

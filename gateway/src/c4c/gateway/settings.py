@@ -115,6 +115,12 @@ class GatewaySettings(ServiceSettings):
         "per worker and replica), or the gateway's database (one upsert per request; shared "
         "by every worker and replica that uses the same PostgreSQL database).",
     )
+    rate_limit_prune_interval: float = Field(
+        60.0,
+        gt=0,
+        description="With the database backend: seconds between background passes that delete "
+        "buckets idle long enough to be full again and daily counts of past days.",
+    )
 
     @model_validator(mode="after")
     def _embedded_jwks(self) -> "GatewaySettings":

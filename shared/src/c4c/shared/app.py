@@ -78,6 +78,36 @@ class ServiceRuntime:
         once the service is up, stopped before the outbox's last flush and the bus drain."""
         self._background.append((start, stop))
 
+    def add_periodic(
+        self, name: str, work: Callable[[], Awaitable[bool]], *, interval: float
+    ) -> None:
+        """Housekeeping run every ``interval`` seconds in the background, off every request's
+        path. ``work`` answers whether more is left: then it runs again at once. A failing
+        pass is logged and retried at the next interval."""
+
+        async def loop() -> None:
+            while True:
+                try:
+                    while await work():
+                        pass
+                except Exception:  # a bug or an outage must not end the housekeeping
+                    log.exception("periodic work failed", extra={"work": name})
+                await asyncio.sleep(interval)
+
+        tasks: list[asyncio.Task[None]] = []
+
+        async def start() -> None:
+            tasks.append(asyncio.create_task(loop(), name=f"{self.service}-{name}"))
+
+        async def stop() -> None:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            tasks.clear()
+
+        self.add_background(start, stop)
+
     def add_readiness(self, name: str, check: Callable[[], bool]) -> None:
         """A condition of the service's own for ``/readyz`` (a model or data still loading),
         besides its database and bus."""
