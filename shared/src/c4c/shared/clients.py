@@ -27,7 +27,14 @@ from c4c.shared.auth import PRINCIPAL_HEADER, Principal, principal_secret, sign_
 from c4c.shared.context import REQUEST_ID_HEADER, request_id_var
 from c4c.shared.problems import BodyTooLarge, ProblemError
 from c4c.shared.settings import ServiceSettings
-from c4c.shared.urls import HTTP_SCHEMES, UnsafeURL, URLPolicy, check_url, split_url
+from c4c.shared.urls import (
+    HTTP_SCHEMES,
+    UnsafeURL,
+    URLPolicy,
+    URLTimedOut,
+    check_url,
+    split_url,
+)
 
 
 class ServiceUnreachable(ProblemError):
@@ -140,7 +147,7 @@ class ServiceClients:
         try:
             async with asyncio.timeout(deadline):
                 return await self._fetch_external(url, max_bytes)
-        except TimeoutError:
+        except (TimeoutError, URLTimedOut):  # the check's own timer may be the one to fire
             slow = f"{url} did not answer within {deadline:g} s."
             raise URLTooSlow(slow, retryable=True) from None
 
@@ -149,6 +156,8 @@ class ServiceClients:
             if split_url(url)[0].scheme.lower() not in HTTP_SCHEMES:
                 raise UnsafeURL("only http and https URLs are fetched")
             final = await check_url(url, self._policy, client=self._external_client())
+        except URLTimedOut:
+            raise
         except UnsafeURL as exc:
             raise URLRefused(f"{url} is refused: {exc}.") from exc
         return await _read(self._external_client(), final, url, max_bytes)

@@ -39,6 +39,10 @@ class UnsafeURL(Exception):
     """The URL is refused; ``str(exc)`` says why, for the caller."""
 
 
+class URLTimedOut(UnsafeURL):
+    """Checking the URL took longer than the policy's deadline: it may answer later."""
+
+
 def address_problem(address: IPAddress) -> str | None:
     """Why ``address`` is not a public one, or None when it is."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -193,7 +197,7 @@ async def check_url(url: str, policy: URLPolicy, *, client: httpx.AsyncClient | 
                 return url
             return await _follow_redirects(url, policy, client)
     except TimeoutError:
-        raise UnsafeURL(f"the URL did not answer within {policy.deadline:g} s") from None
+        raise URLTimedOut(f"the URL did not answer within {policy.deadline:g} s") from None
 
 
 async def _follow_redirects(url: str, policy: URLPolicy, client: httpx.AsyncClient | None) -> str:
