@@ -5,13 +5,15 @@ temporary place, computing their SHA-256 and refusing more than ``max_bytes``, s
 caller can inspect the staged file (sniff its type, probe it) before anything is visible;
 :meth:`MediaStorage.commit` then moves it, atomically, to its content-addressed key
 (``ab/cd/abcdef…``: the same bytes are stored once), and :meth:`MediaStorage.discard`
-throws it away.
+throws it away. :meth:`MediaStorage.store` does the three at once, running the caller's
+check on the durable staged bytes and committing only what passes.
 
 Scale-out path: an S3-compatible adapter implements the same port — ``stage`` as a
 multipart upload under ``tmp/`` (the SHA-256 computed while streaming, as here),
 ``commit`` as a server-side copy to the content-addressed key then a delete of the staged
 object, ``read`` as a ranged ``GetObject`` and ``local_path`` returning ``None`` (callers
-then stream with ``read``, or redirect to a presigned URL). Nothing above the port changes.
+then stream with ``read``, or redirect to a presigned URL); ``store`` spools the bytes to a
+local temporary file for the check while they go up. Nothing above the port changes.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 import anyio
 
@@ -32,6 +34,16 @@ from c4c.shared.problems import BodyTooLarge, NotFound
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64}$")
 READ_CHUNK = 64 * 1024
+WRITE_BUFFER = 256 * 1024
+"""Bytes gathered before they go to the disk. Every trip to a worker thread costs more CPU
+than writing a photo (a dozen trips made a 15 KB upload cost 1.5 ms against 0.3 ms for the
+file work itself), so a file up to this size is written, fsynced, checked and moved in one
+trip, a larger one in a trip per this many bytes: memory per upload stays bounded."""
+HEAD = 4096
+T = TypeVar("T")
+Check = Callable[[bytes, BinaryIO], T]
+"""A check of staged bytes, run in a worker thread: (their first bytes, the file at its
+start) → a result for the caller; it raises to refuse them."""
 
 
 class MediaTooLarge(BodyTooLarge):
@@ -73,6 +85,13 @@ class MediaStorage(Protocol):
         """Make the staged bytes visible under their content key; returns the key."""
         ...
 
+    async def store(
+        self, chunks: AsyncIterable[bytes], *, max_bytes: int, check: Check[T]
+    ) -> tuple[StagedBlob, T]:
+        """Stage ``chunks``, run ``check`` on them once durable, and commit them only if it
+        passes (nothing is kept otherwise): the blob (now under its key) and the result."""
+        ...
+
     async def discard(self, staged: StagedBlob) -> None: ...
 
     async def size(self, key: str) -> int:
@@ -92,6 +111,10 @@ class MediaStorage(Protocol):
         ...
 
 
+def _unchecked(head: bytes, file: BinaryIO) -> None:
+    """No check: :meth:`MediaStorage.stage` leaves it to the caller."""
+
+
 class LocalDiskStorage:
     """Blobs as files under ``root``; staging under ``root/.staging`` (same file system, so
     the final rename is atomic)."""
@@ -106,40 +129,95 @@ class LocalDiskStorage:
         return self.root / key
 
     async def stage(self, chunks: AsyncIterable[bytes], *, max_bytes: int) -> StagedBlob:
-        await anyio.Path(self.staging).mkdir(parents=True, exist_ok=True)
+        staged, _ = await self._stage(chunks, max_bytes, _unchecked, commit=False)
+        return staged
+
+    async def commit(self, staged: StagedBlob) -> str:
+        await anyio.to_thread.run_sync(self._move, staged)
+        return staged.key
+
+    async def store(
+        self, chunks: AsyncIterable[bytes], *, max_bytes: int, check: Check[T]
+    ) -> tuple[StagedBlob, T]:
+        return await self._stage(chunks, max_bytes, check, commit=True)
+
+    async def _stage(
+        self,
+        chunks: AsyncIterable[bytes],
+        max_bytes: int,
+        check: Check[T],
+        *,
+        commit: bool,
+    ) -> tuple[StagedBlob, T]:
+        """Stream to a staging file: chunks gather in memory up to ``WRITE_BUFFER`` and go
+        to the disk in one worker-thread trip each; the last trip also fsyncs, checks and,
+        with ``commit``, moves the file to its key."""
         path = self.staging / uuid.uuid4().hex
         digest = hashlib.sha256()
         size = 0
-        head = bytearray()
+        head = b""
+        pending: list[bytes] = []
+        pending_size = 0
+        file: BinaryIO | None = None
         try:
-            async with await anyio.open_file(path, "xb") as file:
-                async for chunk in chunks:
-                    if not chunk:
-                        continue
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise MediaTooLarge(
-                            f"The file is larger than the limit of {max_bytes} bytes.",
-                            limit_bytes=max_bytes,
-                        )
-                    if len(head) < 4096:
-                        head += chunk[: 4096 - len(head)]
-                    digest.update(chunk)
-                    await file.write(chunk)
-                await file.flush()
-                await anyio.to_thread.run_sync(os.fsync, file.wrapped.fileno())
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                size += len(chunk)
+                if size > max_bytes:
+                    raise MediaTooLarge(
+                        f"The file is larger than the limit of {max_bytes} bytes.",
+                        limit_bytes=max_bytes,
+                    )
+                if len(head) < HEAD:
+                    head += chunk[: HEAD - len(head)]
+                digest.update(chunk)
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_BUFFER:
+                    file = await anyio.to_thread.run_sync(self._write, path, file, pending)
+                    pending, pending_size = [], 0
+            staged = StagedBlob(path=path, sha256=digest.hexdigest(), size=size, head=head)
+
+            def finish() -> T:
+                nonlocal file
+                file = self._write(path, file, pending)
+                file.flush()
+                os.fsync(file.fileno())
+                file.seek(0)
+                result = check(head, file)
+                file.close()
+                if commit:
+                    self._move(staged)
+                return result
+
+            return staged, await anyio.to_thread.run_sync(finish)
         except BaseException:
+            if file is not None:
+                file.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             raise
-        return StagedBlob(path=path, sha256=digest.hexdigest(), size=size, head=bytes(head))
 
-    async def commit(self, staged: StagedBlob) -> str:
+    def _write(self, path: Path, file: BinaryIO | None, chunks: list[bytes]) -> BinaryIO:
+        """Append ``chunks`` to the staging file, created on the first call."""
+        if file is None:
+            try:
+                file = path.open("xb+")
+            except FileNotFoundError:  # the first upload: no staging folder yet
+                self.staging.mkdir(parents=True, exist_ok=True)
+                file = path.open("xb+")
+        file.writelines(chunks)
+        return file
+
+    def _move(self, staged: StagedBlob) -> None:
         target = self.root / staged.key
-        await anyio.Path(target.parent).mkdir(parents=True, exist_ok=True)
         # Same content, same key: replacing an existing copy with identical bytes is harmless.
-        await anyio.to_thread.run_sync(os.replace, staged.path, target)
-        return staged.key
+        try:
+            staged.path.replace(target)
+        except FileNotFoundError:  # the first blob under this prefix
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staged.path.replace(target)
 
     async def discard(self, staged: StagedBlob) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
-from typing import Any, Protocol, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 import anyio
 from pydantic import ValidationError
@@ -34,7 +34,14 @@ from c4c.ingest.schemas import (
 )
 from c4c.ingest.settings import IngestSettings
 from c4c.shared.db import as_utc
-from c4c.shared.media import KNOWN, MediaType, probe_image, require_type, strip_metadata
+from c4c.shared.media import (
+    KNOWN,
+    ImageInfo,
+    MediaType,
+    probe_image,
+    require_type,
+    strip_metadata,
+)
 from c4c.shared.problems import Conflict, NotFound, ProblemError, validation_errors
 from c4c.shared.storage import MediaStorage
 
@@ -792,24 +799,22 @@ class MediaUploads:
         """Stream, check and store a media file; (media, created)."""
         async with self.units() as service:
             row, prior = await service.media_target(observation_id, media_id)
-        storage = self.storage
-        staged = await storage.stage(chunks, max_bytes=self.settings.media_max_bytes)
-        try:
-            if prior is not None:
-                await storage.discard(staged)
-                return service.media_replay(prior, row.id, staged.sha256), False
-            media_type = require_type(staged.head, declared_type)
-            info = None
-            if media_type.kind == "image":
-                info = await anyio.to_thread.run_sync(
-                    lambda: probe_image(
-                        staged.path, media_type, max_pixels=self.settings.media_max_pixels
-                    )
-                )
-            key = await storage.commit(staged)
-        except BaseException:
+        storage, max_bytes = self.storage, self.settings.media_max_bytes
+        if prior is not None:
+            staged = await storage.stage(chunks, max_bytes=max_bytes)
             await storage.discard(staged)
-            raise
+            return service.media_replay(prior, row.id, staged.sha256), False
+        max_pixels = self.settings.media_max_pixels
+
+        def check(head: bytes, file: BinaryIO) -> tuple[MediaType, ImageInfo | None]:
+            media_type = require_type(head, declared_type)
+            if media_type.kind != "image":
+                return media_type, None
+            return media_type, probe_image(file, media_type, max_pixels=max_pixels)
+
+        # Checked in the worker thread that writes the file: one trip for a photo.
+        staged, (media_type, info) = await storage.store(chunks, max_bytes=max_bytes, check=check)
+        key = staged.key
         public_key: str | None = key
         public_sha256: str | None = staged.sha256
         if row.location_obscured:
@@ -851,8 +856,10 @@ async def public_copy(
     async def one_chunk() -> Any:
         yield buffer.getvalue()
 
-    staged = await storage.stage(one_chunk(), max_bytes=settings.media_max_bytes)
-    return await storage.commit(staged), staged.sha256
+    stored, _ = await storage.store(
+        one_chunk(), max_bytes=settings.media_max_bytes, check=lambda head, file: None
+    )
+    return stored.key, stored.sha256
 
 
 def _subject(observation_id: str) -> str:
