@@ -8,6 +8,11 @@ Every variant is driven the same way: in process through httpx's ASGI transport 
 sockets, so the figures are the service's own cost), ``CONCURRENCY`` requests in flight.
 The service runs whole: request ids, metrics, problem handlers, the database transaction
 and the outbox row per observation, with the relay publishing to the in-process bus.
+
+Besides the rates, the details give the CPU time this process spent per request (single) or
+per observation (batch) while the round ran, relay passes included (and the client's share,
+as for the bare endpoint): on a shared machine the rates follow the load, this much less.
+PostgreSQL's own CPU is not in it.
 """
 
 from __future__ import annotations
@@ -111,8 +116,9 @@ def bare_app(media_dir: Path | None = None) -> FastAPI:
 
 async def _drive(
     app: Any, calls: int, one: Callable[[httpx.AsyncClient, int], Awaitable[None]]
-) -> tuple[float, list[float]]:
-    """(calls/s, latencies in s) with ``CONCURRENCY`` calls in flight."""
+) -> tuple[float, list[float], float]:
+    """(calls/s, latencies in s, CPU s of this process per call) with ``CONCURRENCY`` calls
+    in flight."""
     transport = httpx.ASGITransport(app=app)
     latencies: list[float] = []
     async with httpx.AsyncClient(transport=transport, base_url="http://bench.test") as client:
@@ -124,13 +130,13 @@ async def _drive(
                 await one(client, i)
                 latencies.append(time.perf_counter() - started)
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        elapsed = time.perf_counter() - started
-    return calls / elapsed, latencies
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return calls / elapsed, latencies, cpu / calls
 
 
-async def single_round(app: Any, calls: int) -> tuple[float, list[float]]:
+async def single_round(app: Any, calls: int) -> tuple[float, list[float], float]:
     bodies = [body(i) for i in range(calls)]
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
@@ -141,7 +147,8 @@ async def single_round(app: Any, calls: int) -> tuple[float, list[float]]:
     return await _drive(app, calls, one)
 
 
-async def batch_round(app: Any, batches: int) -> float:
+async def batch_round(app: Any, batches: int) -> tuple[float, float]:
+    """(observations/s, CPU s of this process per observation)."""
     payloads = [[body(b * BATCH_SIZE + i) for i in range(BATCH_SIZE)] for b in range(batches)]
     encoded = [httpx.Request("POST", "/", json=p).content for p in payloads]
 
@@ -154,8 +161,8 @@ async def batch_round(app: Any, batches: int) -> float:
         if response.status_code != 200 or response.json()["created"] != BATCH_SIZE:
             raise RuntimeError(response.text[:500])
 
-    rate, _ = await _drive(app, batches, one)
-    return rate * BATCH_SIZE
+    rate, _, cpu = await _drive(app, batches, one)
+    return rate * BATCH_SIZE, cpu / BATCH_SIZE
 
 
 async def upload_round(app: Any, observation_ids: list[str], data: bytes) -> float:
@@ -228,6 +235,11 @@ async def drop_schema(schema: str) -> None:
     await engine.dispose()
 
 
+def _cpu(rounds: list[Any], per: str) -> str:
+    """The median CPU per item of ``rounds`` (its last element), as a detail."""
+    return f"CPU {median([r[-1] for r in rounds]) * 1e6:,.0f} µs/{per} in process"
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -243,8 +255,12 @@ async def run(ctx: Context) -> list[Result]:
     )
     data = photo()
     schema = f"bench_{uuid.uuid4().hex[:10]}"
-    single: dict[str, list[tuple[float, list[float]]]] = {BARE: [], "sqlite": [], "postgres": []}
-    batch: dict[str, list[float]] = {BARE: [], "sqlite": [], "postgres": []}
+    single: dict[str, list[tuple[float, list[float], float]]] = {
+        BARE: [],
+        "sqlite": [],
+        "postgres": [],
+    }
+    batch: dict[str, list[tuple[float, float]]] = {BARE: [], "sqlite": [], "postgres": []}
     upload: dict[str, list[float]] = {BARE: [], "sqlite": [], "postgres": []}
     with tempfile.TemporaryDirectory() as tmp:
         services = {
@@ -282,7 +298,7 @@ async def run(ctx: Context) -> list[Result]:
                             r + 1,
                             name,
                             single[name][-1][0],
-                            batch[name][-1],
+                            batch[name][-1][0],
                             upload[name][-1],
                         )
         finally:
@@ -290,7 +306,7 @@ async def run(ctx: Context) -> list[Result]:
 
     shape = f"median of {rounds} round(s); {CONCURRENCY} in flight"
     bare_rate = median([s[0] for s in single[BARE]])
-    bare_batch = median(batch[BARE])
+    bare_batch = median([b[0] for b in batch[BARE]])
     bare_upload = median(upload[BARE])
     results = [
         Result(
@@ -298,14 +314,14 @@ async def run(ctx: Context) -> list[Result]:
             f"{BARE} single req/s",
             bare_rate,
             "req/s",
-            detail=f"{shape}; {calls} requests; parse only",
+            detail=f"{shape}; {calls} requests; parse only; " + _cpu(single[BARE], "req"),
         ),
         Result(
             SUITE,
             f"{BARE} batch obs/s",
             bare_batch,
             "obs/s",
-            detail=f"{shape}; {batches} x {BATCH_SIZE}; parse only",
+            detail=f"{shape}; {batches} x {BATCH_SIZE}; parse only; " + _cpu(batch[BARE], "obs"),
         ),
         Result(
             SUITE,
@@ -328,7 +344,8 @@ async def run(ctx: Context) -> list[Result]:
                 baseline=bare_rate,
                 baseline_name=BARE,
                 min_ratio=SINGLE_TARGET,
-                detail=f"{shape}; rounds: " + ", ".join(f"{x:,.0f}" for x in rates),
+                detail=f"{shape}; {_cpu(single[name], 'req')}; rounds: "
+                + ", ".join(f"{x:,.0f}" for x in rates),
             )
         )
         for q, label in ((0.5, "p50"), (0.99, "p99")):
@@ -344,7 +361,7 @@ async def run(ctx: Context) -> list[Result]:
                     detail=f"{shape}; informational, lower is better",
                 )
             )
-        batch_rate = median(batch[name])
+        batch_rate = median([b[0] for b in batch[name]])
         results.append(
             Result(
                 SUITE,
@@ -354,8 +371,8 @@ async def run(ctx: Context) -> list[Result]:
                 baseline=bare_batch,
                 target=f">= {BATCH_TARGET:,.0f} obs/s" if name == "postgres" else None,
                 met=batch_rate >= BATCH_TARGET if name == "postgres" else None,
-                detail=f"{shape}; {batches} x {BATCH_SIZE} per round; rounds: "
-                + ", ".join(f"{x:,.0f}" for x in batch[name]),
+                detail=f"{shape}; {batches} x {BATCH_SIZE} per round; {_cpu(batch[name], 'obs')}; "
+                "rounds: " + ", ".join(f"{b[0]:,.0f}" for b in batch[name]),
             )
         )
         results.append(

@@ -14,6 +14,7 @@ from sqlalchemy import Integer, String, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from c4c.shared import outbox as outbox_module
 from c4c.shared.bus import (
     BusOptions,
     CloudEvent,
@@ -26,7 +27,7 @@ from c4c.shared.bus import (
 from c4c.shared.context import request_id_var
 from c4c.shared.db import Database
 from c4c.shared.inbox import ProcessedEvent, idempotent, prune_processed
-from c4c.shared.outbox import Outbox, OutboxRow
+from c4c.shared.outbox import Outbox, OutboxRow, RelayPass
 
 MakeBus = Callable[..., Awaitable[EventBus]]
 
@@ -365,3 +366,53 @@ async def test_outbox_keeps_order_within_an_aggregate(
     for subject in ("obs/0", "obs/1", "obs/2"):
         ns = [n for s, n in seen if s == subject]
         assert ns == sorted(ns), f"{subject} out of order: {ns}"
+
+
+class RefuseSome(CrashAfterPublish):
+    """Refuses the events whose ``n`` is in ``refused`` (nothing sent), sends the others."""
+
+    def __init__(self, inner: EventBus, refused: set[int]) -> None:
+        super().__init__(inner, crashes=0)
+        self.refused = refused
+
+    async def publish(self, event: CloudEvent) -> None:
+        if event.data["n"] in self.refused:
+            raise RuntimeError("broker said no")
+        await self.inner.publish(event)
+
+
+async def test_outbox_with_more_aggregates_than_publishers_stops_only_the_failed_one(
+    make_bus: MakeBus,
+    database: Database,
+    unique_name,
+    eventually,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(outbox_module, "PUBLISHERS", 2)
+    bus = await make_bus()
+    seen: list[tuple[str | None, int]] = []
+
+    async def handler(event: CloudEvent) -> None:
+        seen.append((event.subject, event.data["n"]))
+
+    await bus.subscribe(unique_name("q"), ["observation.updated"], handler)
+    await bus.start()
+    outbox = Outbox(database, RefuseSome(bus, refused={7, 8}), service="ingest")
+    async with database.sessions() as session, session.begin():
+        await outbox.add_batch(
+            session, "observation.updated", [(f"obs/{n % 5}", {"n": n}) for n in range(30)]
+        )
+
+    # obs/2 (2, 7, 12, ...) stops at 7 and obs/3 at 8, both publishers' work; they go on
+    # with the other aggregates, which go out whole and in order.
+    assert (await outbox.relay_once()) == RelayPass(published=20, failed=2)
+    await eventually(lambda: len(seen) == 20)
+    for k in range(5):
+        ns = [n for s, n in seen if s == f"obs/{k}"]
+        assert ns == ([k] if k in (2, 3) else list(range(k, 30, 5))), f"obs/{k}: {ns}"
+    async with database.sessions() as session:
+        pending = (
+            await session.execute(select(OutboxRow.body).where(OutboxRow.published_at.is_(None)))
+        ).scalars()
+        left = sorted(json.loads(body)["data"]["n"] for body in pending)
+    assert left == [7, 8, 12, 13, 17, 18, 22, 23, 27, 28]

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -64,6 +64,11 @@ INSERT INTO c4c_outbox (event_id, subject, body, type, created_at, attempts)
 SELECT u.*, $4::text, $5::timestamptz, 0 FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u
 """
 
+_MARK_PUBLISHED_POSTGRES = "UPDATE c4c_outbox SET published_at = $1 WHERE id = ANY($2::int4[])"
+PUBLISHERS = 256
+"""Events a relay pass has in flight at most (one per aggregate): the in-process bus answers
+a publish once its consumers (64 per queue) have handled it, RabbitMQ once it confirms."""
+
 
 class Outbox:
     """Writes events into the caller's transaction and relays them to the bus."""
@@ -83,6 +88,12 @@ class Outbox:
         self.service = service
         self.poll_interval = poll_interval
         self.batch_size = batch_size
+        self._pending = (  # built once: a relay pass of a few events is mostly overhead
+            select(OutboxRow.id, OutboxRow.subject, OutboxRow.body)
+            .where(OutboxRow.published_at.is_(None))
+            .order_by(OutboxRow.id)
+            .limit(batch_size)
+        )
         self.retention = retention
         self._next_prune = 0.0
         self._lock: AsyncConnection | None = None  # PostgreSQL: holds the relay lock
@@ -222,14 +233,7 @@ class Outbox:
         """One pass; ``connect`` gives the connection for each step, none is held while
         publishing (SQLite has one, and the in-process bus may need it to deliver)."""
         async with connect() as connection:
-            rows = (
-                await connection.execute(
-                    select(OutboxRow.id, OutboxRow.subject, OutboxRow.body)
-                    .where(OutboxRow.published_at.is_(None))
-                    .order_by(OutboxRow.id)
-                    .limit(self.batch_size)
-                )
-            ).all()
+            rows = (await connection.execute(self._pending)).all()
             await connection.commit()
         if not rows:
             OUTBOX_BACKLOG.labels(self.service).set(0)
@@ -239,27 +243,28 @@ class Outbox:
         by_subject: dict[str | None, list[tuple[int, bytes]]] = defaultdict(list)
         for row_id, subject, body in rows:
             by_subject[subject].append((row_id, body))
+        groups = deque(by_subject.values())
         published: list[int] = []
         failed: dict[int, str] = {}
 
-        async def send(group: list[tuple[int, bytes]]) -> None:
-            for row_id, body in group:
-                try:
-                    await self.bus.publish(CloudEvent.from_json(body))
-                except Exception as exc:
-                    failed[row_id] = repr(exc)[:2000]
-                    return
-                published.append(row_id)
+        async def send() -> None:
+            while groups:
+                for row_id, body in groups.popleft():
+                    try:
+                        await self.bus.publish(CloudEvent.from_json(body))
+                    except Exception as exc:
+                        failed[row_id] = repr(exc)[:2000]
+                        break
+                    published.append(row_id)
 
-        await asyncio.gather(*(send(group) for group in by_subject.values()))
+        # A few publishers take the aggregates in turn: as many in flight as a task per
+        # aggregate gave (the bus confirms each), without a task per event (most events
+        # are an aggregate of their own).
+        await asyncio.gather(*(send() for _ in range(min(len(groups), PUBLISHERS))))
 
         async with connect() as connection:
             if published:
-                await connection.execute(
-                    update(OutboxRow)
-                    .where(OutboxRow.id.in_(published))
-                    .values(published_at=datetime.now(UTC))
-                )
+                await self._mark_published(connection, published)
             for row_id, error in failed.items():
                 await connection.execute(
                     update(OutboxRow)
@@ -273,6 +278,15 @@ class Outbox:
         if failed:
             log.warning("outbox events not published yet", extra={"count": len(failed)})
         return RelayPass(len(published), len(failed))
+
+    async def _mark_published(self, connection: AsyncConnection, ids: list[int]) -> None:
+        now = datetime.now(UTC)
+        if self.db.is_postgres:  # one array: the same prepared statement whatever the count
+            await connection.exec_driver_sql(_MARK_PUBLISHED_POSTGRES, (now, ids))
+            return
+        await connection.execute(
+            update(OutboxRow).where(OutboxRow.id.in_(ids)).values(published_at=now)
+        )
 
     async def _backlog(
         self, connection: AsyncConnection, rows: Sequence[Any], failed: dict[int, str]
