@@ -96,6 +96,28 @@ def test_clips_reuse_the_analysis_frame_at_the_clip_rate(test_data: Path, tmp_pa
         assert 10 <= frames <= 10 * (15 + 1)
 
 
+def test_a_scene_busy_all_along_gets_back_to_back_clips_at_the_analysis_size(
+    test_data: Path, tmp_path: Path
+) -> None:
+    # vtest.avi has people on screen nearly all its 79.5 s at 10 fps, past the 15 s a clip
+    # may last: clips follow one another, each frame encoded in one of them only.
+    events, summary = run(test_data / "video" / "vtest.avi", tmp_path)
+    clips = {e.clip_path for e in events if e.clip_path is not None}
+    assert len(clips) >= 79.5 / 15
+    encoded = 0
+    for path in clips:
+        with av.open(str(path)) as clip:
+            stream = clip.streams.video[0]
+            # The analysis frame of 768x576 (a quarter of its width) is the clip's luma.
+            assert (stream.codec_context.name, stream.width, stream.height) == ("h264", 192, 144)
+            assert stream.average_rate == 10
+            times = [float(frame.time) for frame in clip.decode(stream)]
+        assert 10 <= len(times) <= 10 * 15
+        assert times == pytest.approx([n / 10 for n in range(len(times))])  # plays at 10 fps
+        encoded += len(times)
+    assert 0.9 * summary.frames_analysed <= encoded <= summary.frames_analysed
+
+
 def test_an_empty_scene_makes_no_event(test_data: Path, tmp_path: Path) -> None:
     events, summary = run(
         test_data / "video" / "empty_scene_synthetic.avi", tmp_path, analysis_fps=0

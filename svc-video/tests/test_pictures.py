@@ -40,6 +40,18 @@ def test_a_clip_frame_has_the_colours_of_the_source_whatever_its_format(form: st
     assert np.abs(as_bgr(small).astype(int) - reference).mean() < 6
 
 
+@pytest.mark.parametrize("form", ["yuv420p", "yuvj420p", "yuv444p"])
+def test_a_clip_frame_reuses_the_analysis_luma_as_it_is(form: str) -> None:
+    decoded = DecodedPicture(
+        av.VideoFrame.from_ndarray(scene(), format="bgr24").reformat(format=form)
+    )
+    luma = cv2.resize(decoded.grey(), (32, 24), interpolation=cv2.INTER_LINEAR)
+    before = luma.copy()
+    reused = decoded.clip_frame((32, 24), luma).to_ndarray()
+    assert np.array_equal(reused, decoded.clip_frame((32, 24)).to_ndarray())
+    assert np.array_equal(luma, before)  # a full-range luma is mapped in the clip's copy only
+
+
 def test_the_output_thread_runs_tasks_in_order_and_reports_a_failure() -> None:
     output = OutputThread("test-output")
     done: list[int] = []

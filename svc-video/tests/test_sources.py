@@ -15,11 +15,17 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from c4c.shared.urls import URLPolicy
 from c4c.video.analysis import sources
 from c4c.video.analysis.pictures import ArrayPicture, DecodedPicture
-from c4c.video.analysis.pipeline import AnalysisParams, DetectedEvent, analysis_width
+from c4c.video.analysis.pipeline import (
+    AnalysisParams,
+    Analyzer,
+    DetectedEvent,
+    analysis_width,
+)
 from c4c.video.analysis.sources import (
     ClosedCapture,
     OpenCVCapture,
@@ -27,6 +33,8 @@ from c4c.video.analysis.sources import (
     analyse_file,
     open_capture,
 )
+from c4c.video.service import analysis_params
+from c4c.video.settings import VideoSettings
 
 LOOPBACK = URLPolicy(allowed_hosts=("127.0.0.1",))
 
@@ -93,6 +101,40 @@ def test_analysis_width_follows_the_frame_size() -> None:
     assert analysis_width(auto, 640) == 160
     assert analysis_width(auto, 320) == 160  # not upscaled: the detector caps the scale at 1
     assert analysis_width(AnalysisParams(analysis_width=200), 1280) == 200
+
+
+@pytest.mark.parametrize(
+    ("frame_size", "clip_width", "analysis_size", "clip_size"),
+    [
+        ((720, 405), 0, (180, 100), (180, 100)),  # even sides: the analysis frame is a clip's
+        ((1280, 720), 0, (320, 180), (320, 180)),
+        ((1280, 720), 640, (320, 180), (640, 360)),
+        ((150, 101), 0, (150, 101), (150, 100)),  # not downscaled: the clip is resized alone
+    ],
+)
+def test_clips_are_at_the_analysis_size_unless_a_width_is_set(
+    frame_size: tuple[int, int],
+    clip_width: int,
+    analysis_size: tuple[int, int],
+    clip_size: tuple[int, int],
+) -> None:
+    analyzer = Analyzer(
+        AnalysisParams(clip_width=clip_width),
+        frame_size=frame_size,
+        fps=25.0,
+        sink=lambda _: None,
+        clip_dir=None,
+    )
+    assert (analyzer.detector.size, analyzer.clip_size) == (analysis_size, clip_size)
+    assert analyzer.clip_luma == (analysis_size == clip_size)
+
+
+def test_clip_settings_reach_the_pipeline_and_tiny_clips_are_refused() -> None:
+    params = analysis_params(VideoSettings(clip_width=640, clip_fps=0))
+    assert (params.clip_width, params.clip_fps) == (640, 0)
+    assert analysis_params(VideoSettings()).clip_width == 0  # the analysis size
+    with pytest.raises(ValidationError, match="clip_width"):
+        VideoSettings(clip_width=16)
 
 
 def test_the_opencv_fallback_runs_the_same_pipeline(

@@ -64,6 +64,7 @@ def analysis_params(settings: VideoSettings) -> AnalysisParams:
             min_seconds=settings.min_event_seconds, max_seconds=settings.max_event_seconds
         ),
         clip_width=settings.clip_width,
+        clip_fps=settings.clip_fps,
         clip_max_seconds=settings.clip_seconds,
     )
 

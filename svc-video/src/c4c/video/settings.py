@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from c4c.shared.settings import ServiceSettings
 
@@ -58,9 +58,17 @@ class VideoSettings(ServiceSettings):
     min_event_seconds: float = Field(1.0, ge=0, description="A shorter track is not an event.")
     max_event_seconds: float = Field(60.0, gt=0, description="Longer tracks are cut into events.")
     clip_width: int = Field(
-        320,
-        ge=32,
-        description="Width of event clips (H.264 MP4, resized from the decoder's YUV).",
+        0,
+        ge=0,
+        description="Width of event clips (H.264 MP4, resized from the decoder's YUV); 0 = "
+        "the analysis width (160-320 px by default), the cheapest: the clip reuses the "
+        "analysis' downscaled frame. Otherwise at least 32.",
+    )
+    clip_fps: float = Field(
+        10.0,
+        ge=0,
+        description="Frames a second in event clips, at most the analysis rate (clips reuse "
+        "analysed frames; encoding costs per frame); 0 = every analysed frame.",
     )
     clip_seconds: float = Field(15.0, gt=0, description="Longest event clip.")
     job_workers: int = Field(1, ge=1, description="Clips analysed at the same time.")
@@ -68,3 +76,10 @@ class VideoSettings(ServiceSettings):
         60.0, gt=0, description="A running job whose worker is silent this long is resumed."
     )
     job_max_attempts: int = Field(3, ge=1, description="Starts of a job before it is failed.")
+
+    @field_validator("clip_width")
+    @classmethod
+    def _clip_width(cls, width: int) -> int:
+        if 0 < width < 32:
+            raise ValueError("clip_width is 0 (the analysis width) or at least 32")
+        return width

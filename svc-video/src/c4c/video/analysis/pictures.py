@@ -3,8 +3,9 @@
 Colour conversion is the costliest step after decoding (full-size BGR of a 720p frame costs
 about twice its decode), and the analysis does not need it: background subtraction runs on
 the luma plane, which a YUV decoder hands over for free. Event clips get small YUV 4:2:0
-frames, the encoder's own format, resized plane by plane (no colour conversion at all); full
-size BGR is made only for the keyframe an event finally keeps.
+frames, the encoder's own format, resized plane by plane (no colour conversion at all; at the
+analysis size their luma is the analysis' own downscaled plane, so only chroma is resized);
+full size BGR is made only for the keyframe an event finally keeps.
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ class Picture(Protocol):
         """Full-size BGR pixels."""
         ...
 
-    def clip_frame(self, size: tuple[int, int]) -> av.VideoFrame:
+    def clip_frame(self, size: tuple[int, int], luma: Frame | None = None) -> av.VideoFrame:
         """Resized to ``size`` (width, height; even) as video-range YUV 4:2:0, what an H.264
-        encoder takes."""
+        encoder takes. ``luma``, when given, is :meth:`grey` already resized to ``size``
+        (the analysis frame): a picture that can reuses it rather than resizing again."""
         ...
 
 
@@ -116,7 +118,7 @@ class DecodedPicture:
         full: Frame = _reformatter("bgr24").reformat(self.frame, format="bgr24").to_ndarray()
         return full
 
-    def clip_frame(self, size: tuple[int, int]) -> av.VideoFrame:
+    def clip_frame(self, size: tuple[int, int], luma: Frame | None = None) -> av.VideoFrame:
         frame = self.frame
         form = frame.format.name
         width, height = size
@@ -128,11 +130,15 @@ class DecodedPicture:
         # OpenCV's resize of the three planes, straight into the new frame's, costs a third
         # to a half of swscale's scaled conversion to 4:2:0 (no fast path for these sizes).
         small = av.VideoFrame(width, height, "yuv420p")
-        for source, target, lut in zip(frame.planes, small.planes, _TO_VIDEO_RANGE, strict=True):
+        planes = zip(frame.planes, small.planes, _TO_VIDEO_RANGE, strict=True)
+        for plane, (source, target, lut) in enumerate(planes):
             pixels = _pixels(target)
-            cv2.resize(
-                _pixels(source), pixels.shape[::-1], dst=pixels, interpolation=cv2.INTER_LINEAR
-            )
+            if plane == 0 and luma is not None:
+                pixels[:] = luma
+            else:
+                cv2.resize(
+                    _pixels(source), pixels.shape[::-1], dst=pixels, interpolation=cv2.INTER_LINEAR
+                )
             if form.startswith("yuvj"):
                 cv2.LUT(pixels, lut, dst=pixels)
         return small
@@ -164,7 +170,8 @@ class ArrayPicture:
             pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
         return pixels
 
-    def clip_frame(self, size: tuple[int, int]) -> av.VideoFrame:
+    def clip_frame(self, size: tuple[int, int], luma: Frame | None = None) -> av.VideoFrame:
+        # OpenCV's grey is full-range luma where the clip needs video range: no reuse.
         resized = cv2.resize(self.colour(), size, interpolation=cv2.INTER_LINEAR)
         i420: Frame = cv2.cvtColor(resized, cv2.COLOR_BGR2YUV_I420)
         return av.VideoFrame.from_ndarray(i420, format="yuv420p")

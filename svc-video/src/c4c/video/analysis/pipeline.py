@@ -29,9 +29,11 @@ log = logging.getLogger("c4c.video.pipeline")
 
 # H.264 in MP4, what every browser plays (OpenCV's writer has mp4v only, which they do not),
 # by the libx264 that PyAV's wheels bundle. ``ultrafast`` spends its time writing bits, so
-# CRF 28 (smaller evidence clips, still clear at 320 px) costs 0.3 ms a frame where the
-# default 23 costs 0.4 (vtest.avi). One thread: the analysis has the other core. The index
-# goes first (``faststart``) so that a browser plays a clip while it downloads.
+# CRF 28 (smaller evidence clips, still clear at 320 px) costs 0.3 ms a 320x240 frame where
+# the default 23 costs 0.4, and 0.13 ms at vtest.avi's analysis size, 192x144 (``tune
+# zerolatency`` saves nothing measurable: ultrafast has no lookahead or B-frames already).
+# One thread: the analysis has the other core. The index goes first (``faststart``) so that
+# a browser plays a clip while it downloads.
 CLIP_CODEC: Final = "libx264"
 CLIP_OPTIONS = {"preset": "ultrafast", "crf": "28"}
 CLIP_SUFFIX = ".mp4"
@@ -57,8 +59,10 @@ class AnalysisParams:
     close_kernel: int = 5  # merges the parts of one body
     tracker: TrackerParams = field(default_factory=TrackerParams)
     events: EventParams = field(default_factory=EventParams)
-    clip_width: int = 320  # clips are small frames, resized straight from the decoder's YUV
-    clip_fps: float = 10.0  # at most this many frames a second go into clips (encoding costs)
+    # Clips are small frames, resized straight from the decoder's YUV; 0 = the analysis size,
+    # whose luma the analysis has already made (encoding 192x144 costs 0.4 of 320x240's).
+    clip_width: int = 0
+    clip_fps: float = 10.0  # at most this many frames a second go into clips; 0 = all analysed
     clip_preroll: float = 1.0
     clip_postroll: float = 1.0
     clip_max_seconds: float = 15.0
@@ -83,6 +87,15 @@ class DetectedEvent:
 
 
 EventSink = Callable[[DetectedEvent], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The part of a frame's analysis that depends on the frame alone, so that another thread
+    can do it ahead (see :meth:`Analyzer.prepare`)."""
+
+    small: Frame  # the luma, downscaled to the analysis size
+    clip_frame: av.VideoFrame | None  # the frame as it goes into clips, when it is due there
 
 
 class RateGate:
@@ -111,6 +124,11 @@ AUTO_WIDTH_MIN = 160
 AUTO_WIDTH_MAX = 320
 
 
+def even(length: float) -> int:
+    """``length`` rounded, then down to even, at least 2 (4:2:0 frames have even sides)."""
+    return max(2, round(length) // 2 * 2)
+
+
 def analysis_width(params: AnalysisParams, width: int) -> int:
     if params.analysis_width:
         return params.analysis_width
@@ -124,7 +142,12 @@ class ForegroundDetector:
         self.params = params
         width, height = frame_size
         self.scale = min(1.0, analysis_width(params, width) / width) if width else 1.0
-        self.size = (max(1, round(width * self.scale)), max(1, round(height * self.scale)))
+        # Even sides when downscaling, so that the analysis frame is a clip frame's luma.
+        self.size = (
+            (even(width * self.scale), even(height * self.scale))
+            if self.scale < 1.0
+            else (width, height)
+        )
         if params.subtractor == "knn":
             self.model: cv2.BackgroundSubtractor = cv2.createBackgroundSubtractorKNN(
                 history=params.history,
@@ -260,15 +283,21 @@ class _Clip:
 
 class _Segment:
     """One clip file recorded while something moves; every event inside it shares it. Its
-    frames are encoded on the output thread."""
+    frames, those after ``after`` (the end of the previous segment), are encoded on the
+    output thread."""
 
     def __init__(
-        self, path: Path, fps: float, size: tuple[int, int], start: float, output: OutputThread
+        self,
+        path: Path,
+        fps: float,
+        size: tuple[int, int],
+        output: OutputThread,
+        after: float = -math.inf,
     ) -> None:
         self.path = path
         self.output = output
-        self.start = start
-        self.last_t = -math.inf
+        self.start = math.inf  # the time of its first frame
+        self.last_t = after
         self.events: list[Event[Picture]] = []
         self.clip: _Clip | None = None
         output.submit(partial(self._open, fps, size))
@@ -279,6 +308,7 @@ class _Segment:
     def write(self, t: float, frame: av.VideoFrame) -> None:
         if t > self.last_t:
             self.output.submit(partial(self._write, frame))
+            self.start = min(self.start, t)
             self.last_t = t
 
     def _write(self, frame: av.VideoFrame) -> None:
@@ -298,8 +328,10 @@ class Analyzer:
 
     Clips: while a confirmed event is on screen one segment is recorded (pre-roll from a ring
     of recent frames, post-roll after the last event, at most ``clip_max_seconds``); events
-    that overlap share it, so a busy scene encodes each frame once, not once per event. An
-    event goes to the sink when its segment is complete."""
+    that overlap share it, so a busy scene encodes each frame once, not once per event. A
+    segment's pre-roll stops where the previous segment ended: a scene busy for longer than
+    ``clip_max_seconds`` gives back-to-back clips, not clips that encode the same seconds
+    again. An event goes to the sink when its segment is complete."""
 
     def __init__(
         self,
@@ -324,23 +356,41 @@ class Analyzer:
         self.clip_fps = max(1.0, min(rate, params.clip_fps) if params.clip_fps > 0 else rate)
         self.clip_gate = RateGate(self.clip_fps if self.clip_fps < rate else 0.0)
         width, height = frame_size
-        scale = min(1.0, params.clip_width / width) if width else 1.0
-        self.clip_size = (
-            max(2, round(width * scale) // 2 * 2),
-            max(2, round(height * scale) // 2 * 2),
-        )
+        if params.clip_width:
+            scale = min(1.0, params.clip_width / width) if width else 1.0
+            self.clip_size = (even(width * scale), even(height * scale))
+        else:
+            self.clip_size = (even(self.detector.size[0]), even(self.detector.size[1]))
+        # The analysis frame is the clip frame's luma: it is not resized twice.
+        self.clip_luma = self.clip_size == self.detector.size
         span = params.clip_preroll + params.events.min_seconds + 1.0
         self.recent: deque[tuple[float, av.VideoFrame]] = deque(
             maxlen=max(2, int(span * self.clip_fps))
         )
         self.segment: _Segment | None = None
+        self.recorded_until = -math.inf  # the last frame of the last segment
         self.active_until = -math.inf  # the open segment records at least until then
         self.output = OutputThread("analysis-output")
         self.detections = 0
 
-    def process(self, index: int, t: float, picture: Picture) -> int:
-        """Analyse one frame; returns how many blobs it had."""
+    def prepare(self, t: float, picture: Picture) -> Prepared:
+        """Downscale the frame, and make its clip frame when it is due in clips. Called once
+        for every frame :meth:`process` gets, in the same order, from one thread at a time;
+        not necessarily ``process``'s thread (a file's reader runs it ahead)."""
         small = self.detector.downscale(picture.grey())
+        clip_frame = None
+        if self.clip_dir is not None and self.clip_gate.due(t):
+            clip_frame = picture.clip_frame(self.clip_size, small if self.clip_luma else None)
+        return Prepared(small, clip_frame)
+
+    def process(
+        self, index: int, t: float, picture: Picture, prepared: Prepared | None = None
+    ) -> int:
+        """Analyse one frame (``prepared`` by :meth:`prepare`, or here when not given);
+        returns how many blobs it had."""
+        if prepared is None:
+            prepared = self.prepare(t, picture)
+        small = prepared.small
         boxes = self.detector.detect(small)
         update = self.tracker.update(index, t, boxes)
         width, height = self.frame_size
@@ -361,11 +411,10 @@ class Analyzer:
             if long_event is not None:
                 self._attach(long_event)
         ended = [e for e in map(self._end_track, update.ended) if e is not None]
-        if self.clip_dir is not None:
-            if confirmed_from < math.inf:
-                self.active_until = t + self.params.clip_postroll
-            if self.clip_gate.due(t):
-                self._record(t, picture, confirmed_from)
+        if confirmed_from < math.inf:
+            self.active_until = t + self.params.clip_postroll
+        if prepared.clip_frame is not None:
+            self._record(t, prepared.clip_frame, confirmed_from)
         for event in ended:
             self._attach(event)
         return len(boxes)
@@ -384,8 +433,7 @@ class Analyzer:
         self.counters.forget(track.id)
         return self.events.end(track)
 
-    def _record(self, t: float, picture: Picture, confirmed_from: float) -> None:
-        clip_frame = picture.clip_frame(self.clip_size)
+    def _record(self, t: float, clip_frame: av.VideoFrame, confirmed_from: float) -> None:
         self.recent.append((t, clip_frame))
         segment = self.segment
         if segment is not None and (
@@ -402,8 +450,8 @@ class Analyzer:
                 self.clip_dir / f"clip-{uuid.uuid4().hex}{CLIP_SUFFIX}",
                 self.clip_fps,
                 self.clip_size,
-                start,
                 self.output,
+                after=self.recorded_until,
             )
             for past_t, past in self.recent:
                 if past_t >= start:
@@ -422,6 +470,7 @@ class Analyzer:
         segment, self.segment = self.segment, None
         if segment is None:
             return
+        self.recorded_until = segment.last_t
         segment.close()
         for event in segment.events:
             self.output.submit(partial(self._emit, event, segment.path))

@@ -318,15 +318,16 @@ def analyse_file(
             "(corrupt, truncated before its index, or not a video)"
         )
     fps = capture.fps
-    width = height = 0
     declared = capture.frames_declared
     frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
     gate = RateGate(params.analysis_fps)
     counts = {"decoded": 0}
     failure: list[BaseException] = []
     leaving = threading.Event()  # the analysis thread stopped: the reader stops too
+    analyzer: Analyzer | None = None  # made by the reader, from the first frame's size
 
     def read() -> None:
+        nonlocal analyzer
         try:
             index = 0
             while not (cancelled.is_set() or leaving.is_set()) and capture.grab():
@@ -336,7 +337,17 @@ def analyse_file(
                 if gate.due(t):
                     picture = capture.retrieve()
                     if picture is not None:
-                        frames.put((index, t, picture))
+                        if analyzer is None:
+                            analyzer = Analyzer(
+                                params,
+                                frame_size=picture.size,
+                                fps=fps,
+                                sink=sink,
+                                clip_dir=clip_dir,
+                            )
+                        # Every frame queued is analysed: the reader prepares it (downscale,
+                        # clip frame), which takes that work off the busier analysis thread.
+                        frames.put((index, t, picture, analyzer.prepare(t, picture)))
                 else:
                     observer.skipped()
                 index += 1
@@ -347,7 +358,6 @@ def analyse_file(
             frames.put(_END)
 
     reader = threading.Thread(target=read, name=f"decode:{path.name}", daemon=True)
-    analyzer: Analyzer | None = None
     analysed = 0
     reader.start()
     try:
@@ -356,13 +366,9 @@ def analyse_file(
             item = frames.get()
             if item is _END:
                 break
-            index, t, picture = item
-            if analyzer is None:
-                width, height = picture.size
-                analyzer = Analyzer(
-                    params, frame_size=(width, height), fps=fps, sink=sink, clip_dir=clip_dir
-                )
-            analyzer.process(index, t, picture)
+            index, t, picture, prepared = item
+            assert analyzer is not None  # made before the first frame was queued
+            analyzer.process(index, t, picture, prepared)
             analysed += 1
             observer.analysed()
             now = time.monotonic()
@@ -395,6 +401,7 @@ def analyse_file(
     analyzer.flush()
     if progress is not None:
         progress(decoded, declared)
+    width, height = analyzer.frame_size
     return FileSummary(fps, width, height, declared, decoded, analysed, analyzer.detections)
 
 
