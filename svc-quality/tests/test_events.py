@@ -308,3 +308,55 @@ async def test_not_ready_until_the_taxonomy_and_geography_are_loaded(
                 return (await client.get("/readyz")).status_code == 200
 
             await eventually(ready, timeout=120)
+
+
+async def test_batches_keep_new_and_known_snapshots_and_index_each_photo_once(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    media: Any,
+    observation: Any,
+    test_data: Path,
+    unique_name: Callable[[str], str],
+    eventually: Any,
+) -> None:
+    """The writes of a batch go in a few statements: snapshots of observations seen before
+    are updated and new ones inserted side by side, and a photo analysed again replaces its
+    row in the duplicate index."""
+    second_url = "http://media.test/second.jpg"
+    media.files[PHOTO_URL] = photo(test_data)
+    media.files[second_url] = photo(test_data, "Iris_sp")
+    scored = await collect_scored(app, unique_name)
+    bus = app.state.runtime.bus
+
+    def photo_update(version: int, *items: dict[str, Any]) -> CloudEvent:
+        data = {"id": "obs-a", "version": version, "changed": {"media": list(items)}}
+        return new_event("ingest", "observation.updated", data, subject="observation/obs-a")
+
+    def versions() -> set[tuple[str, int]]:
+        return {(e.data["observation_id"], e.data["observation_version"]) for e in scored}
+
+    first = {"id": "m-1", "url": PHOTO_URL, "type": "image"}
+    second = {"id": "m-2", "url": second_url, "type": "image"}
+    await bus.publish(created(observation(id="obs-a")))
+    await eventually(lambda: ("obs-a", 1) in versions(), timeout=30)
+    # A known observation's photo and a new observation, in one batch.
+    await asyncio.gather(
+        bus.publish(photo_update(2, first)), bus.publish(created(observation(id="obs-b")))
+    )
+    await eventually(lambda: {("obs-a", 2), ("obs-b", 1)} <= versions(), timeout=30)
+    # The first photo again (its analysis kept) beside a second one.
+    await bus.publish(photo_update(3, first, second))
+    await eventually(lambda: ("obs-a", 3) in versions(), timeout=30)
+
+    async with app.state.runtime.db.sessions() as session:
+        snapshots = dict(
+            (await session.execute(text("SELECT id, version FROM observations"))).all()
+        )
+        indexed = (await session.execute(text("SELECT media_id, observation_id FROM images"))).all()
+    assert snapshots == {"obs-a": 3, "obs-b": 1}
+    assert sorted(indexed) == [("m-1", "obs-a"), ("m-2", "obs-a")]
+    history = (await client.get(f"{PREFIX}/assessments/obs-a")).json()["history"]
+    assert sorted(item["observation_version"] for item in history) == [1, 2, 3]
+    latest = next(e.data for e in scored if e.data["observation_version"] == 3)
+    # Its own photos, indexed earlier, are no duplicates of it.
+    assert "IMAGE_DUPLICATE" not in {f["code"] for f in latest["flags"]}

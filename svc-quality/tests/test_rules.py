@@ -215,12 +215,21 @@ def test_reencoded_and_resized_copy_is_a_duplicate_another_photo_is_not(test_dat
     assert hamming(original.phash, other.phash) > limit
 
 
+def _declaring(data: bytes, width: int, height: int) -> bytes:
+    """A JPEG whose frame header declares another size (the pixels are left as they are)."""
+    start = next(i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC2))
+    size = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return data[: start + 5] + size + data[start + 9 :]
+
+
 def test_truncated_and_bomb_images_are_flags_not_crashes(test_data: Path) -> None:
     data = photos(test_data, "Iris_sp")[0].read_bytes()
     truncated = analyse(data[: len(data) // 3], "t", max_pixels=10**8)
     bomb = analyse(data, "b", max_pixels=1000)
+    # Past twice Pillow's own limit, so large that Pillow refuses to even size it.
+    giant = analyse(_declaring(data, 60_000, 60_000), "g", max_pixels=10**10)
     check = CHECKS["image_quality"]
-    for facts in (truncated, bomb):
+    for facts in (truncated, bomb, giant):
         assert not facts.readable
         findings = check.rule(Observation(), ctx(images=(facts,)), check.params)
         assert codes(findings) == {"IMAGE_UNREADABLE"}

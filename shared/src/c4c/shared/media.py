@@ -163,7 +163,7 @@ def probe_image(
                 width, height = image.size
                 if width * height > max_pixels:
                     raise _too_many_pixels(width, height, max_pixels)
-                info = _exif_info(image, width, height)
+                info = exif_info(image, width, height)
                 if image.format == "JPEG":
                     # Decode at 1/8 scale: every byte is still parsed, so truncation shows.
                     image.draft("RGB", (max(width // 8, 1), max(height // 8, 1)))
@@ -193,7 +193,9 @@ _EXIF_IFD, _GPS_IFD, _ORIENTATION = 0x8769, 0x8825, 0x0112
 _DATETIME_ORIGINAL, _OFFSET_ORIGINAL, _DATETIME = 0x9003, 0x9011, 0x0132
 
 
-def _exif_info(image: Image.Image, width: int, height: int) -> ImageInfo:
+def exif_info(image: Image.Image, width: int, height: int) -> ImageInfo:
+    """Size and EXIF capture time and position from an open image's header; decodes no
+    pixels (for PNG without EXIF, Pillow loads the image to look for it)."""
     exif = image.getexif()
     details = exif.get_ifd(_EXIF_IFD)
     taken = details.get(_DATETIME_ORIGINAL) or exif.get(_DATETIME)

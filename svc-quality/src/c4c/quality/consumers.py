@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from c4c.quality.schemas import ObservationChanged, ObservationDeleted, ObservationIdentified
-from c4c.quality.service import Change, PhotosChanged
+from c4c.quality.service import Change, PhotosChanged, Settled, settle_all
 from c4c.quality.wiring import Parts
 from c4c.shared.app import Consumers, ServiceRuntime
 from c4c.shared.bus import CloudEvent
@@ -41,6 +42,10 @@ CONSUMER = {
 
 def consumer_of(event: CloudEvent) -> str:
     return CONSUMER[event.type]
+
+
+def _bodies(states: Mapping[str, Settled]) -> list[dict[str, Any]]:
+    return [state.body for state in states.values() if state.body is not None]
 
 
 def change_of(event: CloudEvent) -> Change:
@@ -71,13 +76,19 @@ class Scorer:
                 if not todo:
                     return
                 changes = [change_of(event) for event in todo]
-                states = await self.parts.service(session).settled(changes)
-            unknown = [id_ for id_, state in states.items() if state.missing]
-            changes = await self._fetch_unknown(changes, unknown)
-            async with db.readers() as session:
                 service = self.parts.service(session)
-                bodies = [s.body for s in (await service.settled(changes)).values() if s.body]
-                wanted = await service.photos_to_fetch(bodies)
+                prior = await service.seen(changes)
+                states = settle_all(prior, changes)
+                unknown = [id_ for id_, state in states.items() if state.missing]
+                if not unknown:
+                    wanted = await service.photos_to_fetch(_bodies(states))
+            if unknown:
+                # Settled again from the snapshots in hand: the write transaction reads them
+                # anew, locked, in any case.
+                changes = await self._fetch_unknown(changes, unknown)
+                states = settle_all(prior, changes)
+                async with db.readers() as session:
+                    wanted = await self.parts.service(session).photos_to_fetch(_bodies(states))
             photos = await self.parts.photos.collect(wanted, retry_on_failure=True)
             try:
                 async with db.sessions() as session, session.begin():
@@ -92,8 +103,6 @@ class Scorer:
     async def _fetch_unknown(self, changes: list[Change], unknown: Sequence[str]) -> list[Change]:
         """Updates of observations this service never saw (their creation was missed): the
         whole observation as ingest has it now stands for the update."""
-        if not unknown:
-            return changes
         fetched = dict(
             zip(
                 unknown,

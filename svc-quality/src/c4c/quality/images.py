@@ -13,8 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from c4c.quality.rules.model import ImageFacts
-from c4c.shared.media import probe_image, sniff
-from c4c.shared.problems import ProblemError
+from c4c.shared.media import exif_info
 
 WORKING_SIDE = 512
 """Long side the sharpness is measured at: the same detail scale whatever the photo's size."""
@@ -31,25 +30,24 @@ def analyse(
     data: bytes, media_id: str | None, *, max_pixels: int, read_exif: bool = False
 ) -> ImageFacts:
     """The facts of one photo; with ``read_exif`` its EXIF capture time and GPS position too
-    (for photos whose observation does not carry them)."""
+    (for photos whose observation does not carry them).
+
+    The bytes are decoded once, by OpenCV (which refuses truncated or corrupt data); Pillow
+    only parses the header, for the declared size and the EXIF (``probe_image``'s own check
+    decode, on top, cost as much as OpenCV's)."""
     try:
-        media_type = sniff(data[:64]) if read_exif else None
-        # None for image types Pillow does not decode here.
-        exif = (
-            probe_image(io.BytesIO(data), media_type, max_pixels=max_pixels) if media_type else None
-        )
-        if exif is not None:
-            width, height = exif.width, exif.height
-        else:
-            # The declared size first, so a decompression bomb is never inflated.
-            with Image.open(io.BytesIO(data)) as header:
-                width, height = header.size
-    except ProblemError as exc:
-        return ImageFacts(media_id, readable=False, error=str(exc.detail)[:200])
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        # The declared size first, so a decompression bomb is never inflated.
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+            if width * height > max_pixels:
+                return ImageFacts(
+                    media_id, readable=False, error=f"{width}x{height} is too many pixels"
+                )
+            exif = exif_info(header, width, height) if read_exif else None
+    except Image.DecompressionBombError:  # past twice Pillow's own limit: not even sized
+        return ImageFacts(media_id, readable=False, error="too many pixels")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         return ImageFacts(media_id, readable=False, error=f"not a decodable image: {exc}"[:200])
-    if width * height > max_pixels:
-        return ImageFacts(media_id, readable=False, error=f"{width}x{height} is too many pixels")
     # JPEG decodes straight to 1/2, 1/4 or 1/8 scale (DCT scaling, several times faster than
     # a full decode): the largest reduction that still covers the working size.
     reduction, flag = next(
@@ -69,7 +67,8 @@ def analyse(
         if scale < 1
         else image
     )
-    _, deviation = cv2.meanStdDev(cv2.Laplacian(working, cv2.CV_32F))
+    # 16-bit integers hold the 8-bit Laplacian exactly (|value| <= 4 x 255), at 2/3 the cost.
+    _, deviation = cv2.meanStdDev(cv2.Laplacian(working, cv2.CV_16S))
     sharpness = float(deviation[0, 0]) ** 2
     histogram = cv2.calcHist([working], [0], None, [256], [0, 256]).ravel()
     total = float(histogram.sum()) or 1.0

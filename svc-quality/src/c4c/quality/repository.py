@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Collection, Sequence
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import FromClause, Table, case, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from c4c.quality.models import AssessmentRow, ImageRow, MachineIdRow, RuleSetRow, SeenObservation
+from c4c.quality.models import (
+    AssessmentRow,
+    ImageRow,
+    MachineIdRow,
+    QualityBase,
+    RuleSetRow,
+    SeenObservation,
+)
 
 
 class IndexedPhoto(NamedTuple):
@@ -16,6 +25,14 @@ class IndexedPhoto(NamedTuple):
     observation_id: str
     recorded_by: str | None
     phash: int | None
+
+
+_IMAGES = cast(Table, ImageRow.__table__)
+
+
+def _values(row: QualityBase, table: FromClause) -> dict[str, Any]:
+    """A row's columns as a statement's parameters."""
+    return {column.key: getattr(row, column.key) for column in table.columns}
 
 
 class Repository:
@@ -44,6 +61,20 @@ class Repository:
 
     async def save_seen(self, row: SeenObservation) -> None:
         await self.session.merge(row)
+
+    async def save_seen_many(
+        self, rows: Sequence[SeenObservation], existing: Collection[str]
+    ) -> None:
+        """Snapshots in two statements: those of ``existing`` ids (read and locked in this
+        transaction) updated, the others inserted: a row another replica inserted meanwhile
+        fails the transaction (to be read again), it is not overwritten."""
+        table = SeenObservation.__table__
+        old = [_values(row, table) for row in rows if row.id in existing]
+        new = [_values(row, table) for row in rows if row.id not in existing]
+        if old:
+            await self.session.execute(update(SeenObservation), old)
+        if new:
+            await self.session.execute(insert(SeenObservation), new)
 
     async def counted(
         self, observation_ids: Sequence[str]
@@ -154,8 +185,10 @@ class Repository:
 
     # --- assessments ------------------------------------------------------------------------
 
-    async def add_assessment(self, row: AssessmentRow) -> None:
-        self.session.add(row)
+    async def add_assessments(self, rows: Sequence[AssessmentRow]) -> None:
+        if rows:
+            table = AssessmentRow.__table__
+            await self.session.execute(insert(AssessmentRow), [_values(r, table) for r in rows])
 
     async def assessments(self, observation_id: str, limit: int) -> Sequence[AssessmentRow]:
         query = (
@@ -189,8 +222,19 @@ class Repository:
         query = select(ImageRow).where(ImageRow.media_id.in_(media_ids))
         return {row.media_id: row for row in (await self.session.execute(query)).scalars()}
 
-    async def save_image(self, row: ImageRow) -> None:
-        await self.session.merge(row)
+    async def save_images(self, rows: Sequence[ImageRow]) -> None:
+        """Photo analyses inserted or replaced, in one statement (one row per media id: a
+        statement may not touch a row twice)."""
+        if not rows:
+            return
+        values = list({row.media_id: _values(row, _IMAGES) for row in rows}.values())
+        dialect = self.session.get_bind().dialect.name
+        statement = (pg_insert if dialect == "postgresql" else sqlite_insert)(_IMAGES)
+        statement = statement.on_conflict_do_update(
+            index_elements=[_IMAGES.c.media_id],
+            set_={c.key: statement.excluded[c.key] for c in _IMAGES.columns if not c.primary_key},
+        )
+        await self.session.execute(statement, values)
 
     async def images_sharing_a_band(
         self, hashes_bands: Sequence[Sequence[int]], limit_each: int

@@ -86,7 +86,8 @@ class PhotosChanged(Exception):
 
 
 class EventSink(Protocol):
-    def emit(self, type: str, data: dict[str, Any], subject: str) -> None: ...
+    async def emit_many(self, type: str, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Events of one type, given as (subject, data), in the caller's transaction."""
 
 
 class MediaSource(Protocol):
@@ -376,6 +377,16 @@ def settle(prior: SeenObservation | None, changes: Sequence[Change]) -> Settled:
     )
 
 
+def settle_all(
+    prior: Mapping[str, SeenObservation], changes: Sequence[Change]
+) -> dict[str, Settled]:
+    """What ``changes`` leave of each observation they touch, given what was seen of them."""
+    by_id: dict[str, list[Change]] = {}
+    for change in changes:
+        by_id.setdefault(change.observation_id, []).append(change)
+    return {id_: settle(prior.get(id_), own) for id_, own in by_id.items()}
+
+
 class QualityService:
     def __init__(
         self,
@@ -407,12 +418,18 @@ class QualityService:
         return (await self.assess_many([data]))[0][0]
 
     async def assess_many(
-        self, items: Sequence[ObservationIn], *, record: bool = False, photos: Photos | None = None
+        self,
+        items: Sequence[ObservationIn],
+        *,
+        record: bool = False,
+        photos: Photos | None = None,
+        seen: Mapping[str, SeenObservation] | None = None,
     ) -> list[Assessed]:
         """Score observations. Unrecorded (the synchronous API) nothing is written and photos
         are fetched here, before the bulk reads; recorded (events)
         the photos come analysed in ``photos`` (else :class:`PhotosChanged`), join the
-        duplicate index, and the assessments are kept by the caller."""
+        duplicate index, and the assessments are kept by the caller. ``seen``: what the
+        caller read of these observations (else it is read here)."""
         started = time.perf_counter()
         observations = [observation_from(data) for data in items]
         if not record:
@@ -422,7 +439,7 @@ class QualityService:
         rulesets = {
             p: await self._ruleset(p) for p in {o.project or "default" for o in observations}
         }
-        background, matches, taxa = await self._background(observations)
+        background, matches, taxa = await self._background(observations, seen)
         stored = await self._stored_photos(observations)
         photos = photos or Photos()
         candidates = await self._duplicate_candidates([*stored.values(), *photos.analysed.values()])
@@ -432,6 +449,7 @@ class QualityService:
         now = datetime.now(UTC)
         assessed_at = now.isoformat().replace("+00:00", "Z")
         out = []
+        indexed: list[ImageRow] = []
         grades: Counter[tuple[str, str]] = Counter()
         for obs in observations:
             began = time.perf_counter()
@@ -448,7 +466,7 @@ class QualityService:
             )
             if facts:
                 if record:
-                    await self._index(obs, facts)
+                    indexed.extend(self._index(obs, facts))
                 ctx.images = tuple(facts.values())
                 max_distance = int(ruleset.params("duplicates")["max_distance"])
                 ctx.duplicates = tuple(self._duplicates(obs, facts, candidates, max_distance))
@@ -467,6 +485,7 @@ class QualityService:
             out.append((self._published(obs, result, ruleset, record, assessed_at), obs, result))
             DURATION[bool(facts)].observe(shared_s + time.perf_counter() - began)
             grades[(ruleset.project, result.grade)] += 1
+        await self.repo.save_images(indexed)
         for (project, grade), count in grades.items():
             ASSESSMENTS.labels(project, grade).inc(count)
         return out
@@ -498,15 +517,18 @@ class QualityService:
         }
 
     async def _background(
-        self, observations: Sequence[Observation]
+        self, observations: Sequence[Observation], seen: Mapping[str, SeenObservation] | None
     ) -> tuple[Background, dict[str, Match], dict[str, Taxon]]:
         """What the suite knows around these observations: one query per kind for the whole
         batch, the observers' and taxa's summaries from the cache when fresh there."""
         ids = sorted({o.id for o in observations if o.id})
         background = Background()
-        background.counted = {
-            id_: Counted(*summary) for id_, summary in (await self.repo.counted(ids)).items()
-        }
+        counted = (
+            await self.repo.counted(ids)
+            if seen is None
+            else {i: (row.recorded_by, row.grade) for i, row in seen.items() if not row.deleted}
+        )
+        background.counted = {id_: Counted(*summary) for id_, summary in counted.items()}
         for row in await self.repo.machine_ids(ids):
             best = (row.body.get("candidates") or [{}])[0]
             background.machine_ids[row.observation_id] = MachineId(
@@ -577,15 +599,18 @@ class QualityService:
         )
         return dataclasses.replace(obs, media=with_exif), facts, unfetched
 
-    async def _index(self, obs: Observation, facts: Mapping[str, ImageFacts]) -> None:
-        """Kept for later assessments and in the duplicate index."""
+    @staticmethod
+    def _index(obs: Observation, facts: Mapping[str, ImageFacts]) -> list[ImageRow]:
+        """The rows that keep these analyses for later assessments and in the duplicate
+        index."""
         if obs.id is None:
-            return
+            return []
+        rows = []
         for found in facts.values():
             if found.media_id is None:
                 continue
             bands = _bands(found.phash) if found.phash is not None else [None] * 4
-            await self.repo.save_image(
+            rows.append(
                 ImageRow(
                     media_id=found.media_id,
                     observation_id=obs.id,
@@ -598,6 +623,7 @@ class QualityService:
                     band3=bands[3],
                 )
             )
+        return rows
 
     async def _duplicate_candidates(self, facts: Sequence[ImageFacts]) -> list[IndexedPhoto]:
         """Indexed photos sharing a hash band with any of these: one query per batch."""
@@ -635,16 +661,12 @@ class QualityService:
 
     # --- events -----------------------------------------------------------------------------
 
-    async def settled(
+    async def seen(
         self, changes: Sequence[Change], *, for_update: bool = False
-    ) -> dict[str, Settled]:
-        """What ``changes`` leave of each observation they touch (one read for them all)."""
+    ) -> dict[str, SeenObservation]:
+        """What was seen of the observations ``changes`` touch (one read for them all)."""
         ids = sorted({c.observation_id for c in changes})
-        prior = await self.repo.seen_many(ids, for_update=for_update)
-        by_id: dict[str, list[Change]] = {}
-        for change in changes:
-            by_id.setdefault(change.observation_id, []).append(change)
-        return {id_: settle(prior.get(id_), own) for id_, own in by_id.items()}
+        return await self.repo.seen_many(ids, for_update=for_update)
 
     async def photos_to_fetch(self, bodies: Sequence[dict[str, Any]]) -> list[Media]:
         """Read side of events: the photos of these observations not analysed yet."""
@@ -659,8 +681,11 @@ class QualityService:
         for change in changes:
             if change.verdict is not None:
                 await self._keep_machine_id(change.observation_id, change.verdict, change.when)
-        states = await self.settled(changes, for_update=True)
-        await self.observed_many([s for s in states.values() if s.body is not None], photos)
+        prior = await self.seen(changes, for_update=True)
+        states = settle_all(prior, changes)
+        await self.observed_many(
+            [s for s in states.values() if s.body is not None], photos, seen=prior
+        )
 
     async def _keep_machine_id(
         self, observation_id: str, verdict: dict[str, Any], when: datetime
@@ -671,12 +696,19 @@ class QualityService:
                 MachineIdRow(observation_id=observation_id, body=verdict, identified_at=when)
             )
 
-    async def observed_many(self, states: Sequence[Settled], photos: Photos) -> None:
-        """Observations created or changed: keep their snapshots, score them, publish."""
+    async def observed_many(
+        self, states: Sequence[Settled], photos: Photos, *, seen: Mapping[str, SeenObservation]
+    ) -> None:
+        """Observations created or changed: keep their snapshots (``seen``: what was seen of
+        them, read and locked in this transaction), score them, publish; a few statements
+        for the whole batch."""
         if not states:
             return
         data = [ObservationIn.model_validate(state.body) for state in states]
-        assessed = await self.assess_many(data, record=True, photos=photos)
+        assessed = await self.assess_many(data, record=True, photos=photos, seen=seen)
+        snapshots: list[SeenObservation] = []
+        assessments: list[AssessmentRow] = []
+        created_at = datetime.now(UTC)
         for state, one, (assessment, obs, result) in zip(states, data, assessed, strict=True):
             assert state.body is not None
             match = await self.knowledge.match(obs.scientific_name) if obs.scientific_name else None
@@ -684,7 +716,7 @@ class QualityService:
             if taxon is None and match is not None and match.taxon is not None:
                 taxon = match.taxon.scientific_name
             assert obs.id is not None
-            await self.repo.save_seen(
+            snapshots.append(
                 SeenObservation(
                     id=obs.id,
                     version=obs.version or 0,
@@ -706,7 +738,7 @@ class QualityService:
                 )
             )
             self.cache.changed([state.before[0], obs.recorded_by], [state.before[1], taxon])
-            await self.repo.add_assessment(
+            assessments.append(
                 AssessmentRow(
                     id=assessment["assessment_id"],
                     observation_id=obs.id,
@@ -717,11 +749,15 @@ class QualityService:
                     community_taxon=assessment["community_taxon"],
                     ruleset_project=assessment["ruleset"]["project"],
                     ruleset_version=assessment["ruleset"]["version"],
-                    created_at=datetime.now(UTC),
+                    created_at=created_at,
                 )
             )
-            if self.events is not None:
-                self.events.emit(SCORED, assessment, f"observation/{obs.id}")
+        await self.repo.save_seen_many(snapshots, seen.keys())
+        await self.repo.add_assessments(assessments)
+        if self.events is not None:
+            await self.events.emit_many(
+                SCORED, [(f"observation/{a['observation_id']}", a) for a, _, _ in assessed]
+            )
 
     async def deleted(self, observation_id: str) -> None:
         prior = await self.repo.seen(observation_id, for_update=True)

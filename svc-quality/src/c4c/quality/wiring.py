@@ -3,6 +3,7 @@ source, the offline knowledge, the caches and the photo worker limit made once p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -20,8 +21,8 @@ class OutboxSink:
         self.runtime = runtime
         self.session = session
 
-    def emit(self, type: str, data: dict[str, Any], subject: str) -> None:
-        self.runtime.outbox.add(self.session, self.runtime.event(type, data, subject=subject))
+    async def emit_many(self, type: str, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        await self.runtime.outbox.add_batch(self.session, type, items)
 
 
 class Parts:
