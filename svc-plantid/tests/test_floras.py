@@ -333,11 +333,14 @@ async def test_runs_on_postgresql(
         await _enrol(client, plants, "Galanthus_nivalis", count=3)
         query = sorted((plants / "Viola_sp").glob("*.jpg"))[10].read_bytes()
         assert await _best(client, query) in {"Viola sp.", "Galanthus nivalis"}
-        unknown = await client.post(  # charged and read in one statement, then rolled back
+        unknown = await client.post(  # refused before anything is charged
             "/v2/identify/nowhere",
             files=[("images", ("q.jpg", query, "image/jpeg")), ("organs", (None, "flower"))],
         )
         assert unknown.status_code == 404
+        quota = (await client.get("/v2/quota")).json()
+        assert quota["identify"]["used"] == 1
+    async with running(settings) as (client, _):  # the block charged ahead was given back
         quota = (await client.get("/v2/quota")).json()
         assert quota["identify"]["used"] == 1
 

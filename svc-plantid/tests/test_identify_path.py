@@ -1,6 +1,8 @@
-"""The identification path's database work: one statement before inference (the caller's
-quota and the gallery version), run beside it once the flora is cached, nothing after;
-species metadata kept with the cached flora still follows enrolments in any project."""
+"""The identification path's database work: usually none (the quota charged ahead in blocks,
+the gallery version trusted for a while), else a short one run beside inference once the
+flora is cached, nothing after; edits through this replica apply at once; species metadata
+kept with the cached flora still follows enrolments in any project; quota charged ahead is
+never more than the limit and is given back on shutdown."""
 
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import pytest
 from sqlalchemy import event
 
 from c4c.plantid.app import create_app
+from c4c.plantid.errors import QuotaExceeded
+from c4c.plantid.repository import Repository
+from c4c.plantid.service import QuotaLedger, now, utc_day
 from c4c.plantid.settings import PlantidSettings
 
 PHOTO = "Viola_sp"
@@ -62,7 +67,7 @@ def plantid_statements(app: Any) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-async def test_a_warm_identification_runs_one_statement_quota_and_gallery_version(
+async def test_a_warm_identification_runs_no_statement(
     plantid: tuple[httpx.AsyncClient, Any], plants: Path
 ) -> None:
     client, app = plantid
@@ -70,15 +75,103 @@ async def test_a_warm_identification_runs_one_statement_quota_and_gallery_versio
     await _enrol(client, "meadow", "Viola sp.", _photos(plants, PHOTO)[:4])
     await _enrol(client, "meadow", "Galanthus nivalis", _photos(plants, OTHER)[:4])
     query = _photos(plants, PHOTO)[10].read_bytes()
-    assert (await _identify(client, "meadow", query)).status_code == 200  # builds the flora
+    with plantid_statements(app) as statements:
+        assert (await _identify(client, "meadow", query)).status_code == 200  # builds the flora
+    assert any("plantid_quota" in s for s in statements)  # a block charged ahead
 
     with plantid_statements(app) as statements:
         response = await _identify(client, "meadow", query)
     assert response.status_code == 200, response.text
     assert response.json()["results"][0]["species"]["scientificNameWithoutAuthor"] == ("Viola sp.")
-    (statement,) = statements
-    assert "plantid_quota" in statement
-    assert "plantid_projects.gallery_version" in statement
+    assert statements == []
+
+
+async def test_an_edit_through_this_replica_applies_at_once(
+    tmp_path: Path, model_cache: Path, plants: Path
+) -> None:
+    """However long the gallery version is trusted, an enrolment here is seen by the next
+    identification."""
+    settings = PlantidSettings(
+        data_dir=tmp_path, model_cache=model_cache, gallery_check_seconds=3600, log_level="WARNING"
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://plantid") as client:
+            await client.post("/plantid/v1/projects", json={"id": "meadow", "title": "Meadow"})
+            await _enrol(client, "meadow", "Viola sp.", _photos(plants, PHOTO)[:4])
+            query = _photos(plants, OTHER)[10].read_bytes()
+            first = (await _identify(client, "meadow", query)).json()
+            assert [r["species"]["scientificNameWithoutAuthor"] for r in first["results"]] == [
+                "Viola sp."
+            ]
+            await _enrol(client, "meadow", "Galanthus nivalis", _photos(plants, OTHER)[:4])
+            second = (await _identify(client, "meadow", query)).json()
+    assert second["results"][0]["species"]["scientificNameWithoutAuthor"] == "Galanthus nivalis"
+    assert second["version"] != first["version"]
+
+
+async def test_quota_charged_ahead_is_given_back_on_shutdown_and_counts_survive(
+    tmp_path: Path, model_cache: Path, plants: Path
+) -> None:
+    settings = PlantidSettings(
+        data_dir=tmp_path,
+        model_cache=model_cache,
+        daily_quota=100,
+        quota_block=4,
+        log_level="WARNING",
+    )
+    query = _photos(plants, PHOTO)[10].read_bytes()
+
+    async def run(identifications: int) -> tuple[list[int], dict[str, Any], int]:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://plantid") as client:
+                if identifications and not (await client.get("/v2/projects")).json():
+                    await client.post("/plantid/v1/projects", json={"id": "m", "title": "M"})
+                    await _enrol(client, "m", "Viola sp.", _photos(plants, PHOTO)[:4])
+                remaining = []
+                for _ in range(identifications):
+                    response = await _identify(client, "m", query)
+                    assert response.status_code == 200, response.text
+                    remaining.append(response.json()["remainingIdentificationRequests"])
+                quota = (await client.get("/v2/quota")).json()["identify"]
+                async with app.state.runtime.db.sessions() as session:
+                    stored = await Repository(session).quota_used("anonymous", utc_day(now()))
+        return remaining, quota, stored
+
+    remaining, quota, charged = await run(5)
+    assert remaining == [99, 98, 97, 96, 95]
+    assert quota == {"limit": 100, "used": 5, "remaining": 95}
+    assert charged == 8  # two blocks of 4, charged before use
+    _, quota, stored = await run(0)  # after a clean shutdown: the 3 unused given back
+    assert quota["used"] == stored == 5
+
+
+async def test_blocks_never_pass_the_limit(tmp_path: Path, model_cache: Path) -> None:
+    """Charged ahead in blocks of at most an eighth of what is left (the last ones one by
+    one): with another replica charging too, never more than the limit, and every charged
+    identification handed out in the end."""
+    settings = PlantidSettings(
+        data_dir=tmp_path, model_cache=model_cache, daily_quota=20, quota_block=16
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        sessions = app.state.runtime.db.sessions
+        mine, other = QuotaLedger(sessions, settings), QuotaLedger(sessions, settings)
+        moment = now()
+        granted = refused = 0
+        for attempt in range(60):
+            try:
+                await (mine if attempt % 3 else other).charge("k", moment)
+                granted += 1
+            except QuotaExceeded:
+                refused += 1
+        async with sessions() as session:
+            stored = await Repository(session).quota_used("k", utc_day(moment))
+    assert granted == stored == 20
+    assert refused == 40
 
 
 async def test_an_unknown_project_charges_no_quota(

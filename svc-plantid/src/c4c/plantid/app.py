@@ -40,7 +40,7 @@ def create_app(settings: PlantidSettings | None = None, bus: EventBus | None = N
         description="Pl@ntNet-compatible plant identification over an observatory's own flora.",
         version=VERSION,
         prefixes=PREFIXES,
-        routers=[router, plantnet],
+        routers=[plantnet, router],  # /v2/identify first: routes are matched in order
         bus=bus,
         migrations=["c4c.plantid:migrations"],
         consumers=consumers,  # type: ignore[arg-type]
@@ -52,11 +52,13 @@ def create_app(settings: PlantidSettings | None = None, bus: EventBus | None = N
     runtime: ServiceRuntime = app.state.runtime
     app.add_exception_handler(PlantNetFailure, on_plantnet_failure)
     app.state.plantid_engine = engine
-    app.state.plantid_identifier = Identifier(runtime.db.sessions, engine, settings)
+    identifier = Identifier(runtime.db.sessions, engine, settings)
+    app.state.plantid_identifier = identifier
     imports = ImportRunner(runtime.db.sessions, engine, settings, photo_fetcher(runtime))
     app.state.plantid_imports = imports
     # Interrupted imports resume once the service is up; the engine closes only after the
     # bus drained, since the consumer uses it.
     runtime.add_background(imports.resume)  # imports are jobs in the database
     runtime.add_closer(engine.close)
+    runtime.add_closer(identifier.ledger.close)  # runs first: closers run in reverse
     return app

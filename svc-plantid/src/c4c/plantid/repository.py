@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, select, update
+from sqlalchemy import Integer, Table, bindparam, case, delete, event, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import BindParameter
 
 from c4c.plantid.models import (
     IdentificationRow,
@@ -27,26 +28,21 @@ _GALLERY_VERSION = _ALL_GALLERY_VERSIONS.where(ProjectRow.id == bindparam("proje
 
 
 @functools.cache
-def _use_quota_statement(dialect: str, *, with_version: bool = False) -> Any:
-    """Count one identification (unless the limit is reached) returning the count; with
-    ``with_version``, the gallery version of a project too, in the same statement (NULL when
-    there is no such project): the identification path's one round trip."""
+def _use_quota_statement(dialect: str) -> Any:
+    """Count ``quota_amount`` identifications unless that would pass the limit, returning the
+    new count (no row: refused, nothing counted)."""
     table = cast(Table, QuotaRow.__table__)
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    returned: list[Any] = [table.c.used]
-    if with_version:
-        returned.append(
-            _GALLERY_VERSION.with_only_columns(ProjectRow.gallery_version).scalar_subquery()
-        )
+    amount: BindParameter[int] = bindparam("quota_amount", type_=Integer)
     return (
         insert(table)
-        .values(caller=bindparam("quota_caller"), day=bindparam("quota_day"), used=1)
+        .values(caller=bindparam("quota_caller"), day=bindparam("quota_day"), used=amount)
         .on_conflict_do_update(
             index_elements=["caller", "day"],
-            set_={"used": table.c.used + 1},
-            where=table.c.used < bindparam("quota_limit"),
+            set_={"used": table.c.used + amount},
+            where=table.c.used + amount <= bindparam("quota_limit"),
         )
-        .returning(*returned)
+        .returning(table.c.used)
     )
 
 
@@ -188,32 +184,34 @@ class Repository:
         self.session.add(row)
 
     # quota
-    async def use_quota(self, caller: str, day: str, limit: int) -> int | None:
-        """Count one identification for ``caller`` today and return how many it has used;
-        None, counting nothing, when it has used ``limit`` already."""
+    async def use_quota(self, caller: str, day: str, limit: int, amount: int = 1) -> int | None:
+        """Count ``amount`` identifications for ``caller`` today and return how many it has
+        used; None, counting nothing, when fewer than ``amount`` are left of ``limit``."""
+        if amount > limit:  # a first insert would store it unchecked
+            return None
         statement = _use_quota_statement(self.session.get_bind().dialect.name)
-        values = {"quota_caller": caller, "quota_day": day, "quota_limit": limit}
-        used = (await self.session.execute(statement, values)).scalar_one_or_none()
-        return None if used is None or limit < 1 else int(used)
-
-    async def use_quota_reading_version(
-        self, caller: str, day: str, limit: int, project_id: str
-    ) -> tuple[int, int | None] | None:
-        """``use_quota`` with, read by the same statement, the gallery version of
-        ``project_id`` (None when there is no such project: the caller was charged all the
-        same, so roll back)."""
-        statement = _use_quota_statement(self.session.get_bind().dialect.name, with_version=True)
         values = {
             "quota_caller": caller,
             "quota_day": day,
             "quota_limit": limit,
-            "project_id": project_id,
+            "quota_amount": amount,
         }
-        row = (await self.session.execute(statement, values)).one_or_none()
-        if row is None or limit < 1:
-            return None
-        return int(row[0]), None if row[1] is None else int(row[1])
+        used = (await self.session.execute(statement, values)).scalar_one_or_none()
+        return None if used is None else int(used)
+
+    async def release_quota(self, caller: str, day: str, amount: int) -> None:
+        """Give back ``amount`` identifications counted ahead but not used."""
+        await self.session.execute(
+            update(QuotaRow)
+            .where(QuotaRow.caller == caller, QuotaRow.day == day)
+            .values(used=case((QuotaRow.used > amount, QuotaRow.used - amount), else_=0))
+        )
 
     async def quota_used(self, caller: str, day: str) -> int:
         row = await self.session.get(QuotaRow, (caller, day))
         return row.used if row else 0
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this session's transaction is committed (not if it rolls
+        back): what other requests must only learn of once they can read it."""
+        event.listen(self.session.sync_session, "after_commit", lambda _: callback(), once=True)

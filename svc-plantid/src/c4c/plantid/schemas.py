@@ -235,18 +235,34 @@ def _taxon(name: str | None, authorship: str | None = None) -> Taxon:
     )
 
 
-@functools.lru_cache(maxsize=4096)
 def _species(name: str, row: SpeciesRow | None, language: str) -> Species:
-    """Cached by row object (a cached flora's rows never change: a new gallery version loads
-    new ones): answers show the same few species again and again, and building one costs
-    more than the rest of a result."""
-    base = _taxon(name, row.authorship if row else None)
     names = (row.common_names or {}) if row else {}
+    return _species_of(
+        name,
+        row.authorship if row else None,
+        (row.genus if row else None) or name.split()[0],
+        row.family if row else None,
+        tuple(names.get(language) or names.get("en") or ()),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _species_of(
+    name: str,
+    authorship: str | None,
+    genus: str,
+    family: str | None,
+    common_names: tuple[str, ...],
+) -> Species:
+    """Cached by what it shows: answers show the same few species again and again, and
+    building one costs more than the rest of a result. (By value, not by row: a rebuilt
+    flora's new rows of unchanged species hit, and no old row is kept alive.)"""
+    base = _taxon(name, authorship)
     return Species(
         **base.model_dump(),
-        genus=_taxon((row.genus if row else None) or name.split()[0]),
-        family=_taxon(row.family if row else None),
-        commonNames=list(names.get(language) or names.get("en") or []),
+        genus=_taxon(genus),
+        family=_taxon(family),
+        commonNames=list(common_names),
     )
 
 
@@ -276,6 +292,7 @@ def identify_response(
     service_version: str,
     base_url: str,
 ) -> IdentifyResponse:
+    """The answer; ``base_url`` is read only for related images' links."""
     results = [
         Result(
             score=round(r.candidate.score, 5),

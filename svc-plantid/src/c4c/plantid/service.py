@@ -123,7 +123,8 @@ class Engine:
     """The model and the galleries built with it, shared by every request of the process.
     The model is built (first start) and loaded on first use, in a worker thread; a gallery
     is rebuilt when its project's gallery version changes, so edits apply without a
-    restart — in every replica, since the version lives in the database."""
+    restart — in every replica, since the version lives in the database. A version read is
+    trusted for ``gallery_check_seconds``; an edit through this replica drops it on commit."""
 
     def __init__(self, settings: PlantidSettings, storage: LocalDiskStorage) -> None:
         self.settings = settings
@@ -132,6 +133,10 @@ class Engine:
         self._lock = asyncio.Lock()
         self._floras: dict[GalleryKey, Flora] = {}
         self._flora_locks: dict[str, asyncio.Lock] = {}
+        self._versions: dict[str, tuple[int, float]] = {}
+        """Gallery version by project, with when it was read (monotonic seconds)."""
+        self.version_epoch = 0
+        """Counts the edits committed here: a version read across one is not kept."""
         self.tasks: set[asyncio.Task[None]] = set()
 
     def _spec(self) -> ModelSpec:
@@ -179,6 +184,27 @@ class Engine:
             return images, embed_photos(embedder, photos, max_pixels)
 
         return await asyncio.get_running_loop().run_in_executor(embedder.pool, work)
+
+    def known_version(self, project: str) -> int | None:
+        """The gallery version of ``project`` read recently enough to be trusted, if any."""
+        known = self._versions.get(project)
+        if known is None or time.monotonic() - known[1] > self.settings.gallery_check_seconds:
+            return None
+        return known[0]
+
+    def note_version(self, project: str, version: int, epoch: int) -> None:
+        """Remember a version read from the database, unless an edit was committed here since
+        the read began (``epoch``: ``version_epoch`` then): it may predate that edit."""
+        if epoch == self.version_epoch:
+            self._versions[project] = (version, time.monotonic())
+
+    def galleries_changed(self, project: str | None = None) -> None:
+        """An edit of ``project``'s gallery (None: of any project's) was committed."""
+        self.version_epoch += 1
+        if project is None:
+            self._versions.clear()
+        else:
+            self._versions.pop(project, None)
 
     def has_flora(self, project: str) -> bool:
         """Whether a flora of ``project`` is cached (of any version)."""
@@ -307,6 +333,11 @@ class PlantidService:
     async def delete_project(self, project_id: str) -> None:
         await self.project(project_id)
         await self.repo.delete_project(project_id)
+        self.repo.on_commit(lambda: self.engine.galleries_changed(project_id))
+
+    async def _bump_gallery(self, project_id: str) -> None:
+        await self.repo.bump_gallery(project_id)
+        self.repo.on_commit(lambda: self.engine.galleries_changed(project_id))
 
     # --- references -------------------------------------------------------------------------
     async def _species(self, info: SpeciesInfo) -> SpeciesRow:
@@ -335,6 +366,7 @@ class PlantidService:
         await self.repo.save_species(row)
         if described is not None and _described(row) != described:
             await self.repo.bump_galleries_holding(name)  # their cached floras show it
+            self.repo.on_commit(self.engine.galleries_changed)
         return row
 
     async def enrol(
@@ -377,7 +409,7 @@ class PlantidService:
             else:
                 duplicates += 1
         if added:
-            await self.repo.bump_gallery(project_id)
+            await self._bump_gallery(project_id)
         return added, duplicates
 
     async def references(
@@ -400,7 +432,7 @@ class PlantidService:
     async def delete_reference(self, reference_id: str) -> None:
         row = await self.reference(reference_id)
         await self.repo.delete_reference(reference_id)
-        await self.repo.bump_gallery(row.project_id)
+        await self._bump_gallery(row.project_id)
         # The photo file stays: another project may hold the same bytes, and a file without
         # a row costs only disk (content-addressed, so a re-enrolment reuses it).
 
@@ -413,48 +445,6 @@ class PlantidService:
         if project_id != ALL_PROJECTS and not versions:
             raise ProjectNotFound(f"There is no project {project_id!r}.")
         return GalleryKey(project_id, tuple(sorted(versions.items())), embedder.version)
-
-    async def admit(
-        self, project_id: str, caller: str | None, moment: datetime
-    ) -> tuple[GalleryKey, Quota | None]:
-        """Which gallery answers, and the caller's quota once this identification is charged
-        to it: one statement for one project. An unknown project is refused before a refused
-        quota, and charges nothing (raising rolls the charge back)."""
-        if caller is None or project_id == ALL_PROJECTS:
-            key = await self.gallery_key(project_id)
-            return key, None if caller is None else await self.use_quota(caller, moment)
-        limit = self.settings.daily_quota
-        charged = await self.repo.use_quota_reading_version(
-            caller, utc_day(moment), limit, project_id
-        )
-        if charged is None:
-            await self.gallery_key(project_id)  # unknown project: 404 rather than 429
-            raise self._quota_exceeded(moment)
-        used, version = charged
-        if version is None:
-            raise ProjectNotFound(f"There is no project {project_id!r}.")
-        embedder = await self.engine.embedder()
-        return GalleryKey(project_id, ((project_id, version),), embedder.version), Quota(
-            limit, used
-        )
-
-    # --- quota ------------------------------------------------------------------------------
-    async def use_quota(self, caller: str, moment: datetime) -> Quota:
-        limit = self.settings.daily_quota
-        used = await self.repo.use_quota(caller, utc_day(moment), limit)
-        if used is None:
-            raise self._quota_exceeded(moment)
-        return Quota(limit, used)
-
-    def _quota_exceeded(self, moment: datetime) -> QuotaExceeded:
-        limit = self.settings.daily_quota
-        return QuotaExceeded(
-            f"The daily quota of {limit} identifications is used up; it resets at 00:00 UTC.",
-            headers=rate_limit_headers(Quota(limit, limit), moment, exceeded=True),
-        )
-
-    async def quota(self, caller: str, moment: datetime) -> Quota:
-        return Quota(self.settings.daily_quota, await self.repo.quota_used(caller, utc_day(moment)))
 
     # --- imports ----------------------------------------------------------------------------
     async def start_import(self, project_id: str, fmt: str, source: str) -> ImportRow:
@@ -483,16 +473,107 @@ class PlantidService:
         return row
 
 
+@dataclass
+class _Lease:
+    """Identifications charged to one caller for one day ahead of use."""
+
+    used: int
+    """The caller's count in the database once they were charged."""
+    unused: int
+    """How many of them this process has not handed out yet."""
+
+
+class QuotaLedger:
+    """Callers' daily quotas, charged to the database ahead of use, in blocks of up to
+    ``quota_block`` (at most an eighth of what is left, so the last ones go one by one), then
+    handed out from memory: one write per block rather than one per request. Counts are
+    durable before use, so the quota is never exceeded and a restart forgets none; a clean
+    shutdown gives the unused ones back, a crash loses at most a block per caller (refused
+    early), and other replicas' unused blocks show as used."""
+
+    def __init__(self, sessions: Callable[[], Any], settings: PlantidSettings) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self._leases: dict[tuple[str, str], _Lease] = {}
+        self._lock = asyncio.Lock()  # one charge to the database at a time: they are rare
+
+    async def charge(self, caller: str, moment: datetime) -> Quota:
+        """One identification for ``caller``: what is left of the quota once charged, or
+        QuotaExceeded."""
+        key = (caller, utc_day(moment))
+        lease = self._leases.get(key)
+        if lease is None or not lease.unused:
+            async with self._lock:
+                lease = self._leases.get(key)
+                if lease is None or not lease.unused:
+                    lease = await self._reserve(key, lease, moment)
+        lease.unused -= 1  # no await since the check: no other request came between
+        return Quota(self.settings.daily_quota, lease.used - lease.unused)
+
+    async def _reserve(
+        self, key: tuple[str, str], spent: _Lease | None, moment: datetime
+    ) -> _Lease:
+        limit = self.settings.daily_quota
+        caller, day = key
+        known = spent.used if spent is not None else 0
+        block = max(1, min(self.settings.quota_block, (limit - known) // 8))
+        async with self.sessions() as session, session.begin():
+            repo = Repository(session)
+            used = await repo.use_quota(caller, day, limit, block)
+            if used is None and block > 1:  # others used some meanwhile: what is left, one
+                block, used = 1, await repo.use_quota(caller, day, limit, 1)
+        if used is None:
+            raise quota_exceeded(limit, moment)
+        # Leases of other days are void: their windows ended.
+        self._leases = {k: lease for k, lease in self._leases.items() if k[1] == day}
+        self._leases[key] = lease = _Lease(used, block)
+        return lease
+
+    async def quota(self, caller: str, moment: datetime) -> Quota:
+        """``caller``'s quota today, without what this process holds unused."""
+        day = utc_day(moment)
+        async with self._lock:  # no block charged between the two reads
+            async with self.sessions() as session:
+                used = await Repository(session).quota_used(caller, day)
+            lease = self._leases.get((caller, day))
+        return Quota(self.settings.daily_quota, used - (lease.unused if lease else 0))
+
+    async def close(self) -> None:
+        """Give back what was charged ahead and not used (today's)."""
+        day = utc_day(now())
+        unused = [(k[0], lease.unused) for k, lease in self._leases.items() if k[1] == day]
+        self._leases.clear()
+        unused = [(caller, amount) for caller, amount in unused if amount]
+        if not unused:
+            return
+        try:
+            async with self.sessions() as session, session.begin():
+                repo = Repository(session)
+                for caller, amount in unused:
+                    await repo.release_quota(caller, day, amount)
+        except Exception:  # as after a crash: those callers lose what they were charged ahead
+            log.warning("unused quota not given back", exc_info=True)
+
+
+def quota_exceeded(limit: int, moment: datetime) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"The daily quota of {limit} identifications is used up; it resets at 00:00 UTC.",
+        headers=rate_limit_headers(Quota(limit, limit), moment, exceeded=True),
+    )
+
+
 class Identifier:
     """Identification as requests and observation events ask for it, with the fewest
-    database round trips: one short transaction charges the caller's quota and reads the
-    gallery version (one statement); after inference none, unless the flora changed and must
-    be rebuilt (or a classifier model names species, whose metadata is read then).
+    database round trips: usually none. The caller's quota is charged from the ledger's
+    block, and the gallery version is read again only once ``gallery_check_seconds`` passed
+    (or an edit here dropped it), in a short read before inference; after
+    inference none, unless the flora changed and must be rebuilt (or a classifier model names
+    species, whose metadata is read then).
 
-    Inference does not wait for that transaction when it will most likely pass — a project
+    Inference does not wait for that admission when it will most likely pass — a project
     whose flora is cached, a caller not yet refused today: both run at once, and a refusal
     drops the inference's result. Otherwise (a first request, an unknown project, a caller
-    out of quota) nothing is inferred before the transaction passes."""
+    out of quota) nothing is inferred before admission passes."""
 
     def __init__(
         self, sessions: Callable[[], Any], engine: Engine, settings: PlantidSettings
@@ -500,6 +581,7 @@ class Identifier:
         self.sessions = sessions
         self.engine = engine
         self.settings = settings
+        self.ledger = QuotaLedger(sessions, settings)
         self._refused: set[tuple[str, str]] = set()
         """(caller, UTC day) whose quota was found used up."""
 
@@ -556,29 +638,38 @@ class Identifier:
     async def _admit(
         self, project_id: str, caller: str | None, moment: datetime, classifier: bool
     ) -> tuple[GalleryKey | None, Quota | None]:
-        """The gallery (None: a classifier needs none) and the caller's charged quota."""
-        if classifier and caller is None:
-            return None, None
+        """The gallery (None: a classifier needs none) and the caller's charged quota. An
+        unknown project is refused before a used-up quota, and charges nothing."""
+        key = None if classifier else await self._gallery_key(project_id)
+        if caller is None:
+            return key, None
         try:
-            async with self.sessions() as session, session.begin():
-                service = self._service(session)
-                if classifier:
-                    assert caller is not None
-                    return None, await service.use_quota(caller, moment)
-                return await service.admit(project_id, caller, moment)
+            return key, await self.ledger.charge(caller, moment)
         except QuotaExceeded:
-            assert caller is not None
             day = utc_day(moment)
             self._refused = {entry for entry in self._refused if entry[1] == day}
             self._refused.add((caller, day))
             raise
+
+    async def _gallery_key(self, project_id: str) -> GalleryKey:
+        if project_id != ALL_PROJECTS:
+            version = self.engine.known_version(project_id)
+            if version is not None:
+                embedder = await self.engine.embedder()
+                return GalleryKey(project_id, ((project_id, version),), embedder.version)
+        epoch = self.engine.version_epoch
+        try:
+            async with self.sessions() as session:
+                key = await self._service(session).gallery_key(project_id)
         except ProjectNotFound:
             self.engine.forget(project_id)  # no more inference started early for it
             raise
+        if project_id != ALL_PROJECTS:
+            self.engine.note_version(project_id, key.versions[0][1], epoch)
+        return key
 
     async def gallery(self, project_id: str) -> Gallery:
-        async with self.sessions() as session, session.begin():
-            key = await self._service(session).gallery_key(project_id)
+        key = await self._gallery_key(project_id)
         return (await self.engine.flora(key, self.sessions)).gallery
 
     async def _match(

@@ -21,6 +21,22 @@ class PlantidSettings(ServiceSettings):
     daily_quota: int = Field(
         500, ge=0, description="Identifications per API key (or anonymous caller) per UTC day."
     )
+    quota_block: int = Field(
+        16,
+        ge=1,
+        description="Identifications a replica charges to a caller's daily quota in the "
+        "database at once, then hands out from memory (fewer as the limit nears, one at a time "
+        "at the end): one write per block instead of one per request. The quota is never "
+        "exceeded; a replica that stops without its clean shutdown (which gives unused ones "
+        "back) loses at most this many of each caller's identifications for the day.",
+    )
+    gallery_check_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="How long a replica trusts the gallery version it last read for a project "
+        "before reading it again. Changes made through this replica apply at once; changes "
+        "made through another one show here within this time. 0 = read it on every request.",
+    )
     identify_max_bytes: int = Field(
         50 * MiB, ge=0, description="Largest body of POST /v2/identify (413 above)."
     )
