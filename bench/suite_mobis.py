@@ -5,13 +5,21 @@ and each photo's upload, which MOBIS streams on to ingest) and the p95 time from
 transports) and distributed (each its own process, RabbitMQ and PostgreSQL, over loopback
 HTTP).
 
+The latency of an observation runs from the start of its batch's sync call (the issue's "time
+from sync") to its score being visible in "my observations" as an app sees it: the list,
+refreshed every ``POLL_INTERVAL`` (0.2 s) with If-None-Match per page. It counts from when the
+sync has answered; the batch's photos are uploaded meanwhile, at the offered rate, and must all
+be stored (a failed upload counts its batch as never visible). Until 2026-11-24 a batch was
+registered only once all its 50 uploads had finished, which added them to every observation,
+and the watcher re-read the whole list every 20 ms, itself a load in the services' process.
+
 Measured once every service answers ``/readyz`` (quality: once its taxonomy and geography are
 loaded, which takes seconds), so the figures are of a running suite, not of its start.
 
 Baselines, measured in the same run and the same mode: the same observations and photos
-written straight into ingest (its batch endpoint, then each photo), and the p95 from that
-write to the score visible in ingest itself. The targets are absolute (the issue's):
-≥ 50 observations/s and p95 ≤ 1 s.
+written straight into ingest (its batch endpoint, then each photo), and the p95 from the
+start of that batch write to the score visible in ingest's list, measured the same way. The
+targets are absolute (the issue's): ≥ 50 observations/s and p95 ≤ 1 s.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ THROUGHPUT_BATCHES, THROUGHPUT_QUICK = 10, 2
 LATENCY_SECONDS, LATENCY_QUICK = 10, 2
 VISIBLE_TIMEOUT = 30.0
 UPLOADS_IN_FLIGHT = 8
+PAGE = 500  # items per page of the lists the watcher refreshes
+POLL_INTERVAL = 0.2  # how often the watcher refreshes the list, like an app showing it live
 TARGET_RATE, TARGET_P95 = 50.0, 1.0
 SERVICES = ("ingest", "quality", "mobis")
 POSTGRES_URL = os.environ.get(
@@ -96,8 +106,11 @@ def sync_batch(project: str) -> tuple[list[dict[str, Any]], list[bytes]]:
 
 # --- the two ways in: through MOBIS, and straight into ingest -------------------------------
 
-Send = Callable[[], Awaitable[list[str]]]
-"""Sends one batch of observations with their photos; the observation ids."""
+Synced = Callable[[list[str]], None]
+"""Told the observation ids of a batch as soon as the sync (or the batch write) answered."""
+Send = Callable[[Synced], Awaitable[list[str]]]
+"""Sends one batch of observations, tells ``synced``, then uploads their photos; the ids once
+every photo is stored (a failed sync or upload raises)."""
 
 
 async def _bounded(calls: list[Awaitable[httpx.Response]], ok: tuple[int, ...]) -> None:
@@ -113,12 +126,14 @@ async def _bounded(calls: list[Awaitable[httpx.Response]], ok: tuple[int, ...]) 
 
 
 def via_mobis(client: httpx.AsyncClient, project: str) -> Send:
-    async def send() -> list[str]:
+    async def send(synced: Synced) -> list[str]:
         items, photos = sync_batch(project)
         answer = await client.post("/mobis/v1/sync", json={"observations": items})
         statuses = [o["status"] for o in answer.json()["items"]]
         if answer.status_code != 200 or set(statuses) != {"created"}:
             raise RuntimeError(answer.text[:500])
+        ids = [item["id"] for item in items]
+        synced(ids)
         await _bounded(
             [
                 client.put(f"/mobis/v1/media/{item['media'][0]['id']}", content=data)
@@ -126,18 +141,20 @@ def via_mobis(client: httpx.AsyncClient, project: str) -> Send:
             ],
             (200,),
         )
-        return [item["id"] for item in items]
+        return ids
 
     return send
 
 
 def via_ingest(client: httpx.AsyncClient, project: str) -> Send:
-    async def send() -> list[str]:
+    async def send(synced: Synced) -> list[str]:
         items, photos = sync_batch(project)
         bodies = [item["observation"] | {"id": item["id"], "recordedBy": "bench"} for item in items]
         answer = await client.post("/ingest/v1/observations:batch", json=bodies)
         if answer.status_code != 200 or answer.json()["created"] != BATCH:
             raise RuntimeError(answer.text[:500])
+        ids = [item["id"] for item in items]
+        synced(ids)
         await _bounded(
             [
                 client.post(
@@ -149,7 +166,7 @@ def via_ingest(client: httpx.AsyncClient, project: str) -> Send:
             ],
             (201,),
         )
-        return [item["id"] for item in items]
+        return ids
 
     return send
 
@@ -159,29 +176,47 @@ Scored = Callable[[], Awaitable[set[str]]]
 
 
 def scored_in_mobis(client: httpx.AsyncClient) -> Scored:
-    async def scored() -> set[str]:
-        found: set[str] = set()
-        cursor = None
-        while True:
-            params = {"limit": 500} | ({"cursor": cursor} if cursor else {})
-            page = (await client.get("/mobis/v1/me/observations", params=params)).json()
-            found |= {o["id"] for o in page["items"] if o["scored"]}
-            cursor = page["next"]
-            if cursor is None:
-                return found
-
-    return scored
+    return _pages(client, "/mobis/v1/me/observations", {}, lambda o: bool(o["scored"]))
 
 
 def scored_in_ingest(client: httpx.AsyncClient, project: str) -> Scored:
+    return _pages(
+        client,
+        "/ingest/v1/observations",
+        {"project": project},
+        lambda o: o["quality"]["score"] is not None,
+    )
+
+
+def _pages(
+    client: httpx.AsyncClient,
+    path: str,
+    params: dict[str, Any],
+    is_scored: Callable[[dict[str, Any]], bool],
+) -> Scored:
+    """Every page of a list, as an app refreshes it: conditionally (If-None-Match with the
+    ETag it got for that page, where the service gives one), so an unchanged page costs the
+    app no parsing; the ids whose score is visible."""
+    cache: dict[str | None, tuple[str, set[str], str | None]] = {}  # cursor -> etag, ids, next
+
     async def scored() -> set[str]:
         found: set[str] = set()
         cursor = None
         while True:
-            params = {"project": project, "limit": 500} | ({"cursor": cursor} if cursor else {})
-            page = (await client.get("/ingest/v1/observations", params=params)).json()
-            found |= {o["id"] for o in page["items"] if o["quality"]["score"] is not None}
-            cursor = page["next"]
+            query = params | {"limit": PAGE} | ({"cursor": cursor} if cursor else {})
+            cached = cache.get(cursor)
+            headers = {"If-None-Match": cached[0]} if cached else {}
+            response = await client.get(path, params=query, headers=headers)
+            if response.status_code == 304 and cached:
+                ids, following = cached[1], cached[2]
+            else:
+                page = response.json()
+                ids = {o["id"] for o in page["items"] if is_scored(o)}
+                following = page["next"]
+                if etag := response.headers.get("etag"):
+                    cache[cursor] = (etag, ids, following)
+            found |= ids
+            cursor = following
             if cursor is None:
                 return found
 
@@ -192,12 +227,13 @@ def scored_in_ingest(client: httpx.AsyncClient, project: str) -> Scored:
 
 
 async def throughput(send: Send, batches: int) -> float:
-    """Observations/s, two batches in flight (an app syncs one batch at a time; two apps)."""
+    """Observations/s, two batches in flight (an app syncs one batch at a time; two apps),
+    each done once its photos are stored."""
     queue = iter(range(batches))
 
     async def worker() -> None:
         for _ in queue:
-            await send()
+            await send(lambda ids: None)
 
     started = time.perf_counter()
     await asyncio.gather(worker(), worker())
@@ -205,10 +241,14 @@ async def throughput(send: Send, batches: int) -> float:
 
 
 async def visible_latency(send: Send, scored: Scored, seconds: float) -> tuple[float, int]:
-    """(p95 in s, observations) from sending to the score being visible, at ``RATE``."""
+    """(p95 in s, observations) from the start of each batch's sync call to its
+    observations' scores being visible, at ``RATE``. An observation counts as seen once the
+    sync has answered (its photo may still be uploading: the uploads go on, at the offered
+    rate, and an observation whose batch failed, photos included, is never seen). The
+    watcher refreshes the list every ``POLL_INTERVAL``, as an app would."""
     sent: dict[str, float] = {}
     seen: dict[str, float] = {}
-    failed: list[float] = []
+    failed = 0
     done = asyncio.Event()
 
     async def watch() -> None:
@@ -222,7 +262,7 @@ async def visible_latency(send: Send, scored: Scored, seconds: float) -> tuple[f
             for observation_id in await scored() - seen.keys():
                 if observation_id in sent:
                     seen[observation_id] = time.perf_counter()
-            await asyncio.sleep(0.02)  # polling interval of the watcher, like an app's
+            await asyncio.sleep(max(0.0, POLL_INTERVAL - (time.perf_counter() - now)))
 
     async def offer() -> None:
         tasks = []
@@ -230,14 +270,21 @@ async def visible_latency(send: Send, scored: Scored, seconds: float) -> tuple[f
             started = time.perf_counter()
 
             async def one(at: float = started) -> None:
+                nonlocal failed
+                synced: list[str] = []
+
+                def register(ids: list[str]) -> None:
+                    synced.extend(ids)
+                    sent.update(dict.fromkeys(ids, at))
+
                 try:
-                    ids = await send()
+                    await send(register)
                 except RuntimeError as exc:  # overloaded: counted as never visible
                     log.warning("a batch failed: %s", str(exc)[:300])
-                    failed.append(at)
-                    return
-                for observation_id in ids:
-                    sent[observation_id] = at
+                    for observation_id in synced:
+                        sent.pop(observation_id, None)
+                        seen.pop(observation_id, None)
+                    failed += BATCH
 
             tasks.append(asyncio.create_task(one()))
             await asyncio.sleep(max(0.0, BATCH / RATE - (time.perf_counter() - started)))
@@ -247,8 +294,7 @@ async def visible_latency(send: Send, scored: Scored, seconds: float) -> tuple[f
     await asyncio.gather(watch(), offer())
     # Never seen, or failed: infinitely late.
     latencies = sorted(
-        [seen.get(i, float("inf")) - at for i, at in sent.items()]
-        + [float("inf")] * (BATCH * len(failed))
+        [seen.get(i, float("inf")) - at for i, at in sent.items()] + [float("inf")] * failed
     )
     p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
     log.info("%d of %d observations scored visibly", len(seen), len(latencies))
@@ -277,7 +323,11 @@ def rows(
             baseline=base_p95,
             target=f"<= {TARGET_P95:g} s",
             met=p95 <= TARGET_P95,
-            detail=f"{n} observations at {RATE:g}/s; baseline: ingest write -> score in ingest",
+            detail=(
+                f"{n} observations at {RATE:g}/s, from the start of the sync call (its photo "
+                f"uploads going on under the measurement) to scored in a list refreshed every "
+                f"{POLL_INTERVAL:g} s; baseline: ingest batch write -> score in ingest's list"
+            ),
         ),
     ]
 

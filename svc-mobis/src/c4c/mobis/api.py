@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Form, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from c4c.mobis import metrics
@@ -94,11 +95,11 @@ OidcErrorDescription = Annotated[str | None, Field(max_length=2000)]
 
 
 async def _user(principal: PrincipalDep, request: Request) -> UserRow:
-    # A transaction of its own, ended at once: the route may open others (SQLite allows
-    # one writer, and a request's session holds the lock until the request ends).
+    # A read-only transaction of its own, ended at once: the route may open others, and a
+    # write transaction would hold SQLite's one write lock (every request comes here).
     parts = _parts(request)
-    async with parts.runtime.db.sessions() as session, session.begin():
-        return await parts.accounts(session).user_of(principal, _bearer(request))
+    async with parts.reads() as repo:
+        return await parts.accounts(repo.session).user_of(principal, _bearer(request))
 
 
 UserDep = Annotated[UserRow, Depends(_user)]
@@ -301,8 +302,11 @@ def build_router(settings: MobisSettings) -> APIRouter:
     ) -> Response:
         password = body.password if body else None
         await accounts.forget(user, password, _bearer(request))
-        _parts(request).pseudonymiser.wake()
-        return Response(status_code=204)
+        # Woken once the request's transaction has committed (a background task runs after
+        # the answer): woken earlier, it may look before the handover is visible (PostgreSQL)
+        # and then sleep for its whole interval.
+        wake = BackgroundTask(_parts(request).pseudonymiser.wake)
+        return Response(status_code=204, background=wake)
 
     # --- app configuration -----------------------------------------------------------------
 
@@ -416,7 +420,7 @@ def build_router(settings: MobisSettings) -> APIRouter:
         after: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
     ) -> NotificationPage:
-        async with _parts(request).unit() as repo:
+        async with _parts(request).reads() as repo:
             rows = await repo.notifications(user.id, after=after, limit=limit)
             unread = await repo.unread_count(user.id)
         items = [_notification(row) for row in rows]
@@ -546,7 +550,7 @@ async def _event_stream(
         yield b"retry: 2000\n\n"
         while loop.time() < ends and not await request.is_disconnected():
             wake.clear()
-            async with parts.unit() as repo:
+            async with parts.reads() as repo:
                 if await repo.user(user_id) is None:
                     return
                 rows = await repo.notifications(user_id, after=after, limit=100)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import RowMapping, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,6 +20,23 @@ from c4c.mobis.models import (
     RefreshTokenRow,
     UserRow,
 )
+
+SHOWN = (
+    "seq",
+    "id",
+    "project",
+    "version",
+    "summary",
+    "score",
+    "grade",
+    "flags",
+    "scored_at",
+    "suggestions",
+    "created_at",
+    "updated_at",
+)
+"""The columns of an owned observation that "my observations" shows (the others cost
+decoding for nothing)."""
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -251,16 +268,20 @@ class Repository:
         )
 
     async def page_of(
-        self, user_id: str, *, before: int | None, limit: int
-    ) -> list[OwnedObservationRow]:
-        """The user's observations, newest first, with ``seq`` below ``before``."""
-        query = select(OwnedObservationRow).where(
-            OwnedObservationRow.user_id == user_id, OwnedObservationRow.confirmed.is_(True)
+        self, user_id: str, *, before: int | None, limit: int, only: str | None = None
+    ) -> list[RowMapping]:
+        """The user's observations, newest first, with ``seq`` below ``before`` (or just
+        ``only``), as plain rows: apps poll their list, and ORM objects cost most of a page."""
+        table = OwnedObservationRow.__table__
+        query = select(*(table.c[name] for name in SHOWN)).where(
+            table.c.user_id == user_id, table.c.confirmed.is_(True)
         )
         if before is not None:
-            query = query.where(OwnedObservationRow.seq < before)
-        query = query.order_by(OwnedObservationRow.seq.desc()).limit(limit)
-        return list((await self.session.execute(query)).scalars())
+            query = query.where(table.c.seq < before)
+        if only is not None:
+            query = query.where(table.c.id == only)
+        query = query.order_by(table.c.seq.desc()).limit(limit)
+        return list((await self.session.execute(query)).mappings())
 
     async def disown(self, user_id: str, pseudonym: str) -> int:
         """Hand the user's observations over to pseudonymisation; how many there were."""
@@ -306,17 +327,18 @@ class Repository:
         )
         return set((await self.session.execute(statement, list(rows))).scalars())
 
-    async def media_of(self, observation_ids: Sequence[str]) -> dict[str, list[ExpectedMediaRow]]:
-        found: dict[str, list[ExpectedMediaRow]] = {i: [] for i in observation_ids}
+    async def media_of(self, observation_ids: Sequence[str]) -> dict[str, list[RowMapping]]:
+        """The media announced for each observation, as plain rows (read only: pages of "my
+        observations" show them)."""
+        found: dict[str, list[RowMapping]] = {i: [] for i in observation_ids}
         if not observation_ids:
             return found
+        table = ExpectedMediaRow.__table__
         result = await self.session.execute(
-            select(ExpectedMediaRow)
-            .where(ExpectedMediaRow.observation_id.in_(observation_ids))
-            .order_by(ExpectedMediaRow.id)
+            select(table).where(table.c.observation_id.in_(observation_ids)).order_by(table.c.id)
         )
-        for row in result.scalars():
-            found[row.observation_id].append(row)
+        for row in result.mappings():
+            found[row["observation_id"]].append(row)
         return found
 
     async def media(self, media_ids: Sequence[str]) -> dict[str, ExpectedMediaRow]:

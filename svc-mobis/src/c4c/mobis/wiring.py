@@ -38,7 +38,7 @@ class Parts:
         self.notifier = Notifier()
         self.ingest = ingest or IngestOverHttp(lambda: runtime.clients.client("ingest"))
         self.plantid = plantid or PlantIdOverHttp(lambda: runtime.clients.client("plantid"))
-        self.observations = Observations(self.unit, self.ingest, settings)
+        self.observations = Observations(self.unit, self.reads, self.ingest, settings)
         self.pseudonymiser = Pseudonymiser(self.observations)
         runtime.add_background(self.pseudonymiser.start, self.pseudonymiser.stop)
         provider = OidcProvider.from_settings(settings)
@@ -50,6 +50,14 @@ class Parts:
     @contextlib.asynccontextmanager
     async def unit(self) -> AsyncIterator[Repository]:
         async with self.runtime.db.sessions() as session, session.begin():
+            yield Repository(session)
+
+    @contextlib.asynccontextmanager
+    async def reads(self) -> AsyncIterator[Repository]:
+        """A read-only unit: on SQLite a deferred transaction on the read pool, which takes
+        no write lock (a write transaction takes it up front), so reads wait for no writer
+        and no writer waits for them."""
+        async with self.runtime.db.readers() as session, session.begin():
             yield Repository(session)
 
     def accounts(self, session: AsyncSession) -> Accounts:

@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +43,9 @@ Units = Callable[[], AbstractAsyncContextManager[Repository]]
 """A new unit of work: a repository in a transaction committed when the block ends."""
 StateChange = ObservationScored | ObservationIdentified | ObservationUpdated
 """What an event tells of an observation MOBIS keeps the state of."""
+
+Plain = Mapping[Any, Any]
+"""A table row as a plain mapping of column name to value (SQLAlchemy's ``RowMapping``)."""
 
 READ_CHUNK = 1 << 16
 
@@ -121,48 +124,50 @@ def tips(flags: Sequence[Any] | None) -> list[str]:
     return out
 
 
-def _media_fields(row: ExpectedMediaRow) -> dict[str, Any]:
+def _media_fields(row: Plain) -> dict[str, Any]:
+    stored_at = row["stored_at"]
     return {
-        "id": row.id,
-        "contentType": row.content_type,
-        "size": row.size,
-        "received": row.size if row.stored_at else row.received,
-        "stored": row.stored_at is not None,
+        "id": row["id"],
+        "contentType": row["content_type"],
+        "size": row["size"],
+        "received": row["size"] if stored_at else row["received"],
+        "stored": stored_at is not None,
     }
 
 
 def media_state(row: ExpectedMediaRow) -> MediaState:
-    return MediaState(**_media_fields(row))
+    return MediaState(**_media_fields(_fields(row)))
 
 
-def my_observation(row: OwnedObservationRow, media: Sequence[ExpectedMediaRow]) -> dict[str, Any]:
-    """A :class:`MyObservation`'s fields: validated by the caller, a whole page at once
-    (apps poll their observations; a model built per item cost most of a page)."""
-    suggestions = row.suggestions or []
-    scored, identified = row.scored_at is not None, bool(suggestions)
-    if row.grade == "research":
+def my_observation(row: Plain, media: Sequence[Plain]) -> dict[str, Any]:
+    """A :class:`MyObservation`'s fields, from plain rows (``Repository.page_of`` and
+    ``media_of``): validated by the caller, a whole page at once (apps poll their
+    observations; a model built per item cost most of a page)."""
+    suggestions = row["suggestions"] or []
+    scored, identified = row["scored_at"] is not None, bool(suggestions)
+    if row["grade"] == "research":
         status = "research"
     elif identified:
         status = "identified"
     elif scored:
         status = "scored"
-    elif any(m.stored_at is None for m in media):
+    elif any(m["stored_at"] is None for m in media):
         status = "awaiting-media"
     else:
         status = "uploaded"
     return {
-        "id": row.id,
-        "project": row.project,
-        "version": row.version,
+        "id": row["id"],
+        "project": row["project"],
+        "version": row["version"],
         "status": status,
         "scored": scored,
         "identified": identified,
-        "observation": row.summary,
-        "quality": {"score": row.score, "grade": row.grade, "tips": tips(row.flags)},
+        "observation": row["summary"],
+        "quality": {"score": row["score"], "grade": row["grade"], "tips": tips(row["flags"])},
         "suggestions": suggestions,
         "media": [_media_fields(m) for m in media],
-        "createdAt": utc(row.created_at) or row.created_at,
-        "updatedAt": utc(row.updated_at) or row.updated_at,
+        "createdAt": utc(row["created_at"]),
+        "updatedAt": utc(row["updated_at"]),
     }
 
 
@@ -194,8 +199,10 @@ class ContentRange:
 
 
 class Observations:
-    def __init__(self, units: Units, ingest: Ingest, settings: MobisSettings) -> None:
+    def __init__(self, units: Units, reads: Units, ingest: Ingest, settings: MobisSettings) -> None:
+        """``reads``: read-only units (they take no write lock), for what only reads."""
         self.units = units
+        self.reads = reads
         self.ingest = ingest
         self.settings = settings
         self.upload_dir = settings.resolved_upload_dir
@@ -207,7 +214,7 @@ class Observations:
         edits one PATCH each (If-Match: the version the app edited)."""
         ids = [str(item.id) for item in items]
         announced = [str(m.id) for item in items for m in item.media]
-        async with self.units() as repo:
+        async with self.reads() as repo:
             owned = await repo.owned(ids)
             known_media = await repo.media(announced)
             media_of = await repo.media_of([i for i, r in owned.items() if r.user_id == user.id])
@@ -252,7 +259,9 @@ class Observations:
             elif row is not None and not row.confirmed:
                 creates.append((index, item, digest))  # an earlier attempt did not finish
             elif row is not None and row.body_hash == digest:
-                missing = [m.id for m in media_of.get(observation_id, []) if m.stored_at is None]
+                missing = [
+                    m["id"] for m in media_of.get(observation_id, []) if m["stored_at"] is None
+                ]
                 outcomes[index] = SyncOutcome(
                     index=index,
                     id=observation_id,
@@ -417,7 +426,7 @@ class Observations:
         version = int(answer.observation["version"])
         async with self.units() as repo:
             known = await repo.media_of([observation_id])
-            have = {m.id for m in known[observation_id]}
+            have = {m["id"] for m in known[observation_id]}
             new_media = [_media_row(observation_id, m) for m in item.media if str(m.id) not in have]
             await repo.add_media(new_media)
             await repo.update_owned(
@@ -429,7 +438,7 @@ class Observations:
                     "updated_at": datetime.now(UTC),
                 },
             )
-            missing = [m.id for m in known[observation_id] if m.stored_at is None]
+            missing = [m["id"] for m in known[observation_id] if m["stored_at"] is None]
         return SyncOutcome(
             index=index,
             id=observation_id,
@@ -443,22 +452,22 @@ class Observations:
     async def mine(self, user: UserRow, cursor: str | None, limit: int | None) -> MyObservationPage:
         size = min(limit or self.settings.page_size, 500)
         before = decode_cursor(cursor) if cursor else None
-        async with self.units() as repo:
+        async with self.reads() as repo:
             rows = await repo.page_of(user.id, before=before, limit=size + 1)
             more, rows = len(rows) > size, rows[:size]
-            media = await repo.media_of([r.id for r in rows])
-        items = [my_observation(r, media[r.id]) for r in rows]
+            media = await repo.media_of([r["id"] for r in rows])
+        items = [my_observation(r, media[r["id"]]) for r in rows]
         return MyObservationPage.model_validate(
-            {"items": items, "next": encode_cursor(rows[-1].seq) if more and rows else None}
+            {"items": items, "next": encode_cursor(rows[-1]["seq"]) if more and rows else None}
         )
 
     async def one(self, user: UserRow, observation_id: str) -> MyObservation:
-        async with self.units() as repo:
-            row = (await repo.owned([observation_id])).get(observation_id)
-            if row is None or row.user_id != user.id or not row.confirmed:
+        async with self.reads() as repo:
+            rows = await repo.page_of(user.id, before=None, limit=1, only=observation_id)
+            if not rows:
                 raise ObservationNotFound(f"You have no observation {observation_id}.")
             media = await repo.media_of([observation_id])
-        return MyObservation.model_validate(my_observation(row, media[observation_id]))
+        return MyObservation.model_validate(my_observation(rows[0], media[observation_id]))
 
     # --- media -----------------------------------------------------------------------------
 
@@ -475,7 +484,7 @@ class Observations:
         return media
 
     async def media_status(self, user: UserRow, media_id: str) -> MediaState:
-        async with self.units() as repo:
+        async with self.reads() as repo:
             return media_state(await self._my_media(repo, user, media_id))
 
     def _part(self, media_id: str) -> Path:
@@ -491,7 +500,7 @@ class Observations:
         """Append one chunk at the offset the server holds; the last one sends the whole
         file on to ingest. A chunk cut off by a dropped connection is not counted: the app
         asks for the offset and sends it again."""
-        async with self.units() as repo:
+        async with self.reads() as repo:
             media = await self._my_media(repo, user, media_id)
         if media.stored_at is not None:
             return media_state(media)
@@ -606,7 +615,7 @@ class Observations:
                 async with self.units() as repo:
                     await repo.forget_observation(row.id)
                 for m in media[row.id]:
-                    self._part(m.id).unlink(missing_ok=True)
+                    self._part(m["id"]).unlink(missing_ok=True)
                 done += 1
         return done
 
@@ -646,12 +655,15 @@ def _media_row(observation_id: str, media: Any) -> dict[str, Any]:
     }
 
 
-def _with(media: ExpectedMediaRow, **values: Any) -> ExpectedMediaRow:
-    fields = {
+def _fields(media: ExpectedMediaRow) -> dict[str, Any]:
+    return {
         c: getattr(media, c)
         for c in ("id", "observation_id", "sha256", "size", "content_type", "received", "stored_at")
     }
-    return ExpectedMediaRow(**(fields | values))
+
+
+def _with(media: ExpectedMediaRow, **values: Any) -> ExpectedMediaRow:
+    return ExpectedMediaRow(**(_fields(media) | values))
 
 
 def _subject(change: StateChange) -> str:
