@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,18 @@ import pytest
 from c4c.quality.geography import offline_geography
 from c4c.quality.images import analyse, hamming
 from c4c.quality.models import RuleSetRow
+from c4c.quality.repository import IndexedPhoto
 from c4c.quality.rules import CHECKS, CheckSettings, RuleSet, assess, dates, location, plausibility
 from c4c.quality.rules.grade import community_taxon
-from c4c.quality.rules.model import Context, Identification, Measurement, Observation
-from c4c.quality.service import ruleset_from
+from c4c.quality.rules.model import (
+    Context,
+    Duplicate,
+    Identification,
+    ImageFacts,
+    Measurement,
+    Observation,
+)
+from c4c.quality.service import DuplicateCandidates, QualityService, ruleset_from
 from c4c.shared.taxonomy import backbone
 
 NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
@@ -287,3 +296,32 @@ def test_a_stored_rule_set_reads_its_invalid_values_as_defaults() -> None:
     ruleset = ruleset_from("p", row(unreadable))
     assert ruleset.version == 2
     assert ruleset.params("recorded_date")["future_tolerance_hours"] == 24
+
+
+def test_duplicate_search_finds_what_comparing_each_pair_finds() -> None:
+    rng = random.Random(8)
+    photos = [
+        IndexedPhoto(f"m{i}", f"o{i % 40}", f"u{i % 7}", rng.getrandbits(64) - (1 << 63))
+        for i in range(400)
+    ]
+    photos[5] = photos[5]._replace(phash=None)
+    # Near copies of some candidates, among them one of the observation's own photos.
+    hashes = [rng.getrandbits(64) for _ in range(6)]
+    hashes += [(p.phash or 0) % (1 << 64) ^ (1 << rng.randrange(64)) for p in photos[:4]]
+    facts = {f"new{i}": ImageFacts(f"new{i}", True, phash=h) for i, h in enumerate(hashes)}
+    facts["m3"] = ImageFacts("m3", True, phash=(photos[3].phash or 0) % (1 << 64))
+    facts["none"] = ImageFacts("none", True)
+    obs = Observation(id="o1")
+    expected = [
+        Duplicate(f.media_id, p.observation_id, p.media_id, p.recorded_by, d)
+        for f in facts.values()
+        if f.phash is not None
+        for p in photos
+        if p.phash is not None
+        and p.observation_id != obs.id
+        and p.media_id != f.media_id
+        and (d := hamming(f.phash, p.phash % (1 << 64))) <= 12
+    ]
+    found = QualityService._duplicates(obs, facts, DuplicateCandidates(photos), 12)
+    assert found == expected
+    assert len(expected) >= 3  # the near copies of m0, m2 and m3 (m1 is the observation's own)

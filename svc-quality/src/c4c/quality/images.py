@@ -7,9 +7,11 @@ CPU-bound and blocking (OpenCV releases the GIL): run it in a worker thread."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from c4c.quality.rules.model import ImageFacts
@@ -98,3 +100,15 @@ def perceptual_hash(gray: np.ndarray) -> int:
 
 def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
+
+
+def hash_array(hashes: Iterable[int]) -> npt.NDArray[np.uint64]:
+    """64-bit hashes, signed (as stored) or not, as one array for :func:`hamming_all`."""
+    return np.fromiter((h % (1 << 64) for h in hashes), dtype=np.uint64)
+
+
+def hamming_all(a: int, hashes: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
+    """:func:`hamming` from ``a`` to each of ``hashes`` at once (a batch's duplicate search
+    compares each photo with thousands of candidates)."""
+    counts: npt.NDArray[np.uint8] = np.bitwise_count(hashes ^ np.uint64(a % (1 << 64)))
+    return counts

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
+import numpy as np
 from pydantic import ValidationError
 
 from c4c.quality import images
@@ -290,6 +291,15 @@ def _signed(phash: int) -> int:
     return phash - (1 << 64) if phash >= 1 << 63 else phash
 
 
+class DuplicateCandidates:
+    """A batch's duplicate candidates that have a hash, the hashes in one array: each photo
+    is compared with all of them in one vector operation."""
+
+    def __init__(self, photos: Sequence[IndexedPhoto]) -> None:
+        self.photos = [p for p in photos if p.phash is not None]
+        self.hashes = images.hash_array(p.phash for p in self.photos if p.phash is not None)
+
+
 def _day_of_year(event_date: str | None) -> int | None:
     if not event_date:
         return None
@@ -442,7 +452,9 @@ class QualityService:
         background, matches, taxa = await self._background(observations, seen)
         stored = await self._stored_photos(observations)
         photos = photos or Photos()
-        candidates = await self._duplicate_candidates([*stored.values(), *photos.analysed.values()])
+        candidates = DuplicateCandidates(
+            await self._duplicate_candidates([*stored.values(), *photos.analysed.values()])
+        )
         geography = self.knowledge.geography
         geography.prime((o.latitude, o.longitude) for o in observations)
         shared_s = (time.perf_counter() - started) / max(len(observations), 1)
@@ -634,29 +646,27 @@ class QualityService:
     def _duplicates(
         obs: Observation,
         facts: Mapping[str, ImageFacts],
-        candidates: Sequence[IndexedPhoto],
+        candidates: DuplicateCandidates,
         max_distance: int,
     ) -> list[Duplicate]:
         found = []
         for item in facts.values():
             if item.phash is None:
                 continue
-            for other in candidates:
-                if other.phash is None or obs.id == other.observation_id:
+            distances = images.hamming_all(item.phash, candidates.hashes)
+            for i in np.flatnonzero(distances <= max_distance).tolist():
+                other = candidates.photos[i]
+                if obs.id == other.observation_id or item.media_id == other.media_id:
                     continue  # the observation's own photos, indexed earlier
-                if item.media_id == other.media_id:
-                    continue
-                distance = images.hamming(item.phash, other.phash % (1 << 64))
-                if distance <= max_distance:
-                    found.append(
-                        Duplicate(
-                            item.media_id,
-                            other.observation_id,
-                            other.media_id,
-                            other.recorded_by,
-                            distance,
-                        )
+                found.append(
+                    Duplicate(
+                        item.media_id,
+                        other.observation_id,
+                        other.media_id,
+                        other.recorded_by,
+                        int(distances[i]),
                     )
+                )
         return found
 
     # --- events -----------------------------------------------------------------------------
