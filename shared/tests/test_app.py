@@ -493,3 +493,35 @@ async def test_the_openapi_document_says_errors_are_problem_documents(
     assert answer.status_code == 422
     assert answer.headers["content-type"] == "application/problem+json"
     assert set(document["components"]["schemas"]["Problem"]["required"]) <= answer.json().keys()
+
+
+async def test_a_routers_routes_are_the_apps_own_and_nested_routers_still_serve(
+    tmp_path: Path,
+) -> None:
+    flat = demo_router()
+    nested, inner = APIRouter(prefix="/demo/v1"), APIRouter()
+
+    @inner.get("/inner/{n}")
+    async def get_inner(n: int) -> dict[str, int]:
+        return {"n": n}
+
+    nested.include_router(inner)
+    settings = DemoSettings(data_dir=tmp_path, outbox_poll_interval=60)
+    app = create_service_app(
+        settings,
+        title="Demo",
+        description="Two routers.",
+        version="0.0.1",
+        prefixes=("/demo",),
+        routers=[flat, nested],
+    )
+    # Matched once, as the app's own routes (an included router is matched twice), and
+    # first: before the operations routes.
+    assert app.router.routes[: len(flat.routes)] == flat.routes
+    async with app.router.lifespan_context(app), client_for(app) as client:
+        created = await client.post("/demo/v1/items", json={"name": "a", "count": 1})
+        assert created.status_code == 201
+        assert (await client.get("/demo/v1/inner/7")).json() == {"n": 7}
+        assert (await client.get("/healthz")).status_code == 200
+        paths = (await client.get("/openapi.json")).json()["paths"]
+    assert {"/demo/v1/items", "/demo/v1/inner/{n}"} <= paths.keys()

@@ -127,6 +127,52 @@ async def test_sqlite_writers_from_two_engines_on_one_file(tmp_path: Path) -> No
         await second.dispose()
 
 
+async def test_sqlite_connections_go_back_to_the_pool_without_a_rollback_after_a_commit(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await sqlite_db.migrate([])
+    outbox = Outbox(sqlite_db, InProcessBus(), service="demo")
+    async with sqlite_db.engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection  # the pool's only one
+    rollbacks: list[bool] = []
+    rollback = driver.rollback
+
+    async def counted() -> None:
+        rollbacks.append(driver.in_transaction)
+        await rollback()
+
+    monkeypatch.setattr(driver, "rollback", counted)
+    async with sqlite_db.sessions() as session, session.begin():
+        outbox.add(session, new_event("demo", "demo.kept", {"n": 1}))
+    assert rollbacks == []  # committed: a rollback would be a thread trip for nothing
+
+    async def fail() -> None:
+        async with sqlite_db.sessions() as session, session.begin():
+            outbox.add(session, new_event("demo", "demo.dropped", {"n": 2}))
+            await session.flush()
+            raise RuntimeError("the handler failed")
+
+    with pytest.raises(RuntimeError):
+        await fail()
+    assert rollbacks == [True]
+    async with sqlite_db.sessions() as session:
+        assert list(await session.scalars(select(OutboxRow.type))) == ["demo.kept"]
+
+
+async def test_sqlite_a_connection_back_in_the_pool_with_a_transaction_open_is_rolled_back(
+    sqlite_db: Database,
+) -> None:
+    await sqlite_db.migrate([])
+    async with sqlite_db.engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        cursor = await driver.execute("BEGIN IMMEDIATE")  # behind SQLAlchemy's back
+        await cursor.close()
+        assert driver.in_transaction
+    async with sqlite_db.engine.connect() as conn:
+        assert (await conn.get_raw_connection()).driver_connection is driver
+        assert not driver.in_transaction  # else it would hold the write lock for good
+
+
 # --- PostgreSQL ----------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.pool import PoolResetState
 from sqlalchemy.util import await_only
 
 log = logging.getLogger("c4c.db")
@@ -66,13 +67,14 @@ class Database:
                 # without blocking the loop, where SQLite's busy handler polls with sleeps of
                 # up to 100 ms and starves the unlucky (seconds at p99 under load).
                 options.update(pool_size=1, max_overflow=0, pool_timeout=30)
-            options["connect_args"] = {"timeout": 30}
+            options.update(connect_args={"timeout": 30}, pool_reset_on_return=None)
         elif self.is_postgres and self.schema:
             options["connect_args"] = {"server_settings": {"search_path": self.schema}}
         self.engine: AsyncEngine = create_async_engine(self.url, **options)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_on_connect)
             event.listen(self.engine.sync_engine, "begin", _sqlite_on_begin)
+            event.listen(self.engine.sync_engine.pool, "reset", _sqlite_on_reset)
         elif self.is_postgres:
             event.listen(self.engine.sync_engine.pool, "checkout", _postgres_on_checkout)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
@@ -87,10 +89,12 @@ class Database:
                 pool_size=READERS,
                 max_overflow=0,
                 pool_timeout=30,
+                pool_reset_on_return=None,
                 connect_args={"timeout": 30},
             )
             event.listen(self._read_engine.sync_engine, "connect", _sqlite_reader_on_connect)
             event.listen(self._read_engine.sync_engine, "begin", _sqlite_reader_on_begin)
+            event.listen(self._read_engine.sync_engine.pool, "reset", _sqlite_on_reset)
             self.readers = async_sessionmaker(self._read_engine, expire_on_commit=False)
 
     async def migrate(self, locations: Sequence[str]) -> None:
@@ -166,6 +170,14 @@ def _begin(conn: Connection, statement: str) -> None:
 async def _execute_and_close(driver: Any, statement: str) -> None:
     cursor = await driver.execute(statement)
     await cursor.close()
+
+
+def _sqlite_on_reset(dbapi_connection: Any, _: Any, state: PoolResetState) -> None:
+    # The pool's own reset (``pool_reset_on_return``, off for SQLite) rolls back every
+    # connection it takes back, most of them just committed: a trip to aiosqlite's thread
+    # each for nothing. SQLite tells without a trip whether a transaction is open.
+    if state.asyncio_safe and dbapi_connection.driver_connection.in_transaction:
+        dbapi_connection.rollback()
 
 
 def _postgres_on_checkout(dbapi_connection: Any, *_: Any) -> None:
