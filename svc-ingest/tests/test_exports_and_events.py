@@ -16,6 +16,7 @@ from dwca.read import DwCAReader
 from geojson_pydantic import FeatureCollection
 
 from c4c.ingest.exports import CORE
+from c4c.ingest.schemas import ObservationIdentified, ObservationScored
 from c4c.shared.bus import CloudEvent, new_event
 from c4c.video.models import DetectionRow
 from c4c.video.service import detection_event_data
@@ -174,6 +175,86 @@ async def test_scores_and_identifications_are_written_back_once(
     assert o["bestMachineIdentification"]["modelVersion"] == "effnet-2026.1"
     machine = [i for i in o["identifications"] if i["kind"] == "machine"]
     assert len(machine) == 1  # the redelivered event had no second effect
+
+
+async def test_a_batch_of_write_backs_keeps_the_latest_of_each_observation(
+    client: httpx.AsyncClient, observation: Body, app: Any
+) -> None:
+    first, second = [
+        (await client.post(f"{API}/observations", json=observation())).json()["id"]
+        for _ in range(2)
+    ]
+    t0 = datetime.now(UTC)
+
+    def score(obs_id: str, grade: str, minutes: int) -> tuple[ObservationScored, datetime]:
+        data = {"observation_id": obs_id, "score": minutes, "grade": grade, "flags": []}
+        return ObservationScored.model_validate(data), t0 + timedelta(minutes=minutes)
+
+    def verdict(obs_id: str, name: str | None, minutes: int) -> tuple[Any, datetime]:
+        data = {
+            "observation_id": obs_id,
+            "model_version": "m1",
+            "candidates": [{"scientificName": name, "score": 0.5}] if name else [],
+        }
+        return ObservationIdentified.model_validate(data), t0 + timedelta(minutes=minutes)
+
+    async with app.state.parts.unit() as ingest:
+        await ingest.apply_scores(
+            [
+                score(first, "needs_id", 2),
+                score(second, "casual", 1),
+                score(first, "research", 3),
+                score(str(uuid.uuid4()), "research", 1),  # not stored here
+                score(first, "casual", 1),  # older than the one kept before it: dropped
+            ]
+        )
+        await ingest.apply_identifications(
+            [
+                verdict(first, "Quercus suber", 2),
+                verdict(first, "Quercus ilex", 1),
+                verdict(first, None, 4),  # rejected: nothing to keep
+            ]
+        )
+    async with app.state.parts.unit() as ingest:  # late, in a batch of its own
+        await ingest.apply_scores([score(first, "needs_id", 2)])
+    a = (await client.get(f"{API}/observations/{first}")).json()
+    b = (await client.get(f"{API}/observations/{second}")).json()
+    assert (a["quality"]["grade"], a["quality"]["score"]) == ("research", 3)
+    assert (b["quality"]["grade"], b["quality"]["score"]) == ("casual", 1)
+    assert a["bestMachineIdentification"]["scientificName"] == "Quercus suber"
+    machine = sorted(i["scientificName"] for i in a["identifications"] if i["kind"] == "machine")
+    assert machine == ["Quercus ilex", "Quercus suber"]
+
+
+async def test_a_burst_of_write_backs_ends_with_the_latest_score_of_each(
+    client: httpx.AsyncClient, observation: Body, app: Any, eventually: Any
+) -> None:
+    ids = [
+        (await client.post(f"{API}/observations", json=observation())).json()["id"]
+        for _ in range(10)
+    ]
+    bus = app.state.runtime.bus
+    t0 = datetime.now(UTC)
+    burst = []
+    for minutes in (3, 1, 2):  # the latest first: the others arrive late
+        for obs_id in ids:
+            event = new_event(
+                "quality",
+                "observation.scored",
+                {"observation_id": obs_id, "score": minutes, "grade": "casual", "flags": []},
+            )
+            burst.append(event.model_copy(update={"time": t0 + timedelta(minutes=minutes)}))
+    for event in burst + burst[:5]:  # and some redeliveries
+        await bus.publish(event)
+
+    async def scored() -> bool:
+        items = [(await client.get(f"{API}/observations/{i}")).json() for i in ids]
+        return all(o["quality"]["grade"] == "casual" for o in items)
+
+    await eventually(scored)
+    await bus.drain(10)
+    for obs_id in ids:
+        assert (await client.get(f"{API}/observations/{obs_id}")).json()["quality"]["score"] == 3
 
 
 async def test_a_detection_becomes_a_machine_observation(

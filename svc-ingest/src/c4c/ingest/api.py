@@ -47,6 +47,7 @@ UUID_PATTERN = r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$"
 SEQ_MAX = 2**63 - 1  # a BIGINT: a cursor's larger number would fail in the database
 IfMatch = Annotated[str | None, Header(alias="If-Match", max_length=1000)]
 _BATCH = TypeAdapter(list[ObservationCreate])
+Endpoint = Callable[..., Coroutine[Any, Any, Response]]
 
 
 class UnsupportedBody(ProblemError):
@@ -95,14 +96,19 @@ def decode_cursor(cursor: str, sort: str) -> tuple[datetime, int]:
         ) from exc
 
 
-def limited_route(max_bytes: int) -> type[APIRoute]:
+def limited_route(max_bytes: int, *, raw: bool = False) -> type[APIRoute]:
     """Routes that refuse bodies over ``max_bytes`` with a 413 problem, from Content-Length
     at once or while a chunked body streams in. (FastAPI's own ``max_body_size`` answers
-    in plain text; the app-wide limit is raised for media uploads, see ``app``.)"""
+    in plain text; the app-wide limit is raised for media uploads, see ``app``.) A ``raw``
+    route's endpoint takes the request alone and answers a ``Response``: it is called as it
+    is, as FastAPI's handler (dependency solving, answer serialisation) has nothing to do for
+    it but costs about 40 µs of CPU per request."""
 
     class LimitedRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            handler = super().get_route_handler()
+            handler: Callable[[Request], Coroutine[Any, Any, Response]] = (
+                self.endpoint if raw else super().get_route_handler()
+            )
 
             async def limited(request: Request) -> Response:
                 length = request.headers.get("content-length", "")
@@ -202,12 +208,41 @@ def _too_large(max_bytes: int) -> BodyTooLarge:
     )
 
 
-def build_router(settings: IngestSettings) -> APIRouter:
-    router = APIRouter()
-    json_routes = APIRouter(route_class=limited_route(settings.max_body_bytes))
-    batch_routes = APIRouter(route_class=limited_route(settings.batch_max_bytes))
+class _LimitedRoutes:
+    """Adds routes to ``router`` as :func:`limited_route` routes of ``max_bytes``: one router
+    for every route of the service, as FastAPI matches a request again at each level of
+    included routers (about 50 µs of CPU per create behind two levels, measured)."""
 
-    @json_routes.post(
+    def __init__(self, router: APIRouter, max_bytes: int, *, raw: bool = False) -> None:
+        self.router = router
+        self.route_class = limited_route(max_bytes, raw=raw)
+
+    def post(self, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+        return self._route("POST", path, options)
+
+    def patch(self, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+        return self._route("PATCH", path, options)
+
+    def _route(
+        self, method: str, path: str, options: dict[str, Any]
+    ) -> Callable[[Endpoint], Endpoint]:
+        def add(endpoint: Endpoint) -> Endpoint:
+            self.router.add_api_route(
+                path, endpoint, methods=[method], route_class_override=self.route_class, **options
+            )
+            return endpoint
+
+        return add
+
+
+def build_router(settings: IngestSettings) -> APIRouter:
+    # Routes are tried in the order they are defined here: the create first, the hot path.
+    router = APIRouter(prefix=PREFIX, tags=["ingest"])
+    json_routes = _LimitedRoutes(router, settings.max_body_bytes)
+    raw_routes = _LimitedRoutes(router, settings.max_body_bytes, raw=True)
+    batch_routes = _LimitedRoutes(router, settings.batch_max_bytes)
+
+    @raw_routes.post(
         "/observations",
         status_code=201,
         response_model=Observation,
@@ -408,12 +443,7 @@ def build_router(settings: IngestSettings) -> APIRouter:
         assert path is not None  # the local disk adapter always has one
         return FileResponse(path, media_type=media.media_type, headers=headers)
 
-    # The JSON routes first: creating is the hot path, and every route tried before the
-    # match costs (see c4c.shared.app).
-    api = APIRouter(prefix=PREFIX, tags=["ingest"])
-    for routes in (json_routes, batch_routes, router):
-        api.include_router(routes)
-    return api
+    return router
 
 
 async def _read(upload: UploadFile) -> AsyncIterator[bytes]:

@@ -36,5 +36,5 @@ def create_app(settings: IngestSettings | None = None, bus: EventBus | None = No
     )
     app.state.parts = parts = Parts(app.state.runtime, settings, storage)
     app.state.creations = Creations(parts, max_items=settings.batch_max_items)
-    app.state.uploads = MediaUploads(parts.unit, storage, settings)
+    app.state.uploads = MediaUploads(parts.unit, parts.reading, storage, settings)
     return app

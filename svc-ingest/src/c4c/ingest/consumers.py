@@ -1,9 +1,14 @@
 """Bus handlers (thin): write-backs from quality and plant identification, and video
-detections turned into observations. Each applies its effect once per event id."""
+detections turned into observations. Each applies its effect once per event id.
+
+The write-backs are gathered into batches (:class:`Batcher`): under load one transaction
+and a few statements for dozens of events (every observation is scored twice, on creation
+and when its photo arrives), and an observation a batch touches several times is written
+once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -12,8 +17,16 @@ from c4c.ingest.settings import IngestSettings
 from c4c.ingest.wiring import Parts
 from c4c.shared.app import Consumers, ServiceRuntime
 from c4c.shared.bus import CloudEvent
-from c4c.shared.inbox import idempotent
+from c4c.shared.inbox import Batcher, claim, idempotent, unhandled
 from c4c.shared.storage import MediaStorage
+
+SCORED, IDENTIFIED = "observation.scored", "observation.identified"
+CONSUMER = {SCORED: "ingest.score", IDENTIFIED: "ingest.identification"}
+"""The idempotency record of each written-back event type."""
+
+
+def consumer_of(event: CloudEvent) -> str:
+    return CONSUMER[event.type]
 
 
 def consumers(
@@ -21,25 +34,39 @@ def consumers(
 ) -> Callable[[ServiceRuntime], Consumers]:
     def make(runtime: ServiceRuntime) -> Consumers:
         wired = Parts(runtime, settings, storage)
+        db, service = runtime.db, runtime.service
 
-        async def scored(session: AsyncSession, event: CloudEvent) -> None:
-            data = ObservationScored.model_validate(event.data)
-            await wired.service(session).apply_score(data, event.time)
-
-        async def identified(session: AsyncSession, event: CloudEvent) -> None:
-            data = ObservationIdentified.model_validate(event.data)
-            await wired.service(session).apply_identified(data, event.time)
+        async def write_back(events: Sequence[CloudEvent]) -> None:
+            """A batch of write-backs in one transaction, in the events' order; the ones
+            handled already are skipped, the others recorded with their effects."""
+            async with db.sessions() as session, session.begin():
+                todo = await unhandled(session, events, consumer_of, service=service)
+                if not todo:
+                    return
+                await claim(session, todo, consumer_of)
+                ingest = wired.service(session)
+                scores = [
+                    (ObservationScored.model_validate(e.data), e.time)
+                    for e in todo
+                    if e.type == SCORED
+                ]
+                if scores:
+                    await ingest.apply_scores(scores)
+                verdicts = [
+                    (ObservationIdentified.model_validate(e.data), e.time)
+                    for e in todo
+                    if e.type == IDENTIFIED
+                ]
+                if verdicts:
+                    await ingest.apply_identifications(verdicts)
 
         async def detected(session: AsyncSession, event: CloudEvent) -> None:
             data = DetectionCreated.model_validate(event.data)
             await wired.service(session).apply_detection(data, event.time)
 
-        db, service = runtime.db, runtime.service
+        batcher = Batcher(write_back)
         return {
-            "observation.scored": idempotent(db, "ingest.score", scored, service=service),
-            "observation.identified": idempotent(
-                db, "ingest.identification", identified, service=service
-            ),
+            **dict.fromkeys(CONSUMER, batcher.handle),
             "detection.created": idempotent(db, "ingest.detection", detected, service=service),
         }
 

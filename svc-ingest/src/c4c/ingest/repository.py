@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     Integer,
+    bindparam,
     func,
     or_,
     select,
@@ -46,6 +47,15 @@ class Known:
     id: str
     body_hash: str
     deleted: bool
+
+
+@dataclass(frozen=True)
+class WriteBackState:
+    """An observation as the write-backs from other services see it."""
+
+    dataset_id: str
+    quality_assessed_at: datetime | None
+    best_identification_at: datetime | None
 
 
 def _sql_type(column: ColumnElement[Any]) -> str:
@@ -88,6 +98,8 @@ _INSERT_MEDIA = {
     "postgresql": postgresql.insert(MediaRow).on_conflict_do_nothing().returning(MediaRow.id),
     "sqlite": sqlite.insert(MediaRow).on_conflict_do_nothing().returning(MediaRow.id),
 }
+
+_UPDATE_BY_ID = update(ObservationRow).where(ObservationRow.id == bindparam("observation_id"))
 
 SORT_COLUMNS = {
     "created": ObservationRow.created_at,
@@ -152,6 +164,36 @@ class Repository:
             update(ObservationRow).where(ObservationRow.id == observation_id).values(**values)
         )
 
+    async def write_back_states(self, ids: Iterable[str]) -> dict[str, WriteBackState]:
+        """What the write-backs from other services compare with, of these observations (the
+        ones stored), locked until the transaction ends; in id order, so two batches lock
+        the rows they share in the same order."""
+        columns = (
+            ObservationRow.id,
+            ObservationRow.dataset_id,
+            ObservationRow.quality_assessed_at,
+            ObservationRow.best_identification_at,
+        )
+        wanted = sorted(set(ids))
+        found: dict[str, WriteBackState] = {}
+        for start in range(0, len(wanted), IN_CHUNK):
+            query = (
+                select(*columns)
+                .where(ObservationRow.id.in_(wanted[start : start + IN_CHUNK]))
+                .order_by(ObservationRow.id)
+                .with_for_update()
+            )
+            for row_id, dataset_id, assessed_at, identified_at in await self.session.execute(query):
+                found[row_id] = WriteBackState(dataset_id, utc(assessed_at), utc(identified_at))
+        return found
+
+    async def update_many(self, changes: Sequence[dict[str, Any]]) -> None:
+        """Update observations, each by its ``observation_id``, in one executemany; every
+        change has the same keys."""
+        if changes:
+            connection = await self.session.connection()
+            await connection.execute(_UPDATE_BY_ID, list(changes))
+
     # --- media and identifications ---------------------------------------------------------
 
     async def media_of(self, ids: Sequence[str]) -> dict[str, list[MediaRow]]:
@@ -213,6 +255,11 @@ class Repository:
     async def add_identification(self, row: IdentificationRow) -> None:
         self.session.add(row)
         await self.session.flush()
+
+    async def add_identifications(self, rows: Sequence[IdentificationRow]) -> None:
+        if rows:
+            self.session.add_all(rows)
+            await self.session.flush()
 
     # --- listing and exports ---------------------------------------------------------------
 

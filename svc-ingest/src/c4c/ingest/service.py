@@ -9,7 +9,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any, BinaryIO, Protocol, cast
@@ -677,54 +677,72 @@ class IngestService:
 
     # --- write-backs from other services ---------------------------------------------------
 
-    async def apply_score(self, scored: ObservationScored, when: datetime) -> None:
-        row = await self.repo.get(scored.observation_id, for_update=True)
-        if row is None or (utc(row.quality_assessed_at) or when) > when:
-            return  # unknown here, or an older assessment arriving late
-        await self.repo.update(
-            row.id,
-            {
+    async def apply_scores(self, scores: Sequence[tuple[ObservationScored, datetime]]) -> None:
+        """Quality's assessments, each dated by its event, in order: one is kept unless its
+        observation is unknown here or has a later one already (an older one arriving late).
+        An observation assessed several times in the batch is written once, as the last kept
+        left it."""
+        states = await self.repo.write_back_states(s.observation_id for s, _ in scores)
+        kept: dict[str, dict[str, Any]] = {}
+        for scored, when in scores:
+            state = states.get(scored.observation_id)
+            if state is None or (state.quality_assessed_at or when) > when:
+                continue
+            states[scored.observation_id] = replace(state, quality_assessed_at=when)
+            kept[scored.observation_id] = {
+                "observation_id": scored.observation_id,
                 "quality_score": scored.score,
                 "quality_grade": scored.grade,
                 "quality_flags": scored.flags,
                 "quality_assessed_at": when,
-            },
-        )
-        metrics.observation_scored(row.dataset_id, scored.grade)
+            }
+            metrics.observation_scored(state.dataset_id, scored.grade)
+        await self.repo.update_many(list(kept.values()))
 
-    async def apply_identified(self, identified: ObservationIdentified, when: datetime) -> None:
-        row = await self.repo.get(identified.observation_id, for_update=True)
-        if row is None or not identified.candidates:
-            return
-        best = identified.candidates[0]
-        await self.repo.add_identification(
-            IdentificationRow(
-                id=str(uuid.uuid4()),
-                observation_id=row.id,
-                identified_by="machine:" + (identified.model_version or "unknown"),
-                scientific_name=best.scientificName,
-                taxon_rank=best.taxonRank,
-                date_identified=when,
-                kind="machine",
-                model_version=identified.model_version,
-                score=best.score,
-                created_at=datetime.now(UTC),
+    async def apply_identifications(
+        self, verdicts: Sequence[tuple[ObservationIdentified, datetime]]
+    ) -> None:
+        """Plant identification's verdicts, each dated by its event, in order: each with a
+        candidate adds a machine identification (its best candidate) to its observation, and
+        becomes the best machine identification unless a later one is there already."""
+        states = await self.repo.write_back_states(v.observation_id for v, _ in verdicts)
+        added: list[IdentificationRow] = []
+        best: dict[str, dict[str, Any]] = {}
+        for identified, when in verdicts:
+            state = states.get(identified.observation_id)
+            if state is None or not identified.candidates:
+                continue
+            top = identified.candidates[0]
+            added.append(
+                IdentificationRow(
+                    id=str(uuid.uuid4()),
+                    observation_id=identified.observation_id,
+                    identified_by="machine:" + (identified.model_version or "unknown"),
+                    scientific_name=top.scientificName,
+                    taxon_rank=top.taxonRank,
+                    date_identified=when,
+                    kind="machine",
+                    model_version=identified.model_version,
+                    score=top.score,
+                    created_at=datetime.now(UTC),
+                )
             )
-        )
-        if (utc(row.best_identification_at) or when) <= when:
-            await self.repo.update(
-                row.id,
-                {
-                    "best_identification": {
-                        "scientificName": best.scientificName,
-                        "taxonRank": best.taxonRank,
-                        "score": best.score,
-                        "modelVersion": identified.model_version,
-                        "identifiedAt": _iso(when),
-                    },
-                    "best_identification_at": when,
+            if (state.best_identification_at or when) > when:
+                continue
+            states[identified.observation_id] = replace(state, best_identification_at=when)
+            best[identified.observation_id] = {
+                "observation_id": identified.observation_id,
+                "best_identification": {
+                    "scientificName": top.scientificName,
+                    "taxonRank": top.taxonRank,
+                    "score": top.score,
+                    "modelVersion": identified.model_version,
+                    "identifiedAt": _iso(when),
                 },
-            )
+                "best_identification_at": when,
+            }
+        await self.repo.add_identifications(added)
+        await self.repo.update_many(list(best.values()))
 
     async def apply_detection(self, detection: DetectionCreated, when: datetime) -> str:
         """A video detection as a MachineObservation (its id derived from the detection,
@@ -781,11 +799,14 @@ class MediaUploads:
     def __init__(
         self,
         units: Callable[[], AbstractAsyncContextManager[IngestService]],
+        readings: Callable[[], AbstractAsyncContextManager[IngestService]],
         storage: MediaStorage,
         settings: IngestSettings,
     ) -> None:
         self.units = units
         """Each call: a service in a transaction of its own, committed on exit."""
+        self.readings = readings
+        """Each call: a service in a read-only transaction (on SQLite, beside the writer)."""
         self.storage = storage
         self.settings = settings
 
@@ -797,7 +818,7 @@ class MediaUploads:
         declared_type: str | None,
     ) -> tuple[dict[str, Any], bool]:
         """Stream, check and store a media file; (media, created)."""
-        async with self.units() as service:
+        async with self.readings() as service:
             row, prior = await service.media_target(observation_id, media_id)
         storage, max_bytes = self.storage, self.settings.media_max_bytes
         if prior is not None:

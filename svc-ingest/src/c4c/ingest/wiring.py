@@ -50,6 +50,13 @@ class Parts:
         async with self.runtime.db.sessions() as session, session.begin():
             yield self.service(session)
 
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[IngestService]:
+        """A service in a read-only transaction: on SQLite it reads beside the one writer
+        instead of queueing for it (see ``Database.readers``)."""
+        async with self.runtime.db.readers() as session, session.begin():
+            yield self.service(session)
+
     def service(self, session: AsyncSession) -> IngestService:
         repo = Repository(session)
         return IngestService(repo, OutboxSink(self.runtime, session), self.settings, self.storage)
