@@ -103,18 +103,21 @@ async def claim(
 
 class Batcher:
     """Events the bus hands to its concurrent handlers, gathered into batches for
-    ``handle_many``: whatever arrives while a batch is handled forms the next one, so under
-    load a batch costs about what one event did, and at rest an event is handled at once,
-    alone. Each handler returns when its event is handled, or raises what failed it: a batch
-    that fails is handled again event by event, so only a bad event goes back to the bus."""
+    ``handle_many``: a batch is taken ``linger`` seconds after its first event came (those
+    that trickle in meanwhile join it), and whatever arrives while a batch is handled forms
+    the next one, so a batch costs about what one event did. Each handler returns when its
+    event is handled, or raises what failed it: a batch that fails is handled again event
+    by event, so only a bad event goes back to the bus."""
 
     def __init__(
         self,
         handle_many: Callable[[Sequence[CloudEvent]], Awaitable[None]],
         *,
+        linger: float = 0.0,
         max_items: int = 100,
     ) -> None:
         self.handle_many = handle_many
+        self.linger = linger
         self.max_items = max_items
         self._pending: list[tuple[CloudEvent, asyncio.Future[None]]] = []
         self._worker: asyncio.Task[None] | None = None
@@ -128,6 +131,8 @@ class Batcher:
 
     async def _drain(self) -> None:
         while self._pending:
+            if self.linger and len(self._pending) < self.max_items:
+                await asyncio.sleep(self.linger)
             batch, self._pending = self._pending[: self.max_items], self._pending[self.max_items :]
             try:
                 await self.handle_many([event for event, _ in batch])

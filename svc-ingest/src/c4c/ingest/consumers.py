@@ -64,7 +64,7 @@ def consumers(
             data = DetectionCreated.model_validate(event.data)
             await wired.service(session).apply_detection(data, event.time)
 
-        batcher = Batcher(write_back)
+        batcher = Batcher(write_back, linger=runtime.settings.event_linger_seconds)
         return {
             **dict.fromkeys(CONSUMER, batcher.handle),
             "detection.created": idempotent(db, "ingest.detection", detected, service=service),

@@ -2,7 +2,9 @@
 observations. The bus hands events to many concurrent handlers; they are gathered into
 batches (:class:`Batcher`), and each batch is applied in one short transaction that records
 its event ids with the effects (once per event id), then wakes the owners' live streams
-(after the commit, so the streams find the notifications)."""
+(after the commit, so the streams find the notifications). A batch lingers a moment
+(``event_linger_seconds``): the events of an upload trickle in (a new version, then a score)
+and would each take a transaction of their own."""
 
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def consumers(parts: Callable[[], Parts]) -> Callable[[ServiceRuntime], Consumer
             for owner in owners:
                 parts().notifier.wake(owner)
 
-        return dict.fromkeys(HANDLED, Batcher(apply).handle)
+        return dict.fromkeys(
+            HANDLED, Batcher(apply, linger=runtime.settings.event_linger_seconds).handle
+        )
 
     return make

@@ -57,7 +57,7 @@ class Ingest(Protocol):
         media_id: str,
         content_type: str,
         size: int,
-        chunks: AsyncIterable[bytes],
+        content: bytes | AsyncIterable[bytes],
     ) -> dict[str, Any]: ...
 
 
@@ -142,14 +142,15 @@ class IngestOverHttp:
         media_id: str,
         content_type: str,
         size: int,
-        chunks: AsyncIterable[bytes],
+        content: bytes | AsyncIterable[bytes],
     ) -> dict[str, Any]:
-        # A length, not chunked encoding: services refuse bodies without one (411).
+        # A length, not chunked encoding: services refuse bodies without one (411). Bytes
+        # (a photo in memory) go as one body, not streamed piece by piece.
         response = await self._call(
             "POST",
             f"{INGEST}/observations/{observation_id}/media",
             params={"mediaId": media_id},
-            content=chunks,
+            content=content,
             headers={"Content-Type": content_type, "Content-Length": str(size)},
         )
         if response.status_code in (200, 201):

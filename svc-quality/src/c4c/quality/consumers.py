@@ -124,7 +124,9 @@ class Scorer:
 def consumers(parts_of: Callable[[ServiceRuntime], Parts]) -> Callable[[ServiceRuntime], Consumers]:
     def make(runtime: ServiceRuntime) -> Consumers:
         parts = parts_of(runtime)
-        batcher = Batcher(Scorer(parts, runtime.service).score)
+        batcher = Batcher(
+            Scorer(parts, runtime.service).score, linger=runtime.settings.event_linger_seconds
+        )
 
         async def deleted(session: AsyncSession, event: CloudEvent) -> None:
             gone = ObservationDeleted.model_validate(event.data)

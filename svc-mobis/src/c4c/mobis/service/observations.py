@@ -477,7 +477,9 @@ class Observations:
             observationId=observation_id, missing=[m for m in mine.media if not m.stored]
         )
 
-    async def _my_media(self, repo: Repository, user: UserRow, media_id: str) -> ExpectedMediaRow:
+    @staticmethod
+    async def my_media(repo: Repository, user: UserRow, media_id: str) -> ExpectedMediaRow:
+        """The media, if of an observation of this user's (never another user's)."""
         media = await repo.media_of_user(media_id, user.id)
         if media is None:
             raise MediaNotFound(f"You have no media {media_id}.")
@@ -485,23 +487,18 @@ class Observations:
 
     async def media_status(self, user: UserRow, media_id: str) -> MediaState:
         async with self.reads() as repo:
-            return media_state(await self._my_media(repo, user, media_id))
+            return media_state(await self.my_media(repo, user, media_id))
 
     def _part(self, media_id: str) -> Path:
         return self.upload_dir / f"{uuid.UUID(media_id)}.part"
 
     async def upload_chunk(
-        self,
-        user: UserRow,
-        media_id: str,
-        span: ContentRange,
-        chunks: AsyncIterator[bytes],
+        self, media: ExpectedMediaRow, span: ContentRange, chunks: AsyncIterator[bytes]
     ) -> MediaState:
-        """Append one chunk at the offset the server holds; the last one sends the whole
-        file on to ingest. A chunk cut off by a dropped connection is not counted: the app
-        asks for the offset and sends it again."""
-        async with self.reads() as repo:
-            media = await self._my_media(repo, user, media_id)
+        """Append one chunk to the user's ``media`` (see :meth:`my_media`) at the offset the
+        server holds; the last one sends the whole file on to ingest. A chunk cut off by a
+        dropped connection is not counted: the app asks for the offset and sends it again."""
+        media_id = media.id
         if media.stored_at is not None:
             return media_state(media)
         if span.total != media.size:
@@ -534,15 +531,13 @@ class Observations:
         """A file sent in one request (the usual photo): checked in memory, no staging."""
         if hashlib.sha256(data).hexdigest() != media.sha256:
             raise ChecksumMismatch("The bytes received do not match the sha256 announced.")
+        return await self._send_on(media, data)
 
-        async def once() -> AsyncIterator[bytes]:
-            yield data
-
-        return await self._send_on(media, once())
-
-    async def _send_on(self, media: ExpectedMediaRow, chunks: AsyncIterator[bytes]) -> MediaState:
+    async def _send_on(
+        self, media: ExpectedMediaRow, content: bytes | AsyncIterator[bytes]
+    ) -> MediaState:
         await self.ingest.upload_media(
-            media.observation_id, media.id, media.content_type, media.size, chunks
+            media.observation_id, media.id, media.content_type, media.size, content
         )
         now = datetime.now(UTC)
         async with self.units() as repo:
