@@ -55,3 +55,28 @@ async def test_a_failed_batch_is_retried_event_by_event_without_lingering() -> N
     # One linger for the batch, none for the retries (five of them would take a second).
     assert loop.time() - started < 0.2 * 5
     assert str(outcomes[3]) == "a bad event"
+
+
+async def test_events_that_came_during_a_batch_wait_no_longer_than_the_linger() -> None:
+    """What arrives while a slow batch is handled is taken as soon as it is over: it has
+    waited its linger already."""
+    release, started = asyncio.Event(), asyncio.Event()
+    taken: list[tuple[list[int], float]] = []
+    loop = asyncio.get_running_loop()
+
+    async def handle_many(batch: Sequence[CloudEvent]) -> None:
+        taken.append(([event.data["n"] for event in batch], loop.time()))
+        if len(taken) == 1:
+            started.set()
+            await release.wait()
+
+    batcher = Batcher(handle_many, linger=0.3)
+    first = asyncio.create_task(batcher.handle(new_event("test", "thing.happened", {"n": 0})))
+    await started.wait()  # the first batch is being handled
+    later = asyncio.create_task(batcher.handle(new_event("test", "thing.happened", {"n": 1})))
+    await asyncio.sleep(0.4)  # longer than the linger, while the first batch still runs
+    released = loop.time()
+    release.set()
+    await asyncio.gather(first, later)
+    assert [numbers for numbers, _ in taken] == [[0], [1]]
+    assert taken[1][1] - released < 0.3  # taken at once, not after another linger

@@ -52,6 +52,17 @@ def test_a_clip_frame_reuses_the_analysis_luma_as_it_is(form: str) -> None:
     assert np.array_equal(luma, before)  # a full-range luma is mapped in the clip's copy only
 
 
+def test_a_luma_of_another_size_is_not_reused() -> None:
+    """A stream whose frames change size mid-way hands a luma of the old size: the clip frame
+    is resized from the picture instead of failing."""
+    decoded = DecodedPicture(
+        av.VideoFrame.from_ndarray(scene(), format="bgr24").reformat(format="yuv420p")
+    )
+    stale = np.zeros((12, 16), np.uint8)
+    frame = decoded.clip_frame((32, 24), stale).to_ndarray()
+    assert np.array_equal(frame, decoded.clip_frame((32, 24)).to_ndarray())
+
+
 def test_the_output_thread_runs_tasks_in_order_and_reports_a_failure() -> None:
     output = OutputThread("test-output")
     done: list[int] = []

@@ -103,11 +103,11 @@ async def claim(
 
 class Batcher:
     """Events the bus hands to its concurrent handlers, gathered into batches for
-    ``handle_many``: a batch is taken ``linger`` seconds after its first event came (those
-    that trickle in meanwhile join it), and whatever arrives while a batch is handled forms
-    the next one, so a batch costs about what one event did. Each handler returns when its
-    event is handled, or raises what failed it: a batch that fails is handled again event
-    by event, so only a bad event goes back to the bus."""
+    ``handle_many``: a batch is taken ``linger`` seconds after its oldest event came (those
+    that trickle in meanwhile join it; a full batch goes at once), and whatever arrives
+    while a batch is handled forms the next one, so a batch costs about what one event did.
+    Each handler returns when its event is handled, or raises what failed it: a batch that
+    fails is handled again event by event, so only a bad event goes back to the bus."""
 
     def __init__(
         self,
@@ -120,20 +120,28 @@ class Batcher:
         self.linger = linger
         self.max_items = max_items
         self._pending: list[tuple[CloudEvent, asyncio.Future[None]]] = []
+        self._first_came = 0.0  # loop time the oldest pending event came at
         self._worker: asyncio.Task[None] | None = None
 
     async def handle(self, event: CloudEvent) -> None:
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        if not self._pending:
+            self._first_came = loop.time()
         self._pending.append((event, done))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain(), name="batcher")
         await done
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending:
-            if self.linger and len(self._pending) < self.max_items:
-                await asyncio.sleep(self.linger)
+            # No event waits more than ``linger`` after it came for its batch to be taken.
+            wait = self._first_came + self.linger - loop.time()
+            if wait > 0 and len(self._pending) < self.max_items:
+                await asyncio.sleep(wait)
             batch, self._pending = self._pending[: self.max_items], self._pending[self.max_items :]
+            self._first_came = 0.0  # those left over (a full batch's) have waited already
             try:
                 await self.handle_many([event for event, _ in batch])
             except Exception as exc:

@@ -225,7 +225,7 @@ def _exif_datetime(value: Any, offset: Any) -> str | None:
 def _gps_degrees(value: Any, ref: Any, negative: str, limit: float) -> float | None:
     try:
         degrees, minutes, seconds = (Fraction(float(v)) for v in value)
-    except (TypeError, ValueError, ZeroDivisionError):
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):  # inf: OverflowError
         return None
     result = float(degrees + minutes / 60 + seconds / 3600)
     if isinstance(ref, bytes):

@@ -66,8 +66,9 @@ SELECT u.*, $4::text, $5::timestamptz, 0 FROM unnest($1::text[], $2::text[], $3:
 
 _MARK_PUBLISHED_POSTGRES = "UPDATE c4c_outbox SET published_at = $1 WHERE id = ANY($2::int4[])"
 PUBLISHERS = 256
-"""Events a relay pass has in flight at most (one per aggregate): the in-process bus answers
-a publish once its consumers (64 per queue) have handled it, RabbitMQ once it confirms."""
+"""Events a relay pass has in flight at most (one an aggregate, in order within it): the
+in-process bus answers a publish once its consumers (64 per queue) have handled it, RabbitMQ
+once it confirms; more in flight than that gains nothing."""
 
 
 class Outbox:
@@ -257,9 +258,9 @@ class Outbox:
                         break
                     published.append(row_id)
 
-        # A few publishers take the aggregates in turn: as many in flight as a task per
-        # aggregate gave (the bus confirms each), without a task per event (most events
-        # are an aggregate of their own).
+        # Up to PUBLISHERS publishers take the aggregates in turn, each an aggregate's
+        # events in order: enough in flight for the bus, without a task per event (most
+        # events are an aggregate of their own, and a pass reads up to batch_size).
         await asyncio.gather(*(send() for _ in range(min(len(groups), PUBLISHERS))))
 
         async with connect() as connection:

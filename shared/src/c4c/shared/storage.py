@@ -213,11 +213,16 @@ class LocalDiskStorage:
     def _move(self, staged: StagedBlob) -> None:
         target = self.root / staged.key
         # Same content, same key: replacing an existing copy with identical bytes is harmless.
+        synced = [target.parent]
         try:
             staged.path.replace(target)
         except FileNotFoundError:  # the first blob under this prefix
             target.parent.mkdir(parents=True, exist_ok=True)
             staged.path.replace(target)
+            synced += [target.parent.parent, self.root]
+        # The rename (and new folders) made durable too, before a row may point at the blob.
+        for folder in synced:
+            _fsync_folder(folder)
 
     async def discard(self, staged: StagedBlob) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -248,3 +253,11 @@ class LocalDiskStorage:
     async def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             await anyio.Path(self._path(key)).unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -540,9 +540,10 @@ class QuotaLedger:
 
     async def close(self) -> None:
         """Give back what was charged ahead and not used (today's)."""
-        day = utc_day(now())
-        unused = [(k[0], lease.unused) for k, lease in self._leases.items() if k[1] == day]
-        self._leases.clear()
+        async with self._lock:  # no block charged meanwhile would be left out
+            day = utc_day(now())
+            unused = [(k[0], lease.unused) for k, lease in self._leases.items() if k[1] == day]
+            self._leases.clear()
         unused = [(caller, amount) for caller, amount in unused if amount]
         if not unused:
             return

@@ -133,8 +133,8 @@ class DecodedPicture:
         planes = zip(frame.planes, small.planes, _TO_VIDEO_RANGE, strict=True)
         for plane, (source, target, lut) in enumerate(planes):
             pixels = _pixels(target)
-            if plane == 0 and luma is not None:
-                pixels[:] = luma
+            if plane == 0 and luma is not None and luma.shape == pixels.shape:
+                pixels[:] = luma  # a source that changed size mid-stream is resized instead
             else:
                 cv2.resize(
                     _pixels(source), pixels.shape[::-1], dst=pixels, interpolation=cv2.INTER_LINEAR
