@@ -199,24 +199,22 @@ async def test_a_batch_of_write_backs_keeps_the_latest_of_each_observation(
         return ObservationIdentified.model_validate(data), t0 + timedelta(minutes=minutes)
 
     async with app.state.parts.unit() as ingest:
-        await ingest.apply_scores(
+        await ingest.apply_write_backs(
             [
                 score(first, "needs_id", 2),
                 score(second, "casual", 1),
                 score(first, "research", 3),
                 score(str(uuid.uuid4()), "research", 1),  # not stored here
                 score(first, "casual", 1),  # older than the one kept before it: dropped
-            ]
-        )
-        await ingest.apply_identifications(
+            ],
             [
                 verdict(first, "Quercus suber", 2),
                 verdict(first, "Quercus ilex", 1),
                 verdict(first, None, 4),  # rejected: nothing to keep
-            ]
+            ],
         )
     async with app.state.parts.unit() as ingest:  # late, in a batch of its own
-        await ingest.apply_scores([score(first, "needs_id", 2)])
+        await ingest.apply_write_backs([score(first, "needs_id", 2)], [])
     a = (await client.get(f"{API}/observations/{first}")).json()
     b = (await client.get(f"{API}/observations/{second}")).json()
     assert (a["quality"]["grade"], a["quality"]["score"]) == ("research", 3)

@@ -50,15 +50,12 @@ def consumers(
                     for e in todo
                     if e.type == SCORED
                 ]
-                if scores:
-                    await ingest.apply_scores(scores)
                 verdicts = [
                     (ObservationIdentified.model_validate(e.data), e.time)
                     for e in todo
                     if e.type == IDENTIFIED
                 ]
-                if verdicts:
-                    await ingest.apply_identifications(verdicts)
+                await ingest.apply_write_backs(scores, verdicts)
 
         async def detected(session: AsyncSession, event: CloudEvent) -> None:
             data = DetectionCreated.model_validate(event.data)

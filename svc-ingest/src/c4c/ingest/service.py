@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from c4c.ingest import metrics
 from c4c.ingest.models import IdentificationRow, MediaRow, ObservationRow
-from c4c.ingest.repository import Known, Repository, utc
+from c4c.ingest.repository import Known, Repository, WriteBackState, utc
 from c4c.ingest.schemas import (
     DetectionCreated,
     Identification,
@@ -677,12 +677,27 @@ class IngestService:
 
     # --- write-backs from other services ---------------------------------------------------
 
-    async def apply_scores(self, scores: Sequence[tuple[ObservationScored, datetime]]) -> None:
+    async def apply_write_backs(
+        self,
+        scores: Sequence[tuple[ObservationScored, datetime]],
+        verdicts: Sequence[tuple[ObservationIdentified, datetime]],
+    ) -> None:
+        """A batch of other services' write-backs: every observation they touch locked at
+        once, in id order (two batches sharing rows cannot deadlock), then applied."""
+        ids = [s.observation_id for s, _ in scores] + [v.observation_id for v, _ in verdicts]
+        states = await self.repo.write_back_states(ids)
+        await self._apply_scores(scores, states)
+        await self._apply_identifications(verdicts, states)
+
+    async def _apply_scores(
+        self,
+        scores: Sequence[tuple[ObservationScored, datetime]],
+        states: dict[str, WriteBackState],
+    ) -> None:
         """Quality's assessments, each dated by its event, in order: one is kept unless its
         observation is unknown here or has a later one already (an older one arriving late).
         An observation assessed several times in the batch is written once, as the last kept
         left it."""
-        states = await self.repo.write_back_states(s.observation_id for s, _ in scores)
         kept: dict[str, dict[str, Any]] = {}
         for scored, when in scores:
             state = states.get(scored.observation_id)
@@ -699,13 +714,14 @@ class IngestService:
             metrics.observation_scored(state.dataset_id, scored.grade)
         await self.repo.update_many(list(kept.values()))
 
-    async def apply_identifications(
-        self, verdicts: Sequence[tuple[ObservationIdentified, datetime]]
+    async def _apply_identifications(
+        self,
+        verdicts: Sequence[tuple[ObservationIdentified, datetime]],
+        states: dict[str, WriteBackState],
     ) -> None:
         """Plant identification's verdicts, each dated by its event, in order: each with a
         candidate adds a machine identification (its best candidate) to its observation, and
         becomes the best machine identification unless a later one is there already."""
-        states = await self.repo.write_back_states(v.observation_id for v, _ in verdicts)
         added: list[IdentificationRow] = []
         best: dict[str, dict[str, Any]] = {}
         for identified, when in verdicts:
