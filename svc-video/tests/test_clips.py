@@ -10,8 +10,15 @@ import cv2
 import numpy as np
 import pytest
 
+from c4c.video.analysis.pictures import ReducedPicture
 from c4c.video.analysis.pipeline import AnalysisParams, DetectedEvent
-from c4c.video.analysis.sources import FileSummary, VideoUnreadable, analyse_file
+from c4c.video.analysis.sources import (
+    FileSummary,
+    VideoUnreadable,
+    analyse_file,
+    decode_reduced,
+    open_capture,
+)
 
 # People visible in vtest.avi (768x576, 10 fps, a campus walkway), counted by hand: the
 # frames at 10, 20, ..., 70 s were saved as PNG and every person on the walkway or the lawn
@@ -87,8 +94,8 @@ def test_clips_reuse_the_analysis_frame_at_the_clip_rate(test_data: Path, tmp_pa
         clip = cv2.VideoCapture(str(path))
         assert clip.get(cv2.CAP_PROP_FPS) == pytest.approx(10.0)
         assert (clip.get(cv2.CAP_PROP_FRAME_WIDTH), clip.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (
-            320,
-            180,
+            256,
+            144,
         )
         frames = 0
         while clip.grab():
@@ -108,14 +115,53 @@ def test_a_scene_busy_all_along_gets_back_to_back_clips_at_the_analysis_size(
     for path in clips:
         with av.open(str(path)) as clip:
             stream = clip.streams.video[0]
-            # The analysis frame of 768x576 (a quarter of its width) is the clip's luma.
-            assert (stream.codec_context.name, stream.width, stream.height) == ("h264", 192, 144)
+            # The analysis frame of 768x576 (160 px wide, the least) is the clip's luma.
+            assert (stream.codec_context.name, stream.width, stream.height) == ("h264", 160, 120)
             assert stream.average_rate == 10
             times = [float(frame.time) for frame in clip.decode(stream)]
         assert 10 <= len(times) <= 10 * 15
         assert times == pytest.approx([n / 10 for n in range(len(times))])  # plays at 10 fps
         encoded += len(times)
     assert 0.9 * summary.frames_analysed <= encoded <= summary.frames_analysed
+
+
+def mjpeg_copy(source: Path, target: Path, size: tuple[int, int]) -> Path:
+    """``source`` as an MJPEG camera would send it: every frame a JPEG of its own."""
+    with av.open(str(source)) as clip, av.open(str(target), "w") as out:
+        stream = out.add_stream("mjpeg", rate=clip.streams.video[0].average_rate)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuvj420p"
+        for frame in clip.decode(video=0):
+            out.mux(stream.encode(frame.reformat(*size, "yuvj420p")))
+        out.mux(stream.encode(None))
+    return target
+
+
+def test_mjpeg_is_decoded_at_the_analysis_size_and_keyframes_at_full_size(
+    test_data: Path, tmp_path: Path
+) -> None:
+    clip = mjpeg_copy(test_data / "video" / "cockatoo.mp4", tmp_path / "bird.avi", (640, 360))
+    capture = open_capture(str(clip))
+    decode_reduced(capture, AnalysisParams())
+    assert capture.grab()
+    picture = capture.retrieve()
+    assert isinstance(picture, ReducedPicture)
+    # A quarter of the width, by the JPEG decoder: the 160 px analysis needs no resize.
+    assert (picture.size, picture.grey().shape) == ((640, 360), (90, 160))
+    full = next(av.open(str(clip)).decode(video=0)).to_ndarray(format="bgr24")
+    assert np.array_equal(picture.colour(), full)  # decoded again from the frame's packet
+    capture.release()
+
+    events, summary = run(clip, tmp_path, analysis_fps=0)
+    assert summary.frames_analysed == 280
+    assert events
+    for event in events:
+        keyframe = cv2.imdecode(np.frombuffer(event.keyframe_jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert keyframe.shape == (360, 640, 3)
+        assert event.frame_size == (640, 360)
+    # Boxes are in the source's pixels, not the reduced frame's.
+    right = [o.box.x + o.box.w for event in events for o in event.boxes]
+    assert 160 < max(right) <= 640
 
 
 def test_an_empty_scene_makes_no_event(test_data: Path, tmp_path: Path) -> None:

@@ -37,6 +37,21 @@ def test_two_walkers_keep_their_ids_while_crossing_paths() -> None:
     assert first.hits == second.hits == 30
 
 
+def test_matching_takes_the_best_overlap_first_then_the_nearest_leftover() -> None:
+    tracker = Tracker()
+    tracker.update(0, 0.0, [Box(0, 0, 10, 10), Box(100, 0, 10, 10)])
+    # Box 1 overlaps track 1 best (IoU 0.82; box 0: 0.54); box 2 only touches track 2
+    # (IoU 0), but its centre is 0.7 diagonals away; box 0 is left for a new track.
+    update = tracker.update(1, 0.1, [Box(3, 0, 10, 10), Box(1, 0, 10, 10), Box(110, 0, 10, 10)])
+    assert [(t.id, t.last.box.x) for t in update.active] == [(1, 1), (2, 110), (3, 3)]
+    # A far box is a new track unless IoU alone decides (threshold 0): then it is matched.
+    far = [Box(500, 0, 10, 10)]
+    assert [t.id for t in tracker.update(2, 0.2, far).active] == [4]
+    anywhere = Tracker(TrackerParams(iou_threshold=0.0, max_distance=0.0))
+    anywhere.update(0, 0.0, [Box(0, 0, 10, 10)])
+    assert [t.id for t in anywhere.update(1, 0.1, far).active] == [1]
+
+
 def test_a_track_survives_a_short_occlusion_and_ends_after_max_lost() -> None:
     tracker = Tracker(TrackerParams(max_lost=2))
     boxes = walk(0, 5, 10)

@@ -94,10 +94,11 @@ def test_array_pictures_give_grey_colour_and_clip_frames() -> None:
 
 def test_analysis_width_follows_the_frame_size() -> None:
     auto = AnalysisParams()
-    assert analysis_width(auto, 1920) == 320
-    assert analysis_width(auto, 1280) == 320
-    assert analysis_width(auto, 1080) == 270
-    assert analysis_width(auto, 768) == 192
+    assert analysis_width(auto, 1920) == 320  # a fifth, at most 320
+    assert analysis_width(auto, 1600) == 320
+    assert analysis_width(auto, 1280) == 256
+    assert analysis_width(auto, 1080) == 216
+    assert analysis_width(auto, 768) == 160  # at least 160
     assert analysis_width(auto, 640) == 160
     assert analysis_width(auto, 320) == 160  # not upscaled: the detector caps the scale at 1
     assert analysis_width(AnalysisParams(analysis_width=200), 1280) == 200
@@ -106,9 +107,9 @@ def test_analysis_width_follows_the_frame_size() -> None:
 @pytest.mark.parametrize(
     ("frame_size", "clip_width", "analysis_size", "clip_size"),
     [
-        ((720, 405), 0, (180, 100), (180, 100)),  # even sides: the analysis frame is a clip's
-        ((1280, 720), 0, (320, 180), (320, 180)),
-        ((1280, 720), 640, (320, 180), (640, 360)),
+        ((1000, 563), 0, (200, 112), (200, 112)),  # even sides: the analysis frame is a clip's
+        ((1280, 720), 0, (256, 144), (256, 144)),
+        ((1280, 720), 640, (256, 144), (640, 360)),
         ((150, 101), 0, (150, 101), (150, 100)),  # not downscaled: the clip is resized alone
     ],
 )

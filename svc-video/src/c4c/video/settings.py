@@ -42,7 +42,7 @@ class VideoSettings(ServiceSettings):
     analysis_width: int = Field(
         0,
         ge=0,
-        description="Analysis downscales frames to this width; 0 = by frame size (a quarter "
+        description="Analysis downscales frames to this width; 0 = by frame size (a fifth "
         "of the source width, between 160 and 320).",
     )
     subtractor: Literal["mog2", "knn"] = Field("mog2", description="Background subtractor.")

@@ -16,7 +16,9 @@ from typing import Any, Protocol
 import av
 import cv2
 import numpy as np
+from av.video.codeccontext import VideoCodecContext
 from av.video.reformatter import VideoReformatter
+from av.video.stream import VideoStream
 from numpy.typing import NDArray
 
 Frame = NDArray[Any]  # uint8 pixels: BGR (height, width, 3) or grey (height, width)
@@ -81,7 +83,8 @@ class Picture(Protocol):
         ...
 
     def grey(self) -> Frame:
-        """Full-size 8-bit brightness."""
+        """8-bit brightness: full size, or smaller when the decoder reduced the frame (see
+        :class:`ReducedPicture`); never smaller than the analysis size."""
         ...
 
     def colour(self) -> Frame:
@@ -142,6 +145,39 @@ class DecodedPicture:
             if form.startswith("yuvj"):
                 cv2.LUT(pixels, lut, dst=pixels)
         return small
+
+
+class ReducedPicture(DecodedPicture):
+    """A frame of an intra-only source decoded at a fraction of its size (FFmpeg's
+    ``lowres``: the JPEG decoder scales the DCT, a third cheaper than a full decode, and no
+    resize from full size follows). Brightness and clip frames come from the small frame;
+    colour, wanted for a keyframe or a snapshot only, is decoded again at full size from the
+    frame's own packet, which needs no other frame."""
+
+    __slots__ = ("codec", "full_size", "packet")
+
+    def __init__(
+        self,
+        frame: av.VideoFrame,
+        packet: av.Packet[VideoStream],
+        codec: str,
+        full_size: tuple[int, int],
+    ) -> None:
+        super().__init__(frame)
+        self.packet, self.codec, self.full_size = packet, codec, full_size
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.full_size
+
+    def colour(self) -> Frame:
+        # A decoder of its own: the source's is reducing, and on another thread.
+        decoder = av.CodecContext.create(self.codec, "r")
+        assert isinstance(decoder, VideoCodecContext)  # a video source's codec
+        frames = decoder.decode(self.packet) + decoder.decode(None)
+        if not frames:  # pragma: no cover - the packet decoded once already
+            raise RuntimeError("the frame's packet no longer decodes")
+        return DecodedPicture(frames[0]).colour()
 
 
 class ArrayPicture:

@@ -2,7 +2,8 @@
 live stream (real time: reconnects with backoff, skips frames when analysis falls behind).
 
 Decoding is PyAV's (FFmpeg): frames stay YUV and the analysis reads their luma plane, so
-no frame pays for a full-size colour conversion it does not need; OpenCV is the fallback
+no frame pays for a full-size colour conversion it does not need, and MJPEG frames are
+decoded at about the analysis size (see ``PyAVCapture.reduce``); OpenCV is the fallback
 for inputs PyAV cannot decode. Each source runs a reader thread that decodes while the
 analysis thread analyses, so the two use both cores: FFmpeg and OpenCV release the GIL.
 """
@@ -26,12 +27,19 @@ import av
 import av.container
 import cv2
 import httpx
+from av.video.stream import VideoStream
 
 from c4c.shared.urls import UnsafeURL, URLPolicy
 from c4c.video.analysis.counting import Counters
 from c4c.video.analysis.guarded_io import GuardedOpener
-from c4c.video.analysis.pictures import ArrayPicture, DecodedPicture, Picture
-from c4c.video.analysis.pipeline import AnalysisParams, Analyzer, EventSink, RateGate
+from c4c.video.analysis.pictures import ArrayPicture, DecodedPicture, Picture, ReducedPicture
+from c4c.video.analysis.pipeline import (
+    AnalysisParams,
+    Analyzer,
+    EventSink,
+    RateGate,
+    analysis_width,
+)
 
 log = logging.getLogger("c4c.video.sources")
 
@@ -91,6 +99,13 @@ class Capture(Protocol):
     def release(self) -> None: ...
 
 
+# Intra-only codecs whose FFmpeg decoder scales the DCT (``lowres``: 1/2, 1/4 or 1/8 of the
+# width): a frame is decoded straight at about the analysis size (see ``ReducedPicture``).
+# MJPEG is what HTTP cameras send; 640x360 decoded at 160x90 costs 0.30 ms, not 0.45 + a resize.
+REDUCIBLE_CODECS = frozenset({"mjpeg"})
+MAX_REDUCTION = 3  # FFmpeg's ``lowres`` at most: 1/8
+
+
 def _rate(fps: float) -> float:
     return float(fps) if math.isfinite(fps) and 0 < fps < 1000 else DEFAULT_FPS
 
@@ -113,6 +128,21 @@ class PyAVCapture:
         self.frames_declared = self.stream.frames or self._estimated_frames()
         self._frames = self._decode()
         self._frame: av.VideoFrame | None = None
+        self._packet: av.Packet[VideoStream] | None = None
+        self._full_size: tuple[int, int] | None = None  # when frames are decoded reduced
+
+    def reduce(self, width: int) -> None:
+        """Decode frames at the smallest DCT-scaled size still ``width`` pixels wide, when
+        the codec can and nothing was decoded yet; a no-op otherwise."""
+        context = self.stream.codec_context
+        if context.name not in REDUCIBLE_CODECS or context.is_open:
+            return
+        factor = 0
+        while factor < MAX_REDUCTION and -(-context.width >> (factor + 1)) >= width:
+            factor += 1
+        if factor:
+            context.options = {**context.options, "lowres": str(factor)}
+            self._full_size = (context.width, context.height)
 
     def _estimated_frames(self) -> int:
         """Containers without a frame count (MPEG-PS, streams): from the duration, if any."""
@@ -123,7 +153,7 @@ class PyAVCapture:
             seconds = self.container.duration / av.time_base
         return max(0, int(seconds * self.fps))
 
-    def _decode(self) -> Generator[av.VideoFrame]:
+    def _decode(self) -> Generator[tuple[av.VideoFrame, av.Packet[VideoStream]]]:
         for packet in self.container.demux(self.stream):
             try:
                 frames = packet.decode()
@@ -131,14 +161,14 @@ class PyAVCapture:
                 continue
             for frame in frames:
                 if isinstance(frame, av.VideoFrame):
-                    yield frame
+                    yield frame, packet
 
     def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
         return True
 
     def grab(self) -> bool:
         try:
-            self._frame = next(self._frames, None)
+            self._frame, self._packet = next(self._frames, (None, None))
         except (av.FFmpegError, OSError, UnsafeURL) as exc:  # read error, time-out, reset
             log.info("source stopped: %s", exc)
             self._frame = None
@@ -151,14 +181,27 @@ class PyAVCapture:
         return self.guard.refusal if self.guard is not None else None
 
     def retrieve(self) -> Picture | None:
-        return DecodedPicture(self._frame) if self._frame is not None else None
+        frame, packet = self._frame, self._packet
+        if frame is None:
+            return None
+        if self._full_size is not None and packet is not None:
+            return ReducedPicture(frame, packet, self.stream.codec_context.name, self._full_size)
+        return DecodedPicture(frame)
 
     def release(self) -> None:
-        self._frame = None
+        self._frame = self._packet = None
         self._frames.close()
         self.container.close()
         if self.guard is not None:
             self.guard.close()
+
+
+def decode_reduced(capture: Capture, params: AnalysisParams) -> None:
+    """Let a source that can decode its frames small do so, as far as analysis and clips
+    allow."""
+    if isinstance(capture, PyAVCapture):
+        width = capture.stream.codec_context.width
+        capture.reduce(max(analysis_width(params, width), params.clip_width))
 
 
 class OpenCVCapture:
@@ -317,6 +360,7 @@ def analyse_file(
             "not a readable video: no container or codec that FFmpeg can open was found "
             "(corrupt, truncated before its index, or not a video)"
         )
+    decode_reduced(capture, params)
     fps = capture.fps
     declared = capture.frames_declared
     frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -538,6 +582,7 @@ class StreamWorker:
 
     def _consume(self, capture: Capture) -> int:
         """Read the stream until it ends; returns how many frames arrived."""
+        decode_reduced(capture, self.params)
         fps = capture.fps
         mailbox: list[tuple[int, float, float, Picture] | None] = [None]
         ready = threading.Condition()

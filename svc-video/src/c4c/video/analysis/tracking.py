@@ -1,5 +1,5 @@
 """Multi-object tracking of foreground blobs: boxes in, tracks with ids, ages and lost-frame
-counts out. No OpenCV, no I/O (numpy scores the pairs), so it is tested with hand-made boxes.
+counts out. No OpenCV, no I/O, so it is tested with hand-made boxes.
 
 Matching is greedy, best first: pairs of (track, box) by IoU with the track's predicted box
 (its last box moved by its last velocity, which keeps fast or sparsely sampled objects
@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import numpy as np
-from numpy.typing import NDArray
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,39 +160,56 @@ class Tracker:
 
     def _match(self, frame: int, boxes: list[Box]) -> list[tuple[int, int]]:
         """(track, box) index pairs: by IoU with the predicted boxes, best first, then the
-        leftovers by relative centroid distance, nearest first. Scores are computed for all
-        pairs at once with numpy: a busy scene has dozens of tracks and blobs per frame."""
-        predicted = _corners([track.predicted(frame) for track in self.tracks])
-        found = _corners(boxes)
-        iou = _iou(predicted, found)
+        leftovers by relative centroid distance, nearest first. Plain Python: a frame has a
+        handful to a few dozen of each, and most pairs do not overlap at all, which two
+        comparisons tell; numpy's per-call cost on such small arrays was twice this."""
+        params = self.params
+        predicted = [_corners(track.predicted(frame)) for track in self.tracks]
+        found = [_corners(box) for box in boxes]
+        threshold = params.iou_threshold
+        scored: list[tuple[float, int, int]] = []
+        for ti, (ax0, ay0, ax1, ay1) in enumerate(predicted):
+            area = (ax1 - ax0) * (ay1 - ay0)
+            for bi, (bx0, by0, bx1, by1) in enumerate(found):
+                if bx0 >= ax1 or bx1 <= ax0 or by0 >= ay1 or by1 <= ay0:  # disjoint: IoU 0
+                    if threshold <= 0:
+                        scored.append((0.0, ti, bi))
+                    continue
+                inter = (min(ax1, bx1) - max(ax0, bx0)) * (min(ay1, by1) - max(ay0, by0))
+                union = area + (bx1 - bx0) * (by1 - by0) - inter
+                iou = inter / union if union > 0 else 0.0
+                if iou >= threshold:
+                    scored.append((iou, ti, bi))
         taken_tracks: set[int] = set()
         taken_boxes: set[int] = set()
         matches: list[tuple[int, int]] = []
 
-        def take(candidates: tuple[NDArray[np.intp], ...], order: NDArray[np.intp]) -> None:
-            tracks, found_boxes = candidates[0][order].tolist(), candidates[1][order].tolist()
-            for ti, bi in zip(tracks, found_boxes, strict=True):
+        def take(candidates: list[tuple[float, int, int]]) -> None:
+            for _, ti, bi in candidates:
                 if ti not in taken_tracks and bi not in taken_boxes:
                     matches.append((ti, bi))
                     taken_tracks.add(ti)
                     taken_boxes.add(bi)
 
-        pairs = np.nonzero(iou >= self.params.iou_threshold)
-        # Highest IoU first; ties broken like a reverse sort of (iou, track, box) tuples.
-        take(pairs, np.lexsort((pairs[1], pairs[0], iou[pairs]))[::-1])
+        # Highest IoU first; ties to the higher track, then box index.
+        take(sorted(scored, reverse=True))
         if len(taken_tracks) == len(predicted) or len(taken_boxes) == len(found):
             return matches  # the usual frame: nothing left over to match by distance
 
         # Centroid distance in units of the predicted box's diagonal.
-        centres = (predicted[:, :2] + predicted[:, 2:]) / 2
-        delta = centres[:, None, :] - (found[None, :, :2] + found[None, :, 2:]) / 2
-        size = predicted[:, 2:] - predicted[:, :2]
-        diagonal = np.maximum(np.hypot(size[:, 0], size[:, 1]), 1.0)
-        relative = np.hypot(delta[..., 0], delta[..., 1]) / diagonal[:, None]
-        relative[list(taken_tracks), :] = np.inf
-        relative[:, list(taken_boxes)] = np.inf
-        pairs = np.nonzero(relative <= self.params.max_distance)
-        take(pairs, np.lexsort((pairs[1], pairs[0], relative[pairs])))
+        centres = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in found]
+        near: list[tuple[float, int, int]] = []
+        for ti, (ax0, ay0, ax1, ay1) in enumerate(predicted):
+            if ti in taken_tracks:
+                continue
+            cx, cy = (ax0 + ax1) / 2, (ay0 + ay1) / 2
+            diagonal = max(math.hypot(ax1 - ax0, ay1 - ay0), 1.0)
+            for bi, (bx, by) in enumerate(centres):
+                if bi not in taken_boxes:
+                    relative = math.hypot(cx - bx, cy - by) / diagonal
+                    if relative <= params.max_distance:
+                        near.append((relative, ti, bi))
+        take(sorted(near))
         return matches
 
     def flush(self) -> list[Track]:
@@ -204,20 +218,6 @@ class Tracker:
         return ended
 
 
-def _corners(boxes: list[Box]) -> NDArray[np.float64]:
-    """Boxes as rows of (x0, y0, x1, y1)."""
-    xywh = np.array([(b.x, b.y, b.w, b.h) for b in boxes], dtype=np.float64).reshape(-1, 4)
-    xywh[:, 2:] += xywh[:, :2]
-    return xywh
-
-
-def _iou(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Intersection over union of every row of ``a`` with every row of ``b``."""
-    low = np.maximum(a[:, None, :2], b[None, :, :2])
-    high = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(high - low, 0.0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    iou: NDArray[np.float64] = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    return iou
+def _corners(box: Box) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1)."""
+    return box.x, box.y, box.x + box.w, box.y + box.h
