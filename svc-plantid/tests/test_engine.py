@@ -3,6 +3,7 @@ them (checked against ImageNet classes on real photos), and the gallery's statis
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import struct
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from c4c.plantid.engine import efficientnet
 from c4c.plantid.engine.embedder import Embedder, ModelSpec, default_model
@@ -84,6 +86,32 @@ def test_graph_classifies_daisies_as_imagenet_daisy(model: ModelSpec, plants: Pa
     assert np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-4)
 
 
+def test_tensor_is_the_normalised_centre_square_channels_first(model: ModelSpec) -> None:
+    # Uneven mean and std per channel: the fused scaling must keep each channel's own.
+    spec = dataclasses.replace(model, mean=(120.0, 110.0, 100.0), std=(60.0, 55.0, 50.0))
+    rng = np.random.default_rng(4)
+    image = Image.fromarray(rng.integers(0, 256, size=(300, 400, 3), dtype=np.uint8))
+    embedder = Embedder(spec)
+    try:
+        tensor = embedder.tensor(image)
+        batch = np.zeros((2, 3, spec.input_size, spec.input_size), dtype=np.float32)
+        embedder.tensor(image, out=batch[1])
+    finally:
+        embedder.close()
+    square = np.asarray(
+        image.resize(
+            (spec.input_size, spec.input_size), Image.Resampling.BICUBIC, box=(50, 0, 350, 300)
+        ),
+        dtype=np.float32,
+    )
+    expected = ((square - spec.mean) / np.array(spec.std)).transpose(2, 0, 1)
+    assert tensor.shape == (3, spec.input_size, spec.input_size)
+    assert tensor.dtype == np.float32
+    assert np.allclose(tensor, expected, atol=1e-5)
+    assert np.array_equal(batch[1], tensor)
+    assert not batch[0].any()  # only the row asked for is written
+
+
 def _clusters(
     rng: np.random.Generator, classes: int, per_class: int, dim: int = 32
 ) -> tuple[np.ndarray, list[str]]:
@@ -134,3 +162,21 @@ def test_gallery_fuses_photos_with_organ_weights() -> None:
     assert both.candidates[0].species == names[0]
     swapped = gallery.identify(np.vstack([a, b]), ["bark", "flower"])
     assert swapped.candidates[0].species == names[6]
+
+
+def test_gallery_names_each_candidates_closest_references_best_first() -> None:
+    rng = np.random.default_rng(5)
+    x, names = _clusters(rng, 4, 5)
+    # Species interleaved, and one with fewer references (2) than candidates name (3).
+    order = rng.permutation(np.arange(3, len(x)))
+    x, names = x[order], [names[i] for i in order]
+    gallery = Gallery.fit("v1", x, names, ["flower"] * len(x), [str(i) for i in range(len(x))])
+    query = x[:2] + 0.05
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    found = gallery.identify(query, ["flower", "leaf"])
+    closest = (query @ x.T).max(axis=0)
+    assert {c.species for c in found.candidates} == set(names)
+    for candidate in found.candidates:
+        own = [i for i, name in enumerate(names) if name == candidate.species]
+        best_first = sorted(own, key=lambda i: -closest[i])
+        assert list(candidate.nearest) == best_first[:3]

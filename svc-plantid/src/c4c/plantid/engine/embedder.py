@@ -117,16 +117,19 @@ class Embedder:
         self.input = self.session.get_inputs()[0].name
         self.output = spec.output or self.session.get_outputs()[0].name
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="plantid-infer")
-        self._mean = np.array(spec.mean, dtype=np.float32)
-        self._inverse_std = 1 / np.array(spec.std, dtype=np.float32)
+        # (pixel - mean) / std as pixel * scale + offset, per channel (channels first).
+        std = np.array(spec.std, dtype=np.float32)
+        self._scale = (1 / std).reshape(3, 1, 1)
+        self._offset = (-np.array(spec.mean, dtype=np.float32) / std).reshape(3, 1, 1)
 
     @property
     def version(self) -> str:
         return self.spec.version
 
-    def tensor(self, image: Image.Image) -> np.ndarray:
+    def tensor(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
         """The model's input for one photo: the centred square (the whole short side),
-        resized to the input size, normalised, channels first."""
+        resized to the input size, normalised, channels first; written into ``out`` (a row
+        of the batch) when given."""
         width, height = image.size
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
@@ -134,10 +137,13 @@ class Embedder:
         square = image.resize(
             (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
         )
-        pixels = np.asarray(square, dtype=np.float32)
-        pixels -= self._mean
-        pixels *= self._inverse_std
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        if out is None:
+            out = np.empty((3, size, size), dtype=np.float32)
+        # Straight from the uint8 pixels: conversion, transposition and scaling in one pass
+        # (a sixth of the CPU of converting, normalising, then copying channels first).
+        np.multiply(np.asarray(square).transpose(2, 0, 1), self._scale, out=out)
+        out += self._offset
+        return out
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Raw inference on prepared tensors (what the benchmark compares against)."""
@@ -146,7 +152,11 @@ class Embedder:
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """One row per photo: unit-length embeddings, or class probabilities."""
-        out = self.run(np.stack([self.tensor(image) for image in images]))
+        size = self.spec.input_size
+        batch = np.empty((len(images), 3, size, size), dtype=np.float32)
+        for image, row in zip(images, batch, strict=True):
+            self.tensor(image, out=row)
+        out = self.run(batch)
         if self.spec.kind == "classifier":
             out = np.exp(out - out.max(axis=1, keepdims=True))
             return np.asarray(out / out.sum(axis=1, keepdims=True), dtype=np.float32)

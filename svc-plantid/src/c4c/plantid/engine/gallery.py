@@ -68,11 +68,12 @@ class Gallery:
     weights: np.ndarray
     temperature: float
     threshold: float
-    _members: list[np.ndarray] = field(init=False, repr=False)
-    """Per species, the indices of its references."""
+    _runs: list[tuple[int, int]] = field(init=False, repr=False)
+    """Per species, where its references start and end once sorted by species."""
 
     def __post_init__(self) -> None:
-        self._members = [np.flatnonzero(self.labels == i) for i in range(len(self.species))]
+        ends = np.cumsum(np.bincount(self.labels, minlength=len(self.species))).tolist()
+        self._runs = list(zip([0, *ends[:-1]], ends, strict=True))
 
     @classmethod
     def fit(
@@ -132,14 +133,14 @@ class Gallery:
         probabilities = _softmax(fused / self.temperature)
         similarities = queries @ self.embeddings.T  # (photos, references)
         best_similarity = float(similarities.max())
-        closest = similarities.max(axis=0)
+        # Every reference by species, then most similar first: one sort for all candidates.
+        ranked = np.lexsort((-similarities.max(axis=0), self.labels)).tolist()
+        scores = probabilities.tolist()
         candidates = []
         for i in np.argsort(-probabilities)[:limit].tolist():
-            own = self._members[i]
-            order = own[np.argsort(-closest[own])[:nearest]]
-            candidates.append(
-                Candidate(self.species[i], float(probabilities[i]), tuple(order.tolist()))
-            )
+            start, end = self._runs[i]
+            nearest_own = tuple(ranked[start : min(start + nearest, end)])
+            candidates.append(Candidate(self.species[i], scores[i], nearest_own))
         return Identification(
             candidates=candidates,
             best_similarity=best_similarity,
