@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -123,6 +123,43 @@ async def test_events_are_copies_not_shared_objects() -> None:
     assert received == sent
     assert received is not sent
     assert received.data is not sent.data
+
+
+async def test_an_encoded_event_travels_as_its_bytes() -> None:
+    bus = InProcessBus(BusOptions(delivery_limit=1))
+
+    async def refuse(received: CloudEvent) -> None:
+        raise RuntimeError("parked at once, with the body it was delivered")
+
+    await bus.subscribe("demo", ["demo.*"], refuse)
+    await bus.start()
+    # As an outbox row may hold it: not the key order nor the spacing CloudEvent writes.
+    body = b'{"type": "demo.raw", "data": {"n": 1}, "id": "e1", "source": "/c4c/test"}'
+    await bus.publish_encoded(body, event_id="e1", type="demo.raw", source="/c4c/test")
+    await bus.close(timeout=5)
+    [parked] = await bus.dead_letters("demo")
+    assert parked.body == body
+
+
+def recorder(seen: list[int]) -> Callable[[CloudEvent], Awaitable[None]]:
+    async def handler(received: CloudEvent) -> None:
+        seen.append(received.data["n"])
+
+    return handler
+
+
+async def test_a_queue_bound_after_a_type_was_routed_gets_the_next_ones() -> None:
+    bus = InProcessBus()
+    first: list[int] = []
+    second: list[int] = []
+    await bus.subscribe("first", ["demo.#"], recorder(first))
+    await bus.start()
+    await bus.publish(event("demo.routed", 1))
+    await bus.subscribe("second", ["demo.routed"], recorder(second))
+    await bus.publish(event("demo.routed", 2))
+    await bus.close(timeout=5)
+    assert first == [1, 2]
+    assert second == [2]
 
 
 # --- topic matching ------------------------------------------------------------------------

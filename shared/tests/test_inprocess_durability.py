@@ -115,22 +115,34 @@ async def test_outbox_prunes_only_published_rows_past_retention(tmp_path: Path) 
     bus = InProcessBus(FAST)
     await bus.start()
     outbox = Outbox(db, bus, service="ingest", retention=timedelta(days=7))
-    old, recent, unpublished = (new_event("ingest", "x", {"n": n}) for n in range(3))
+    now = datetime.now(UTC)
+    long_ago, week_ago = now - timedelta(days=9), now - timedelta(days=8)
+    # (created, published): in id order, as events are written.
+    states = {
+        "old": (long_ago, week_ago),
+        "never published": (long_ago, None),
+        "published lately": (long_ago, now - timedelta(days=1)),
+        "recent": (now, now),
+        "unpublished": (now, None),
+    }
+    events = {name: new_event("ingest", "x", {"name": name}) for name in states}
     async with db.sessions() as session, session.begin():
-        for event in (old, recent, unpublished):
+        for event in events.values():
             outbox.add(session, event)
     async with db.sessions() as session, session.begin():
-        now = datetime.now(UTC)
-        for event, published_at in ((old, now - timedelta(days=8)), (recent, now)):
+        for name, (created_at, published_at) in states.items():
             await session.execute(
                 update(OutboxRow)
-                .where(OutboxRow.event_id == event.id)
-                .values(published_at=published_at)
+                .where(OutboxRow.event_id == events[name].id)
+                .values(created_at=created_at, published_at=published_at)
             )
     assert await outbox.prune() == 1
     async with db.sessions() as session:
         left = set((await session.scalars(select(OutboxRow.event_id))).all())
-    assert left == {recent.id, unpublished.id}
+    assert left == {events[name].id for name in states if name != "old"}
+    async with db.sessions() as session, session.begin():  # everything old: no bound
+        await session.execute(update(OutboxRow).values(created_at=long_ago, published_at=week_ago))
+    assert await outbox.prune() == 4
     await bus.close(timeout=1)
     await db.dispose()
 

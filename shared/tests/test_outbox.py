@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from c4c.shared.bus import CloudEvent, InProcessBus
 from c4c.shared.db import Database
-from c4c.shared.outbox import Outbox, OutboxRow
+from c4c.shared.outbox import Outbox, OutboxRow, event_id_text
 
 pytestmark = pytest.mark.postgres
 
@@ -24,9 +25,14 @@ class RecordingBus(InProcessBus):
     def __init__(self) -> None:
         super().__init__()
         self.published: list[CloudEvent] = []
+        self.bodies: list[bytes] = []
 
     async def publish(self, event: CloudEvent) -> None:
         self.published.append(event)
+
+    async def publish_encoded(self, body: bytes, *, event_id: str, type: str, source: str) -> None:
+        self.bodies.append(body)
+        self.published.append(CloudEvent.from_json(body))
 
 
 @pytest.fixture
@@ -121,6 +127,49 @@ async def test_a_pass_run_by_hand_keeps_no_lock(replicas: list[Database]) -> Non
     assert len(second_bus.published) == 2
 
 
+async def test_the_relay_sends_each_row_as_it_is_stored(replicas: list[Database]) -> None:
+    db = replicas[0]
+    bus = RecordingBus()
+    outbox = Outbox(db, bus, service="demo")
+    await write(db, outbox, 3)
+    async with db.sessions() as session:
+        stored = list(await session.scalars(select(OutboxRow.body).order_by(OutboxRow.id)))
+    assert (await outbox.relay_once()).published == 3
+    assert bus.bodies == stored
+    assert [e.source for e in bus.published] == ["/c4c/demo"] * 3
+
+
+async def test_the_relay_reads_an_index_of_the_unpublished_rows_only(
+    replicas: list[Database], postgres_schema: str
+) -> None:
+    db = replicas[0]
+    async with db.engine.connect() as conn:
+        indexes = dict(
+            (
+                await conn.execute(
+                    text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = :s"),
+                    {"s": postgres_schema},
+                )
+            ).all()
+        )
+    assert "ix_c4c_outbox_published_at" not in indexes
+    assert indexes["ix_c4c_outbox_unpublished"].endswith("(id) WHERE (published_at IS NULL)")
+    outbox = Outbox(db, RecordingBus(), service="demo", retention=timedelta(days=7))
+    await write(db, outbox, 3)
+    assert (await outbox.relay_once()).published == 3
+    await write(db, outbox, 1)
+    async with db.sessions() as session, session.begin():  # the first two, long published
+        long_ago = datetime.now(UTC) - timedelta(days=9)
+        first = select(OutboxRow.id).order_by(OutboxRow.id).limit(2).scalar_subquery()
+        await session.execute(
+            update(OutboxRow)
+            .where(OutboxRow.id.in_(first))
+            .values(created_at=long_ago, published_at=long_ago)
+        )
+    assert await outbox.prune() == 2
+    assert (await outbox.relay_once()).published == 1
+
+
 async def test_a_batch_is_rolled_back_with_its_transaction(replicas: list[Database]) -> None:
     db = replicas[0]
     outbox = Outbox(db, RecordingBus(), service="demo")
@@ -151,3 +200,12 @@ async def test_pooled_connection_closed_by_the_server_is_replaced(
     await eventually(pooled.is_closed)  # the loop has read the server's goodbye
     async with db.engine.connect() as conn:  # no error: a fresh connection
         assert await conn.scalar(text("SELECT pg_backend_pid()")) != pid
+
+
+def test_event_ids_are_random_uuids_in_their_usual_text() -> None:
+    ids = [event_id_text() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for event_id in ids:
+        parsed = uuid.UUID(event_id)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert str(parsed) == event_id

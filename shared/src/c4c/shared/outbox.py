@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+import os
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from sqlalchemy import (
     DateTime,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -51,9 +52,19 @@ class OutboxRow(InfraBase):
     subject: Mapped[str | None] = mapped_column(String(200))
     body: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+    # What the relay reads, in its order (see migration c4c_shared_0002).
+    __table_args__ = (
+        Index(
+            "ix_c4c_outbox_unpublished",
+            "id",
+            postgresql_where=text("published_at IS NULL"),
+            sqlite_where=text("published_at IS NULL"),
+        ),
+    )
 
 
 Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
@@ -69,6 +80,16 @@ PUBLISHERS = 256
 """Events a relay pass has in flight at most (one an aggregate, in order within it): the
 in-process bus answers a publish once its consumers (64 per queue) have handled it, RabbitMQ
 once it confirms; more in flight than that gains nothing."""
+
+
+def event_id_text() -> str:
+    """A random (version 4) UUID as ``str(uuid.uuid4())`` writes it, in half its 3 µs (one
+    for every event of a batch, measured)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # the version
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    digits = raw.hex()
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
 class Outbox:
@@ -133,7 +154,7 @@ class Outbox:
         subjects: list[str | None] = []
         bodies: list[bytes] = []
         for subject, data in items:
-            event_id = str(uuid.uuid4())
+            event_id = event_id_text()
             envelope = {**base, "id": event_id, "data": data}
             if subject is not None:
                 envelope["subject"] = subject
@@ -252,7 +273,7 @@ class Outbox:
             while groups:
                 for row_id, body in groups.popleft():
                     try:
-                        await self.bus.publish(CloudEvent.from_json(body))
+                        await self._publish(body)
                     except Exception as exc:
                         failed[row_id] = repr(exc)[:2000]
                         break
@@ -279,6 +300,15 @@ class Outbox:
         if failed:
             log.warning("outbox events not published yet", extra={"count": len(failed)})
         return RelayPass(len(published), len(failed))
+
+    async def _publish(self, body: bytes) -> None:
+        """The row's bytes as they are, not a model made from them and encoded again (more
+        than half of the relay's CPU per event, measured): only what the bus needs to route
+        and count them is read from them."""
+        envelope = orjson.loads(body)
+        await self.bus.publish_encoded(
+            body, event_id=envelope["id"], type=envelope["type"], source=envelope["source"]
+        )
 
     async def _mark_published(self, connection: AsyncConnection, ids: list[int]) -> None:
         now = datetime.now(UTC)
@@ -308,10 +338,22 @@ class Outbox:
         return self._backlog_counted
 
     async def prune(self) -> int:
-        """Delete published rows older than ``retention``; how many went."""
+        """Delete published rows older than ``retention``; how many went. No index has
+        ``published_at`` (every relay pass would pay for it): the rows that may go are the
+        oldest, before the first one created since the cutoff (an event is published after
+        it is created), found along the primary key."""
         cutoff = datetime.now(UTC) - self.retention
+        old = OutboxRow.published_at < cutoff
         async with self.db.sessions() as session, session.begin():
-            result = await session.execute(delete(OutboxRow).where(OutboxRow.published_at < cutoff))
+            first_kept = await session.scalar(
+                select(OutboxRow.id)
+                .where(OutboxRow.created_at >= cutoff)
+                .order_by(OutboxRow.id)
+                .limit(1)
+            )
+            if first_kept is not None:
+                old = old & (OutboxRow.id < first_kept)
+            result = await session.execute(delete(OutboxRow).where(old))
         return int(getattr(result, "rowcount", 0) or 0)
 
     async def _prune_now_and_then(self) -> None:

@@ -71,6 +71,9 @@ class InProcessBus(EventBus):
         super().__init__(options or BusOptions())
         self._dead_letter_dir = dead_letter_dir
         self._queues: dict[str, _Queue] = {}
+        # The queues bound to each event type seen, so that a publish (the relay makes
+        # thousands a second) matches no pattern; forgotten when a binding is added.
+        self._routes: dict[str, list[_Queue]] = {}
         self._receipts: set[_Receipt] = set()
         self._workers: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
@@ -85,22 +88,26 @@ class InProcessBus(EventBus):
                 self._spawn_workers(queue, handler)
 
     async def publish(self, event: CloudEvent) -> None:
+        await self.publish_encoded(
+            event.to_json(), event_id=event.id, type=event.type, source=event.source
+        )
+
+    async def publish_encoded(self, body: bytes, *, event_id: str, type: str, source: str) -> None:
         if self._closing:
             raise PublishError("the bus is closing")
-        body = event.to_json()
-        targets = [
-            q
-            for q in self._queues.values()
-            if any(topic_matches(p, event.type) for p in q.patterns)
-        ]
-        labelled(BUS_PUBLISHED, event.source, event.type).inc()
+        targets = self._routes.get(type)
+        if targets is None:
+            targets = self._routes[type] = [
+                q for q in self._queues.values() if any(topic_matches(p, type) for p in q.patterns)
+            ]
+        labelled(BUS_PUBLISHED, source, type).inc()
         if not targets:
             return  # like an exchange with no binding for it: nobody wants the event
         receipt = _Receipt(len(targets), asyncio.get_running_loop().create_future())
         self._receipts.add(receipt)
         for queue in targets:
             queue.unsettled += 1
-            queue.ready.put_nowait(_Delivery(body, event.type, receipt))
+            queue.ready.put_nowait(_Delivery(body, type, receipt))
         if _handling.get():
             # Published from inside a handler: waiting could deadlock on our own workers. The
             # event in hand stays unsettled until this handler returns, so a crash replays
@@ -115,6 +122,7 @@ class InProcessBus(EventBus):
     async def subscribe(self, queue: str, patterns: Sequence[str], handler: Handler) -> None:
         q = self._queues.setdefault(queue, _Queue(queue))
         q.patterns.update(patterns)
+        self._routes.clear()
         q.handlers.append(handler)
         if self._started:
             self._spawn_workers(q, handler)

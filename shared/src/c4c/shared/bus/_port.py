@@ -74,6 +74,13 @@ class EventBus(abc.ABC):
     @abc.abstractmethod
     async def publish(self, event: CloudEvent) -> None: ...
 
+    async def publish_encoded(self, body: bytes, *, event_id: str, type: str, source: str) -> None:
+        """Publish an event already encoded (an outbox row's body, a CloudEvent's JSON), whose
+        ``id``, ``type`` and ``source`` are given, with :meth:`publish`'s promise. An adapter
+        that can send the bytes as they are overrides this: a model per event, parsed and
+        encoded again, was more than half of a relay's CPU per event (measured)."""
+        await self.publish(CloudEvent.from_json(body))
+
     @abc.abstractmethod
     async def subscribe(self, queue: str, patterns: Sequence[str], handler: Handler) -> None:
         """Bind ``queue`` to ``patterns`` and consume it with ``handler``; before or after
