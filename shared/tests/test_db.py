@@ -12,11 +12,11 @@ from sqlalchemy import delete, func, inspect, select, text
 from sqlalchemy.exc import OperationalError
 
 from c4c.shared.bus import InProcessBus, new_event
-from c4c.shared.db import Database
+from c4c.shared.db import Database, sqlite_execute
 from c4c.shared.outbox import Outbox, OutboxRow
 
 SHARED_TABLES = {"c4c_outbox", "c4c_processed_events", "c4c_shared_version"}
-HEAD = "c4c_shared_0001"
+HEAD = "c4c_shared_0002"
 
 
 @pytest.fixture
@@ -171,6 +171,40 @@ async def test_sqlite_a_connection_back_in_the_pool_with_a_transaction_open_is_r
     async with sqlite_db.engine.connect() as conn:
         assert (await conn.get_raw_connection()).driver_connection is driver
         assert not driver.in_transaction  # else it would hold the write lock for good
+
+
+async def test_sqlite_statements_straight_on_the_driver_take_one_trip_in_the_transaction(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await sqlite_db.migrate([])
+    async with sqlite_db.engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection  # the pool's only one
+    trips: list[object] = []
+    execute = driver._execute
+
+    async def counted(function: object, *args: object, **kwargs: object) -> object:
+        trips.append(function)  # each call is one trip to aiosqlite's thread
+        return await execute(function, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "_execute", counted)
+    async with sqlite_db.sessions() as session, session.begin():
+        conn = await session.connection()
+        assert len(trips) == 1  # BEGIN IMMEDIATE
+        assert driver.in_transaction
+        await sqlite_execute(conn, "CREATE TABLE kept (n INTEGER)")
+        rows = await sqlite_execute(conn, "INSERT INTO kept VALUES (?), (?) RETURNING n", [1, 2])
+        assert sorted(rows) == [(1,), (2,)]
+        assert len(trips) == 3
+
+    async def fail() -> None:
+        async with sqlite_db.sessions() as session, session.begin():
+            await sqlite_execute(await session.connection(), "INSERT INTO kept VALUES (3)")
+            raise RuntimeError("the handler failed")
+
+    with pytest.raises(RuntimeError):
+        await fail()
+    async with sqlite_db.engine.connect() as conn:
+        assert sorted(await sqlite_execute(conn, "SELECT n FROM kept")) == [(1,), (2,)]
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------

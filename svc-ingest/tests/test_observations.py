@@ -14,9 +14,14 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
+from c4c.ingest import api
+from c4c.ingest.app import create_app
 from c4c.ingest.models import ObservationRow
+from c4c.ingest.schemas import ObservationCreate
+from c4c.ingest.service import IngestService
+from c4c.ingest.settings import IngestSettings
 from c4c.shared.bus import CloudEvent
 
 API = "/ingest/v1"
@@ -152,6 +157,57 @@ async def test_concurrent_creates_written_together_are_each_answered_alone(
     stored = [a.json()["id"] for a in answers if a.status_code == 201]
     assert len(set(stored)) == 14
     await eventually(lambda: sorted(created_ids(events)) == sorted(stored))
+
+
+async def test_a_create_stores_the_row_a_batch_stores(
+    client: httpx.AsyncClient, observation: Body, app: Any
+) -> None:
+    # Single creates are inserted on their own path (straight on the driver on SQLite):
+    # every column holds what the batch path, through SQLAlchemy, stores for the same body.
+    fields = {
+        "measurements": [{"measurementType": "PM2.5", "measurementValue": 12.5}],
+        "locationObscured": True,
+        "individualCount": 2,
+        "eventDate": "2024-05-03T10:15:00.250+02:00",
+        "occurrenceRemarks": "windy",
+    }
+    single, batched = str(uuid.uuid4()), str(uuid.uuid4())
+    created = await client.post(f"{API}/observations", json=observation(id=single, **fields))
+    assert created.status_code == 201, created.text
+    batch = [observation(id=batched, **fields)]
+    answer = await client.post(f"{API}/observations:batch", json=batch)
+    assert answer.json()["created"] == 1, answer.text
+    query = text("SELECT * FROM observations WHERE id IN (:a, :b)")
+    async with app.state.runtime.db.engine.connect() as conn:
+        rows = {r.id: r._asdict() for r in await conn.execute(query, {"a": single, "b": batched})}
+    ours, theirs = rows[single], rows[batched]
+    differing = {"seq", "id", "occurrence_id", "body_hash", "created_at", "updated_at"}
+    assert {k: v for k, v in ours.items() if k not in differing} == {
+        k: v for k, v in theirs.items() if k not in differing
+    }
+    for name in ("created_at", "updated_at"):  # the same representation, another moment
+        assert type(ours[name]) is type(theirs[name])
+        assert len(str(ours[name])) == len(str(theirs[name]))
+    assert ours["occurrence_id"] == f"urn:uuid:{single}"
+
+
+async def test_a_large_group_of_creates_is_stored_whole(app: Any, observation: Body) -> None:
+    # More rows than one SQLite statement takes (SQLITE_ROWS_PER_INSERT), one of them taken.
+    taken = str(uuid.uuid4())
+    async with app.state.parts.unit() as service:
+        await service.create(ObservationCreate.model_validate(observation(id=taken)), None)
+    bodies = [observation(id=str(uuid.uuid4()), individualCount=i) for i in range(299)]
+    models = [ObservationCreate.model_validate(body) for body in [*bodies, observation(id=taken)]]
+    async with app.state.parts.unit() as service:
+        results = await service.create_many([(model, None) for model in models])
+    assert [r.observation["id"] if r else None for r in results] == [
+        *(body["id"] for body in bodies),
+        None,  # its id was taken: answered as a replay, by the caller
+    ]
+    ids = [body["id"] for body in bodies]
+    async with app.state.parts.reading() as service:
+        stored = await service.repo.known(ids=ids)
+    assert set(stored) == set(ids)
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -355,6 +411,52 @@ async def test_concurrent_batches_sharing_ids_store_each_once(
 
     await eventually(announced)
     assert sum(e.type == "observation.created" for e in events) == len(created)
+
+
+async def test_at_most_batch_writers_batches_are_written_at_once(
+    settings: IngestSettings,
+    observation: Body,
+    eventually: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings.batch_writers = 2
+    parsed, writing, most = 0, 0, 0
+    gate = asyncio.Event()
+    read_batch, create_batch = api._read_batch, IngestService.create_batch
+
+    async def reading(*args: Any) -> Any:
+        nonlocal parsed
+        items = await read_batch(*args)
+        parsed += 1
+        return items
+
+    async def writing_held(self: IngestService, items: Any) -> Any:
+        nonlocal writing, most
+        writing += 1
+        most = max(most, writing)
+        await gate.wait()
+        try:
+            return await create_batch(self, items)
+        finally:
+            writing -= 1
+
+    monkeypatch.setattr(api, "_read_batch", reading)
+    monkeypatch.setattr(IngestService, "create_batch", writing_held)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingest.test") as client:
+            posts = [
+                asyncio.create_task(
+                    client.post(f"{API}/observations:batch", json=[observation(), observation()])
+                )
+                for _ in range(5)
+            ]
+            await eventually(lambda: parsed == 5 and writing == 2)  # three wait, parsed
+            gate.set()
+            answers = await asyncio.gather(*posts)
+    assert [a.json()["created"] for a in answers] == [2] * 5
+    assert most == 2
 
 
 async def test_ndjson_batch_is_parsed_line_by_line(

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -161,15 +162,23 @@ def _sqlite_on_begin(conn: Connection) -> None:
 
 def _begin(conn: Connection, statement: str) -> None:
     # Straight on aiosqlite's connection (SQLAlchemy's way for awaitable-only driver calls in
-    # events): two trips to its thread, where a cursor through the adapter takes three. The
-    # cursor is closed: left to the garbage collector it outlives its connection.
+    # events), in one trip to its thread (about 40 µs of CPU each, measured), where a cursor
+    # through the adapter takes three. The cursor lives and dies on that thread, within the
+    # trip: none is left to the garbage collector to outlive its connection.
     driver: Any = conn.connection.driver_connection  # aiosqlite's, for a connection in use
-    await_only(_execute_and_close(driver, statement))
+    await_only(driver.execute_fetchall(statement))
 
 
-async def _execute_and_close(driver: Any, statement: str) -> None:
-    cursor = await driver.execute(statement)
-    await cursor.close()
+async def sqlite_execute(
+    connection: AsyncConnection, statement: str, parameters: Sequence[Any] = ()
+) -> list[Any]:
+    """``statement`` straight on aiosqlite's connection, in ``connection``'s transaction: one
+    trip to its thread, where a statement through SQLAlchemy takes four (cursor, execute,
+    fetch, close; about 40 µs of CPU each, measured). Its rows (of a RETURNING) as they
+    come. For hot paths: the parameters go as they are, no column type converts them."""
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection  # aiosqlite's
+    return list(await driver.execute_fetchall(statement, parameters))
 
 
 def _sqlite_on_reset(dbapi_connection: Any, _: Any, state: PoolResetState) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -241,6 +242,10 @@ def build_router(settings: IngestSettings) -> APIRouter:
     json_routes = _LimitedRoutes(router, settings.max_body_bytes)
     raw_routes = _LimitedRoutes(router, settings.max_body_bytes, raw=True)
     batch_routes = _LimitedRoutes(router, settings.batch_max_bytes)
+    # Batches written at once: beyond a few, each observation costs more CPU for no gain in
+    # rate (16 at once against 2: an eighth more here, a third more in PostgreSQL, measured),
+    # and every batch holds a pooled connection.
+    batch_writers = asyncio.Semaphore(settings.batch_writers)
 
     @raw_routes.post(
         "/observations",
@@ -281,9 +286,11 @@ def build_router(settings: IngestSettings) -> APIRouter:
             }
         },
     )
-    async def create_batch(request: Request, session: SessionDep) -> Response:
+    async def create_batch(request: Request) -> Response:
         items = await _read_batch(request, settings.batch_max_items)
-        outcomes = await _service(request, session).create_batch(items)
+        # Parsed before waiting its turn; written and committed in it.
+        async with batch_writers, _parts(request).unit() as service:
+            outcomes = await service.create_batch(items)
         counts = Counter(o["status"] for o in outcomes)
         body = {
             "created": counts["created"],

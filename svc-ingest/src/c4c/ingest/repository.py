@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -25,12 +26,15 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from c4c.ingest.models import IdentificationRow, MediaRow, ObservationRow
 from c4c.ingest.schemas import ObservationFilter
+from c4c.shared.db import sqlite_execute
 
 IN_CHUNK = 500  # ids per IN (...) list: well under every driver's parameter limit
+Row = dict[str, Any]  # column values by name
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -91,9 +95,41 @@ def _insert_new_postgres(names: tuple[str, ...]) -> str:
     )
 
 
-# SQLite's: built once, so its compiled form is cached; executed on the Core connection,
-# which skips the ORM's per-call work.
-_INSERT_NEW_SQLITE = sqlite.insert(ObservationRow).on_conflict_do_nothing()
+SQLITE_ROWS_PER_INSERT = 256  # x the columns: under SQLite's 32,766 parameters a statement
+
+
+@lru_cache(maxsize=32)
+def _insert_rows_sqlite(names: tuple[str, ...], count: int) -> str:
+    """SQLite's INSERT of ``count`` rows with the columns ``names`` as one VALUES list (as
+    SQLAlchemy sends an executemany with RETURNING), for the driver straight: its text
+    depends on the count, so the few counts in use are kept (SQLite's statement cache keeps
+    their compiled form)."""
+    row = f"({', '.join('?' * len(names))})"
+    return (
+        f"INSERT INTO {ObservationRow.__tablename__} ({', '.join(names)})"  # noqa: S608 - names from the table
+        f" VALUES {', '.join([row] * count)} ON CONFLICT DO NOTHING RETURNING id"
+    )
+
+
+@lru_cache(maxsize=8)  # an app's dialect, kept while in use (tests make many apps)
+def _sqlite_values(dialect: Dialect, names: tuple[str, ...]) -> Callable[[Row], list[Any]]:
+    """A row's values in the order of ``names``, each converted by its column's own bind
+    processor where it has one (a time to SQLite's text, JSON to its text): stored as the
+    ORM stores them. The rest are taken as they are, in one call."""
+    columns = ObservationRow.__table__.c
+    take = itemgetter(*names)
+    processors = [columns[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
+    converted = [(i, process) for i, process in enumerate(processors) if process is not None]
+
+    def values(row: Row) -> list[Any]:
+        out = list(take(row))
+        for i, process in converted:
+            out[i] = process(out[i])
+        return out
+
+    return values
+
+
 _INSERT_MEDIA = {
     "postgresql": postgresql.insert(MediaRow).on_conflict_do_nothing().returning(MediaRow.id),
     "sqlite": sqlite.insert(MediaRow).on_conflict_do_nothing().returning(MediaRow.id),
@@ -145,19 +181,27 @@ class Repository:
                 found[f"key:{key}"] = Known(row_id, body_hash, deleted_at is not None)
         return found
 
-    async def insert_many(self, rows: Sequence[dict[str, Any]]) -> set[str]:
+    async def insert_many(self, rows: Sequence[Row]) -> set[str]:
         """Insert; the ids stored (a row whose id or key is taken is left out). Every row has
-        the same keys."""
+        the same keys. On PostgreSQL the rows go as one JSON array; on SQLite straight to the
+        driver (``sqlite_execute``), ``SQLITE_ROWS_PER_INSERT`` a statement: SQLAlchemy's
+        per-call work and trips to the driver's thread cost more than the rows' conversion."""
         if not rows:
             return set()
         connection = await self.session.connection()
+        names = tuple(rows[0])
         if connection.dialect.name == "postgresql":
-            sql = _insert_new_postgres(tuple(rows[0]))
+            sql = _insert_new_postgres(names)
             result = await connection.exec_driver_sql(sql, (orjson.dumps(rows).decode(),))
-        else:
-            statement = _INSERT_NEW_SQLITE.returning(ObservationRow.id)
-            result = await connection.execute(statement, list(rows))
-        return set(result.scalars())
+            return set(result.scalars())
+        values = _sqlite_values(connection.dialect, names)
+        inserted: set[str] = set()
+        for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
+            chunk = rows[start : start + SQLITE_ROWS_PER_INSERT]
+            params = [value for row in chunk for value in values(row)]
+            sql = _insert_rows_sqlite(names, len(chunk))
+            inserted.update(row_id for (row_id,) in await sqlite_execute(connection, sql, params))
+        return inserted
 
     async def update(self, observation_id: str, values: dict[str, Any]) -> None:
         await self.session.execute(

@@ -14,6 +14,11 @@ class IngestSettings(ServiceSettings):
     batch_max_items: int = Field(
         1000, ge=1, description="Most observations in one POST /observations:batch."
     )
+    batch_writers: int = Field(
+        2,
+        ge=1,
+        description="Batches written to the database at once; the others wait, parsed.",
+    )
     batch_max_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Largest batch body (413 above)."
     )
