@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -16,6 +18,7 @@ from fastapi import FastAPI
 
 from c4c.mobis.remote import UpstreamFailed
 from c4c.mobis.repository import Repository
+from c4c.mobis.service.observations import ShownItems, StoredMarks
 from c4c.shared.bus import new_event
 
 PASSWORD = "correct horse battery"
@@ -505,3 +508,135 @@ async def test_a_media_id_taken_meanwhile_by_another_sync_fails_only_its_item(
     monkeypatch.undo()
     mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
     assert {o["id"] for o in mine} == {first["id"], other["id"]}
+
+
+async def test_photos_uploaded_together_are_marked_stored_together(
+    anonymous: httpx.AsyncClient, signed_up: Any, observation: Observation, app: FastAPI
+) -> None:
+    _, me = await signed_up("gc@example.org")
+    photos = [png(40 + i) for i in range(6)]
+    items = [item(observation(), [p]) for p in photos]
+    await anonymous.post("/mobis/v1/sync", json={"observations": items}, headers=me)
+    uploads = await asyncio.gather(
+        *(
+            anonymous.put(f"/mobis/v1/media/{i['media'][0]['id']}", content=p, headers=me)
+            for i, p in zip(items, photos, strict=True)
+        )
+    )
+    assert [u.status_code for u in uploads] == [200] * len(photos)
+    # Each answered once its mark was committed: a retried sync finds nothing missing.
+    again = await anonymous.post("/mobis/v1/sync", json={"observations": items}, headers=me)
+    assert [o["missingMedia"] for o in again.json()["items"]] == [[]] * len(photos)
+
+
+class _Marks:
+    """A repository that records the marks of each transaction; the first waits for
+    ``release``."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[list[str]] = []
+        self.writing = asyncio.Event()
+        self.release = asyncio.Event()
+        self.fail = fail
+
+    async def mark_media_stored(self, marks: Sequence[tuple[str, int, Any]]) -> None:
+        self.batches.append([media_id for media_id, _, _ in marks])
+        self.writing.set()
+        await self.release.wait()
+        if self.fail:
+            raise RuntimeError("the disk is full")
+
+    @contextlib.asynccontextmanager
+    async def unit(self) -> AsyncIterator[Any]:
+        yield self
+
+
+async def test_stored_marks_coming_during_a_write_share_the_next_transaction() -> None:
+    repo = _Marks()
+    marks = StoredMarks(repo.unit)
+    when = datetime.now(UTC)
+    first = asyncio.create_task(marks.mark("a", 1, when))
+    await repo.writing.wait()
+    rest = [asyncio.create_task(marks.mark(m, 1, when)) for m in "bc"]
+    await asyncio.sleep(0)  # one turn of the loop: the new tasks queue their marks
+    assert len(marks._pending) == 2
+    assert not first.done()  # an upload answers only once its mark is committed
+    repo.release.set()
+    await asyncio.gather(first, *rest)
+    assert repo.batches == [["a"], ["b", "c"]]
+
+
+async def test_a_failed_write_of_stored_marks_fails_each_upload_of_it() -> None:
+    repo = _Marks(fail=True)
+    marks = StoredMarks(repo.unit)
+    when = datetime.now(UTC)
+    first = asyncio.create_task(marks.mark("a", 1, when))
+    await repo.writing.wait()
+    second = asyncio.create_task(marks.mark("b", 1, when))
+    await asyncio.sleep(0)  # one turn of the loop: the new task queues its mark
+    assert len(marks._pending) == 1
+    repo.release.set()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert [str(r) for r in results] == ["the disk is full"] * 2
+    assert repo.batches == [["a"], ["b"]]
+
+
+async def test_an_upload_needs_a_live_session_of_the_media_owner(
+    anonymous: httpx.AsyncClient, signed_up: Any, observation: Observation
+) -> None:
+    _, me = await signed_up("ls@example.org")
+    photo = png(9)
+    new = item(observation(), [photo])
+    await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=me)
+    login = await anonymous.post(
+        "/mobis/v1/auth/login", json={"email": "ls@example.org", "password": PASSWORD}
+    )
+    tokens = login.json()
+    through_gateway = me | {"Authorization": f"Bearer {tokens['access_token']}"}
+    out = await anonymous.post(
+        "/mobis/v1/auth/logout", json={"refresh_token": tokens["refresh_token"]}, headers=me
+    )
+    assert out.status_code == 204
+    path = f"/mobis/v1/media/{new['media'][0]['id']}"
+    ended = await anonymous.put(path, content=photo, headers=through_gateway)
+    assert ended.status_code == 401
+    assert ended.json()["type"] == "urn:c4c:problem:unauthenticated"
+    _, other = await signed_up("lt@example.org")
+    assert (await anonymous.put(path, content=photo, headers=other)).status_code == 404
+    stored = await anonymous.put(path, content=photo, headers=me)
+    assert stored.status_code == 200
+    assert stored.json()["stored"] is True
+
+
+def _shown_row(seq: int, **changes: Any) -> dict[str, Any]:
+    when = datetime(2024, 5, 3, 8, 15, tzinfo=UTC)
+    return {
+        "seq": seq,
+        "id": f"00000000-0000-0000-0000-{seq:012d}",
+        "project": "natusfera",
+        "version": 1,
+        "summary": '{"scientificName": "Bellis perennis"}',
+        "score": None,
+        "grade": None,
+        "flags": None,
+        "scored_at": None,
+        "suggestions": None,
+        "created_at": when,
+        "updated_at": when,
+    } | changes
+
+
+def test_shown_items_are_rendered_again_only_when_something_shown_changed() -> None:
+    shown = ShownItems(size=2)
+    media = [{"id": "m", "content_type": "image/png", "size": 9, "received": 0, "stored_at": None}]
+    first = shown.item(_shown_row(1), media)
+    assert first.status == "awaiting-media"
+    assert first.observation == {"scientificName": "Bellis perennis"}
+    assert shown.item(_shown_row(1), [dict(m) for m in media]) is first
+    stored = [m | {"received": 9, "stored_at": datetime.now(UTC)} for m in media]
+    assert shown.item(_shown_row(1), stored).status == "uploaded"
+    flags = '[{"code": "X", "severity": "warning", "message": "m", "tip": "Come closer."}]'
+    scored = shown.item(_shown_row(1, score=0.5, flags=flags, scored_at=datetime.now(UTC)), stored)
+    assert (scored.status, scored.quality.tips) == ("scored", ["Come closer."])
+    # Two kept: the least recently shown went.
+    assert shown.item(_shown_row(1), media) is not first

@@ -22,7 +22,7 @@ from c4c.mobis.apps import AppCatalogue
 from c4c.mobis.models import NotificationRow, UserRow
 from c4c.mobis.oidc import OidcNotConfigured
 from c4c.mobis.remote import UpstreamRefused
-from c4c.mobis.repository import Repository, utc
+from c4c.mobis.repository import utc
 from c4c.mobis.schemas import (
     MAX_INT,
     PRINTABLE,
@@ -51,7 +51,7 @@ from c4c.mobis.service.observations import ContentRange, Observations
 from c4c.mobis.service.oidc import OidcLogins
 from c4c.mobis.settings import MobisSettings
 from c4c.mobis.wiring import Parts
-from c4c.shared.auth import Principal, PrincipalDep
+from c4c.shared.auth import PrincipalDep
 from c4c.shared.db import SessionDep
 from c4c.shared.problems import BadRequest, BodyTooLarge, ProblemError
 
@@ -99,13 +99,7 @@ async def _user(principal: PrincipalDep, request: Request) -> UserRow:
     # write transaction would hold SQLite's one write lock (every request comes here).
     parts = _parts(request)
     async with parts.reads() as repo:
-        return await _signed_in(parts, repo, principal, request)
-
-
-async def _signed_in(
-    parts: Parts, repo: Repository, principal: Principal | None, request: Request
-) -> UserRow:
-    return await parts.accounts(repo.session).user_of(principal, _bearer(request))
+        return await parts.accounts(repo.session).user_of(principal, _bearer(request))
 
 
 UserDep = Annotated[UserRow, Depends(_user)]
@@ -402,12 +396,13 @@ def build_router(settings: MobisSettings) -> APIRouter:
         observations: ObservationsDep,
         content_range: Annotated[str | None, Header(alias="Content-Range", max_length=100)] = None,
     ) -> Response:
-        # The caller and their media in one read transaction (not one for each): every
-        # photo of a sync comes here.
-        parts = _parts(request)
+        # The caller and their media in one query (not one for each): every photo of a
+        # sync comes here.
+        media_id, parts = _uuid(media_id), _parts(request)
         async with parts.reads() as repo:
-            user = await _signed_in(parts, repo, principal, request)
-            media = await observations.my_media(repo, user, _uuid(media_id))
+            accounts = parts.accounts(repo.session)
+            _, found = await accounts.user_with_media(principal, _bearer(request), media_id)
+        media = observations.found(found, media_id)
         length = request.headers.get("content-length")
         span = ContentRange.parse(
             content_range, int(length) if length and length.isdigit() else None

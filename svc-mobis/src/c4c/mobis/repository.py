@@ -6,7 +6,17 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, delete, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    RowMapping,
+    Text,
+    and_,
+    cast,
+    delete,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -37,6 +47,11 @@ SHOWN = (
 )
 """The columns of an owned observation that "my observations" shows (the others cost
 decoding for nothing)."""
+AS_TEXT = frozenset({"summary", "flags", "suggestions"})
+"""The JSON columns of ``SHOWN``, read as text: a page already shown is not decoded again."""
+
+StoredMark = tuple[str, int, datetime]
+"""A media stored in ingest: its id, size, and when."""
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -44,6 +59,18 @@ def utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+def _user_is(user_id: str, family_id: str | None) -> ColumnElement[bool]:
+    """The user, in the refresh-token family ``family_id`` not ended, if one is given."""
+    if family_id is None:
+        return UserRow.id == user_id
+    live = select(RefreshTokenRow.id).where(
+        RefreshTokenRow.family_id == family_id,
+        RefreshTokenRow.user_id == user_id,
+        RefreshTokenRow.revoked_at.is_(None),
+    )
+    return and_(UserRow.id == user_id, live.exists())
 
 
 class Repository:
@@ -62,15 +89,31 @@ class Repository:
     async def user_in_session(self, user_id: str, family_id: str) -> UserRow | None:
         """The user, if the refresh-token family ``family_id`` of theirs is not ended (one
         query: it runs on every authenticated request)."""
-        live = select(RefreshTokenRow.id).where(
-            RefreshTokenRow.family_id == family_id,
-            RefreshTokenRow.user_id == user_id,
-            RefreshTokenRow.revoked_at.is_(None),
+        result = await self.session.execute(select(UserRow).where(_user_is(user_id, family_id)))
+        return result.scalar_one_or_none()
+
+    async def user_with_media(
+        self, user_id: str, family_id: str | None, media_id: str
+    ) -> tuple[UserRow, ExpectedMediaRow | None] | None:
+        """The user (in the session ``family_id`` if given: see :meth:`user_in_session`)
+        and the media, if it belongs to an observation of theirs that ingest has (see
+        :meth:`media_of_user`), in one query."""
+        theirs = (
+            select(OwnedObservationRow.id)
+            .where(
+                OwnedObservationRow.id == ExpectedMediaRow.observation_id,
+                OwnedObservationRow.user_id == UserRow.id,
+                OwnedObservationRow.confirmed.is_(True),
+            )
+            .exists()
         )
         result = await self.session.execute(
-            select(UserRow).where(UserRow.id == user_id, live.exists())
+            select(UserRow, ExpectedMediaRow)
+            .outerjoin(ExpectedMediaRow, and_(ExpectedMediaRow.id == media_id, theirs))
+            .where(_user_is(user_id, family_id))
         )
-        return result.scalar_one_or_none()
+        row = result.one_or_none()
+        return None if row is None else (row[0], row[1])
 
     def _insert(self) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT."""
@@ -271,11 +314,14 @@ class Repository:
         self, user_id: str, *, before: int | None, limit: int, only: str | None = None
     ) -> list[RowMapping]:
         """The user's observations, newest first, with ``seq`` below ``before`` (or just
-        ``only``), as plain rows: apps poll their list, and ORM objects cost most of a page."""
+        ``only``), as plain rows: apps poll their list, and ORM objects cost most of a page.
+        The JSON columns (``AS_TEXT``) come as their text, decoded only where needed."""
         table = OwnedObservationRow.__table__
-        query = select(*(table.c[name] for name in SHOWN)).where(
-            table.c.user_id == user_id, table.c.confirmed.is_(True)
-        )
+        columns = [
+            cast(table.c[name], Text).label(name) if name in AS_TEXT else table.c[name]
+            for name in SHOWN
+        ]
+        query = select(*columns).where(table.c.user_id == user_id, table.c.confirmed.is_(True))
         if before is not None:
             query = query.where(table.c.seq < before)
         if only is not None:
@@ -366,6 +412,14 @@ class Repository:
         await self.session.execute(
             update(ExpectedMediaRow).where(ExpectedMediaRow.id == media_id).values(**values)
         )
+
+    async def mark_media_stored(self, marks: Sequence[StoredMark]) -> None:
+        """Each media received whole and stored: one UPDATE by primary key, run for all."""
+        if marks:
+            await self.session.execute(
+                update(ExpectedMediaRow),
+                [{"id": i, "received": size, "stored_at": when} for i, size, when in marks],
+            )
 
     # --- notifications ----------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 import numpy as np
+import numpy.typing as npt
 from pydantic import ValidationError
 
 from c4c.quality import images
@@ -298,6 +299,16 @@ class DuplicateCandidates:
     def __init__(self, photos: Sequence[IndexedPhoto]) -> None:
         self.photos = [p for p in photos if p.phash is not None]
         self.hashes = images.hash_array(p.phash for p in self.photos if p.phash is not None)
+        # Their owners and ids too, so a photo's matches are told apart in vector operations.
+        self.observation_ids = np.array([p.observation_id for p in self.photos], dtype=object)
+        self.media_ids = np.array([p.media_id for p in self.photos], dtype=object)
+        self.recorded_by = np.array([p.recorded_by for p in self.photos], dtype=object)
+        self.has_observer = np.array([p.recorded_by is not None for p in self.photos], dtype=bool)
+
+    def of_other_users(self, recorded_by: str | None) -> npt.NDArray[np.bool_]:
+        """Which candidates are another user's than ``recorded_by``."""
+        mask: npt.NDArray[np.bool_] = self.has_observer & (self.recorded_by != recorded_by)
+        return mask
 
 
 def _day_of_year(event_date: str | None) -> int | None:
@@ -649,15 +660,23 @@ class QualityService:
         candidates: DuplicateCandidates,
         max_distance: int,
     ) -> list[Duplicate]:
+        """For each photo, the closest copy among other users' photos and among the
+        observer's own (on other observations), each with how many copies there are: what
+        the duplicates check tells. A photo copied thousands of times costs a few vector
+        operations, not an object per copy."""
         found = []
+        others = candidates.of_other_users(obs.recorded_by)
+        elsewhere = candidates.observation_ids != obs.id  # its own photos, indexed earlier
         for item in facts.values():
             if item.phash is None:
                 continue
             distances = images.hamming_all(item.phash, candidates.hashes)
-            for i in np.flatnonzero(distances <= max_distance).tolist():
+            near = (distances <= max_distance) & elsewhere & (candidates.media_ids != item.media_id)
+            kinds = [np.flatnonzero(near & others), np.flatnonzero(near & ~others)]
+            # The kind met first among the candidates comes first, as one by one.
+            for hits in sorted((h for h in kinds if h.size), key=lambda h: int(h[0])):
+                i = int(hits[np.argmin(distances[hits])])
                 other = candidates.photos[i]
-                if obs.id == other.observation_id or item.media_id == other.media_id:
-                    continue  # the observation's own photos, indexed earlier
                 found.append(
                     Duplicate(
                         item.media_id,
@@ -665,6 +684,7 @@ class QualityService:
                         other.media_id,
                         other.recorded_by,
                         int(distances[i]),
+                        matches=int(hits.size),
                     )
                 )
         return found

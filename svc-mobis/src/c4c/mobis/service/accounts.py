@@ -22,7 +22,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from c4c.mobis.keys import Signer
-from c4c.mobis.models import OidcIdentityRow, RefreshTokenRow, UserRow
+from c4c.mobis.models import ExpectedMediaRow, OidcIdentityRow, RefreshTokenRow, UserRow
 from c4c.mobis.oidc import Identity
 from c4c.mobis.repository import Repository, utc
 from c4c.mobis.schemas import Account, Register, Tokens
@@ -37,6 +37,7 @@ NO_PASSWORD = "!"  # noqa: S105  (a marker, not a secret)
 # Such an account without an email the provider verified gets a unique address that can
 # never receive mail (RFC 2606 reserves .invalid).
 NO_EMAIL_DOMAIN = "oidc.invalid"
+GONE = "This account or session does not exist (any more)."
 
 
 class Unauthenticated(ProblemError):
@@ -157,20 +158,41 @@ class Accounts:
         deleted account's tokens, still unexpired, are refused here). The access token the
         gateway passes on must belong to a session not ended: logging out and changing the
         password end the stolen access tokens too, not only their refresh tokens."""
+        user_id, session = self._caller(principal, access_token)
+        if session is None:
+            user = await self.repo.user(user_id)
+        else:
+            user = await self.repo.user_in_session(user_id, session)
+        if user is None:
+            raise Unauthenticated(GONE)
+        return user
+
+    async def user_with_media(
+        self, principal: Principal | None, access_token: str | None, media_id: str
+    ) -> tuple[UserRow, ExpectedMediaRow | None]:
+        """:meth:`user_of`, and the media if of an observation of theirs, in one query (every
+        photo uploaded asks both)."""
+        user_id, session = self._caller(principal, access_token)
+        found = await self.repo.user_with_media(user_id, session, media_id)
+        if found is None:
+            raise Unauthenticated(GONE)
+        return found
+
+    def _caller(
+        self, principal: Principal | None, access_token: str | None
+    ) -> tuple[str, str | None]:
+        """The user the principal names, and the session (refresh-token family) its access
+        token belongs to, if the gateway passed the token on."""
         if principal is None or principal.kind == "anonymous":
             raise Unauthenticated("Sign in: send your access token as a bearer token.")
         if principal.kind != "user":
             raise NotAnAppUser("Call MOBIS with an app user's access token.")
         if access_token is None:
-            user = await self.repo.user(principal.id)
-        else:
-            claims = self._claims(principal.id, access_token)
-            if claims is None:
-                raise Unauthenticated("This access token is not one of this account's.")
-            user = await self.repo.user_in_session(principal.id, claims["sid"])
-        if user is None:
-            raise Unauthenticated("This account or session does not exist (any more).")
-        return user
+            return principal.id, None
+        claims = self._claims(principal.id, access_token)
+        if claims is None:
+            raise Unauthenticated("This access token is not one of this account's.")
+        return principal.id, claims["sid"]
 
     def _claims(self, user_id: str, access_token: str) -> dict[str, Any] | None:
         """The claims of an unexpired access token MOBIS signed for ``user_id``, naming its

@@ -6,12 +6,14 @@ while a chunk streams in."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +25,7 @@ import anyio
 from c4c.mobis import metrics
 from c4c.mobis.models import ExpectedMediaRow, NotificationRow, OwnedObservationRow, UserRow
 from c4c.mobis.remote import Ingest, UpstreamRefused
-from c4c.mobis.repository import Repository, utc
+from c4c.mobis.repository import Repository, StoredMark, utc
 from c4c.mobis.schemas import (
     MAX_INT,
     MediaState,
@@ -48,6 +50,8 @@ Plain = Mapping[Any, Any]
 """A table row as a plain mapping of column name to value (SQLAlchemy's ``RowMapping``)."""
 
 READ_CHUNK = 1 << 16
+SHOWN_ITEMS = 5000
+"""Items of "my observations" kept rendered: ten full pages."""
 
 
 class ObservationNotFound(NotFound):
@@ -139,11 +143,15 @@ def media_state(row: ExpectedMediaRow) -> MediaState:
     return MediaState(**_media_fields(_fields(row)))
 
 
+def _decoded(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
 def my_observation(row: Plain, media: Sequence[Plain]) -> dict[str, Any]:
-    """A :class:`MyObservation`'s fields, from plain rows (``Repository.page_of`` and
-    ``media_of``): validated by the caller, a whole page at once (apps poll their
-    observations; a model built per item cost most of a page)."""
-    suggestions = row["suggestions"] or []
+    """A :class:`MyObservation`'s fields, from plain rows (``Repository.page_of``, its JSON
+    columns as text, and ``media_of``)."""
+    flags = _decoded(row["flags"])
+    suggestions = _decoded(row["suggestions"]) or []
     scored, identified = row["scored_at"] is not None, bool(suggestions)
     if row["grade"] == "research":
         status = "research"
@@ -162,8 +170,8 @@ def my_observation(row: Plain, media: Sequence[Plain]) -> dict[str, Any]:
         "status": status,
         "scored": scored,
         "identified": identified,
-        "observation": row["summary"],
-        "quality": {"score": row["score"], "grade": row["grade"], "tips": tips(row["flags"])},
+        "observation": _decoded(row["summary"]),
+        "quality": {"score": row["score"], "grade": row["grade"], "tips": tips(flags)},
         "suggestions": suggestions,
         "media": [_media_fields(m) for m in media],
         "createdAt": utc(row["created_at"]),
@@ -198,6 +206,62 @@ class ContentRange:
         return parsed
 
 
+class ShownItems:
+    """The items of "my observations" shown lately, by everything shown of them: apps poll
+    their list, and between two polls few of its items change, while decoding, checking
+    and advising on each cost most of a page. Whatever changes in a row or its media
+    makes another key, so an item is never shown stale; the least recently shown go."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, MyObservation] = OrderedDict()
+
+    def item(self, row: Plain, media: Sequence[Plain]) -> MyObservation:
+        key = (tuple(row.values()), tuple(tuple(m.values()) for m in media))
+        item = self._items.get(key)
+        if item is None:
+            item = self._items[key] = MyObservation.model_validate(my_observation(row, media))
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        return item
+
+
+class StoredMarks:
+    """Media that ingest has stored, marked so by the concurrent uploads together: one
+    transaction for all that came while the previous one was written, where each upload's
+    own would queue for SQLite's one write lock, each costing about what the whole batch
+    does. Each upload waits for the commit of its mark before it answers."""
+
+    def __init__(self, units: Units) -> None:
+        self.units = units
+        self._pending: list[tuple[StoredMark, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def mark(self, media_id: str, size: int, when: datetime) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append(((media_id, size, when), done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="mobis-stored-marks")
+        await done
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                async with self.units() as repo:
+                    await repo.mark_media_stored([mark for mark, _ in batch])
+            except Exception as exc:  # every upload of the batch answers with it
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():  # its upload may have been cut off meanwhile
+                        done.set_result(None)
+
+
 class Observations:
     def __init__(self, units: Units, reads: Units, ingest: Ingest, settings: MobisSettings) -> None:
         """``reads``: read-only units (they take no write lock), for what only reads."""
@@ -206,6 +270,8 @@ class Observations:
         self.ingest = ingest
         self.settings = settings
         self.upload_dir = settings.resolved_upload_dir
+        self.stored = StoredMarks(units)
+        self.shown = ShownItems(SHOWN_ITEMS)
 
     # --- sync ------------------------------------------------------------------------------
 
@@ -456,9 +522,9 @@ class Observations:
             rows = await repo.page_of(user.id, before=before, limit=size + 1)
             more, rows = len(rows) > size, rows[:size]
             media = await repo.media_of([r["id"] for r in rows])
-        items = [my_observation(r, media[r["id"]]) for r in rows]
-        return MyObservationPage.model_validate(
-            {"items": items, "next": encode_cursor(rows[-1]["seq"]) if more and rows else None}
+        return MyObservationPage(
+            items=[self.shown.item(r, media[r["id"]]) for r in rows],
+            next=encode_cursor(rows[-1]["seq"]) if more and rows else None,
         )
 
     async def one(self, user: UserRow, observation_id: str) -> MyObservation:
@@ -480,7 +546,12 @@ class Observations:
     @staticmethod
     async def my_media(repo: Repository, user: UserRow, media_id: str) -> ExpectedMediaRow:
         """The media, if of an observation of this user's (never another user's)."""
-        media = await repo.media_of_user(media_id, user.id)
+        return Observations.found(await repo.media_of_user(media_id, user.id), media_id)
+
+    @staticmethod
+    def found(media: ExpectedMediaRow | None, media_id: str) -> ExpectedMediaRow:
+        """The media looked up as the user's, or not found (whether it is another's or
+        nobody's, never said)."""
         if media is None:
             raise MediaNotFound(f"You have no media {media_id}.")
         return media
@@ -540,8 +611,7 @@ class Observations:
             media.observation_id, media.id, media.content_type, media.size, content
         )
         now = datetime.now(UTC)
-        async with self.units() as repo:
-            await repo.update_media(media.id, {"received": media.size, "stored_at": now})
+        await self.stored.mark(media.id, media.size, now)
         return media_state(_with(media, received=media.size, stored_at=now))
 
     # --- events ----------------------------------------------------------------------------

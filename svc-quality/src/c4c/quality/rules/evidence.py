@@ -85,7 +85,7 @@ def duplicates(obs: Observation, ctx: Context, params: Mapping[str, Any]) -> lis
         other_user = dup.other_recorded_by is not None and dup.other_recorded_by != obs.recorded_by
         key = (dup.media_id, other_user)
         best, count = closest.get(key, (dup, 0))
-        closest[key] = (dup if dup.distance < best.distance else best, count + 1)
+        closest[key] = (dup if dup.distance < best.distance else best, count + dup.matches)
     findings = []
     for (media_id, other_user), (dup, count) in closest.items():
         findings.append(

@@ -88,6 +88,8 @@ class Duplicate:
     other_media_id: str
     other_recorded_by: str | None
     distance: int
+    matches: int = 1
+    """How many copies this, the closest, stands for (see ``QualityService._duplicates``)."""
 
 
 @dataclass(frozen=True)
