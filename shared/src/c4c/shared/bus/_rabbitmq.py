@@ -200,15 +200,20 @@ class RabbitMQBus(EventBus):
             log.info("ack or nack lost with its channel; the broker will redeliver")
 
     async def publish(self, event: CloudEvent) -> None:
+        await self.publish_encoded(
+            event.to_json(), event_id=event.id, type=event.type, source=event.source
+        )
+
+    async def publish_encoded(self, body: bytes, *, event_id: str, type: str, source: str) -> None:
         exchange, channel = self._exchange, self._channel
         if exchange is None or not isinstance(channel, RobustChannel):
             raise PublishError("the bus is not started")
         # Only what AMQP tools need to route and inspect; the rest is in the CloudEvent body.
         message = aio_pika.Message(
-            event.to_json(),
-            message_id=event.id,
+            body,
+            message_id=event_id,
             content_type=CLOUDEVENTS_MEDIA_TYPE,
-            type=event.type,
+            type=type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         loop = asyncio.get_running_loop()
@@ -218,14 +223,14 @@ class RabbitMQBus(EventBus):
             try:
                 await exchange.publish(
                     message,
-                    routing_key=event.type,
+                    routing_key=type,
                     mandatory=False,
                     timeout=max(deadline - loop.time(), 0.001),
                 )
             except (*CONNECTION_EXCEPTIONS, DeliveryError, TimeoutError) as exc:
                 if loop.time() + delay >= deadline:
-                    labelled(BUS_PUBLISH_FAILURES, event.source, event.type).inc()
-                    raise PublishError(f"event {event.id} not confirmed: {exc!r}") from exc
+                    labelled(BUS_PUBLISH_FAILURES, source, type).inc()
+                    raise PublishError(f"event {event_id} not confirmed: {exc!r}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 # A robust channel reopens in the background; wait for it, within the deadline.
@@ -233,7 +238,7 @@ class RabbitMQBus(EventBus):
                     async with asyncio.timeout(max(deadline - loop.time(), 0)):
                         await channel.ready()
                 continue
-            labelled(BUS_PUBLISHED, event.source, event.type).inc()
+            labelled(BUS_PUBLISHED, source, type).inc()
             return
 
     async def ping(self) -> bool:
