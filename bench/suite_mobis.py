@@ -30,15 +30,16 @@ import hashlib
 import io
 import logging
 import os
+import random
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from bench._core import Context, Result, ServiceUnavailable
 from c4c.shared.testing import LocalRun, Processes
@@ -63,11 +64,28 @@ SECRET = "bench-principal-secret"
 log = logging.getLogger("bench.mobis")
 
 
-def photo(seed: int) -> bytes:
-    image = Image.new("RGB", (320, 240), (seed % 256, (seed * 7) % 256, 120))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=80)
-    return buffer.getvalue()
+def photos(count: int) -> Iterator[bytes]:
+    """``count`` different photos, made before anything is timed: a few shapes at random
+    places, sizes and colours, so that, like real ones, they share neither bytes nor a
+    perceptual hash. (Until 2026-11-24 every batch sent the same 50 plain colours: all had
+    one perceptual hash, so quality's duplicate search found every photo a copy of every
+    earlier one, and fetched 200 candidates a photo.)"""
+    rng = random.Random(20261124)
+
+    def colour() -> tuple[int, int, int]:
+        return rng.randrange(256), rng.randrange(256), rng.randrange(256)
+
+    made = []
+    for _ in range(count):
+        image = Image.new("RGB", (320, 240), colour())
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x, y = rng.randrange(-40, 320), rng.randrange(-40, 240)
+            draw.ellipse((x, y, x + rng.randrange(30, 160), y + rng.randrange(30, 120)), colour())
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80)
+        made.append(buffer.getvalue())
+    return iter(made)
 
 
 def observation(project: str) -> dict[str, Any]:
@@ -83,8 +101,8 @@ def observation(project: str) -> dict[str, Any]:
     }
 
 
-def sync_batch(project: str) -> tuple[list[dict[str, Any]], list[bytes]]:
-    photos = [photo(i) for i in range(BATCH)]
+def sync_batch(project: str, unused: Iterator[bytes]) -> tuple[list[dict[str, Any]], list[bytes]]:
+    batch = [next(unused) for _ in range(BATCH)]
     items = [
         {
             "id": str(uuid.uuid4()),
@@ -99,9 +117,9 @@ def sync_batch(project: str) -> tuple[list[dict[str, Any]], list[bytes]]:
                 }
             ],
         }
-        for p in photos
+        for p in batch
     ]
-    return items, photos
+    return items, batch
 
 
 # --- the two ways in: through MOBIS, and straight into ingest -------------------------------
@@ -125,9 +143,9 @@ async def _bounded(calls: list[Awaitable[httpx.Response]], ok: tuple[int, ...]) 
     await asyncio.gather(*(one(c) for c in calls))
 
 
-def via_mobis(client: httpx.AsyncClient, project: str) -> Send:
+def via_mobis(client: httpx.AsyncClient, project: str, unused: Iterator[bytes]) -> Send:
     async def send(synced: Synced) -> list[str]:
-        items, photos = sync_batch(project)
+        items, photos = sync_batch(project, unused)
         answer = await client.post("/mobis/v1/sync", json={"observations": items})
         statuses = [o["status"] for o in answer.json()["items"]]
         if answer.status_code != 200 or set(statuses) != {"created"}:
@@ -146,9 +164,9 @@ def via_mobis(client: httpx.AsyncClient, project: str) -> Send:
     return send
 
 
-def via_ingest(client: httpx.AsyncClient, project: str) -> Send:
+def via_ingest(client: httpx.AsyncClient, project: str, unused: Iterator[bytes]) -> Send:
     async def send(synced: Synced) -> list[str]:
-        items, photos = sync_batch(project)
+        items, photos = sync_batch(project, unused)
         bodies = [item["observation"] | {"id": item["id"], "recordedBy": "bench"} for item in items]
         answer = await client.post("/ingest/v1/observations:batch", json=bodies)
         if answer.status_code != 200 or answer.json()["created"] != BATCH:
@@ -226,6 +244,11 @@ def _pages(
 # --- measurements ---------------------------------------------------------------------------
 
 
+def latency_batches(seconds: float) -> int:
+    """Batches offered at ``RATE`` for ``seconds``."""
+    return max(1, int(seconds * RATE / BATCH))
+
+
 async def throughput(send: Send, batches: int) -> float:
     """Observations/s, two batches in flight (an app syncs one batch at a time; two apps),
     each done once its photos are stored."""
@@ -266,7 +289,7 @@ async def visible_latency(send: Send, scored: Scored, seconds: float) -> tuple[f
 
     async def offer() -> None:
         tasks = []
-        for _ in range(max(1, int(seconds * RATE / BATCH))):
+        for _ in range(latency_batches(seconds)):
             started = time.perf_counter()
 
             async def one(at: float = started) -> None:
@@ -469,17 +492,18 @@ async def _services_up(broker_url: str) -> None:
 async def measure(mode: str, suite: Callable[[], Any], ctx: Context) -> list[Result]:
     batches = THROUGHPUT_QUICK if ctx.quick else THROUGHPUT_BATCHES
     seconds = LATENCY_QUICK if ctx.quick else LATENCY_SECONDS
+    unused = photos(2 * BATCH * (batches + latency_batches(seconds)))
     async with suite() as (mobis, ingest):
-        base_rate = await throughput(via_ingest(ingest, "bench-direct"), batches)
-        rate = await throughput(via_mobis(mobis, "bench-mobis"), batches)
+        base_rate = await throughput(via_ingest(ingest, "bench-direct", unused), batches)
+        rate = await throughput(via_mobis(mobis, "bench-mobis", unused), batches)
         base_p95, _ = await visible_latency(
-            via_ingest(ingest, "bench-direct-latency"),
+            via_ingest(ingest, "bench-direct-latency", unused),
             scored_in_ingest(ingest, "bench-direct-latency"),
             seconds,
         )
         await sign_in(mobis)  # a new user: "my observations" holds only these
         p95, n = await visible_latency(
-            via_mobis(mobis, "bench-mobis"), scored_in_mobis(mobis), seconds
+            via_mobis(mobis, "bench-mobis", unused), scored_in_mobis(mobis), seconds
         )
     log.info(
         "mobis %s: %.1f obs/s (direct %.1f), p95 %.3f s (direct %.3f)",
