@@ -4,6 +4,7 @@ output thread that encodes them and hands events on."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import av
 import cv2
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from c4c.video.analysis.pictures import ArrayPicture, DecodedPicture
-from c4c.video.analysis.pipeline import OutputThread
+from c4c.video.analysis.pipeline import AnalysisParams, Analyzer, DetectedEvent, OutputThread
 
 
 def scene(width: int = 64, height: int = 48) -> np.ndarray:
@@ -89,3 +90,49 @@ def test_the_output_thread_runs_tasks_in_order_and_reports_a_failure() -> None:
     output.submit(lambda: done.append(100))  # the failure was reported: work goes on
     output.join()
     assert done[-1] == 100
+
+
+def test_the_output_thread_takes_tasks_in_batches_or_when_sent() -> None:
+    output = OutputThread("test-output", batch=4)
+    ran = threading.Event()
+    output.submit(ran.set)
+    assert output.pending  # one task waits for a batch to fill...
+    output.send()  # ...or to be sent
+    assert ran.wait(10)
+    output.join()
+
+
+def test_a_live_event_goes_out_when_its_clip_ends_not_when_the_stream_does(
+    tmp_path: Path,
+) -> None:
+    """A walker crosses a still scene, then the scene stays still: the event reaches the
+    sink once its clip is complete, with no more frames (a paused or quiet stream)."""
+    emitted = threading.Event()
+    events: list[DetectedEvent] = []
+
+    def sink(event: DetectedEvent) -> None:
+        events.append(event)
+        emitted.set()
+
+    fps = 10.0
+    analyzer = Analyzer(
+        AnalysisParams(analysis_fps=0, warmup_frames=5),
+        frame_size=(160, 120),
+        fps=fps,
+        sink=sink,
+        clip_dir=tmp_path,
+    )
+    background = np.full((120, 160, 3), 60, np.uint8)
+    frames = [background] * 10
+    for step in range(30):  # three seconds of a bright square moving right
+        frame = background.copy()
+        frame[50:70, 10 + 4 * step : 30 + 4 * step] = 230
+        frames.append(frame)
+    frames += [background] * 30  # the track ends, then the post-roll
+    for index, pixels in enumerate(frames):
+        analyzer.process(index, index / fps, ArrayPicture(pixels))
+    assert emitted.wait(10)
+    assert len(events) == 1
+    assert events[0].clip_path is not None
+    analyzer.flush()
+    assert len(events) == 1
