@@ -68,12 +68,11 @@ class Gallery:
     weights: np.ndarray
     temperature: float
     threshold: float
-    _runs: list[tuple[int, int]] = field(init=False, repr=False)
-    """Per species, where its references start and end once sorted by species."""
+    _members: list[np.ndarray] = field(init=False, repr=False)
+    """Per species, the indices of its references."""
 
     def __post_init__(self) -> None:
-        ends = np.cumsum(np.bincount(self.labels, minlength=len(self.species))).tolist()
-        self._runs = list(zip([0, *ends[:-1]], ends, strict=True))
+        self._members = [np.flatnonzero(self.labels == i) for i in range(len(self.species))]
 
     @classmethod
     def fit(
@@ -133,14 +132,15 @@ class Gallery:
         probabilities = _softmax(fused / self.temperature)
         similarities = queries @ self.embeddings.T  # (photos, references)
         best_similarity = float(similarities.max())
-        # Every reference by species, then most similar first: one sort for all candidates.
-        ranked = np.lexsort((-similarities.max(axis=0), self.labels)).tolist()
+        closest = similarities.max(axis=0)
         scores = probabilities.tolist()
         candidates = []
         for i in np.argsort(-probabilities)[:limit].tolist():
-            start, end = self._runs[i]
-            nearest_own = tuple(ranked[start : min(start + nearest, end)])
-            candidates.append(Candidate(self.species[i], scores[i], nearest_own))
+            # Only the candidate's own references are sorted: a flora's whole gallery, per
+            # query, would cost in proportion to its size.
+            own = self._members[i]
+            order = own[np.argsort(-closest[own], kind="stable")[:nearest]]
+            candidates.append(Candidate(self.species[i], scores[i], tuple(order.tolist())))
         return Identification(
             candidates=candidates,
             best_similarity=best_similarity,
