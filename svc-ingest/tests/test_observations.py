@@ -459,6 +459,43 @@ async def test_at_most_batch_writers_batches_are_written_at_once(
     assert most == 2
 
 
+async def test_a_batch_that_cannot_start_writing_in_time_is_told_to_come_back(
+    settings: IngestSettings,
+    observation: Body,
+    eventually: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings.batch_writers = 1
+    writing = asyncio.Event()
+    gate = asyncio.Event()
+    create_batch = IngestService.create_batch
+
+    async def writing_held(self: IngestService, items: Any) -> Any:
+        writing.set()
+        await gate.wait()
+        return await create_batch(self, items)
+
+    monkeypatch.setattr(IngestService, "create_batch", writing_held)
+    monkeypatch.setattr(api, "BATCH_TURN_SECONDS", 0.05)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingest.test") as client:
+            first = asyncio.create_task(
+                client.post(f"{API}/observations:batch", json=[observation()])
+            )
+            await writing.wait()
+            turned_away = await client.post(f"{API}/observations:batch", json=[observation()])
+            gate.set()
+            written = await first
+            after = await client.post(f"{API}/observations:batch", json=[observation()])
+    assert turned_away.status_code == 503
+    assert turned_away.headers["Retry-After"] == "1"
+    assert turned_away.json()["type"].endswith(":busy")
+    assert written.json()["created"] == 1
+    assert after.json()["created"] == 1  # the turn it did not take was not kept
+
+
 async def test_ndjson_batch_is_parsed_line_by_line(
     client: httpx.AsyncClient, observation: Body
 ) -> None:

@@ -88,6 +88,15 @@ class ServiceUnavailable(ProblemError):
     status, code, title = 503, "service-unavailable", "Service Unavailable"
 
 
+class Busy(ProblemError):
+    """Overloaded, not broken: the client may try again shortly."""
+
+    status, code, title = 503, "busy", "Busy"
+
+    def __init__(self, detail: str = "The service is overloaded; try again shortly.") -> None:
+        super().__init__(detail, headers={"Retry-After": "1"})
+
+
 def problem_response(
     status: int,
     *,
@@ -182,16 +191,8 @@ async def _on_http(request: Request, exc: Exception) -> Response:
 
 
 async def _on_pool_timeout(request: Request, exc: Exception) -> Response:
-    # Every database connection stayed busy for the pool's timeout: the service is
-    # overloaded, not broken; the client may try again shortly.
-    return problem_response(
-        503,
-        type_=problem_type("busy"),
-        title="Busy",
-        detail="The service is overloaded; try again shortly.",
-        instance=request.url.path,
-        headers={"Retry-After": "1"},
-    )
+    # Every database connection stayed busy for the pool's timeout.
+    return Busy().to_response(request.url.path)
 
 
 _INVALID_VALUE_DETAIL = (

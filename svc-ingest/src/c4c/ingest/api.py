@@ -37,13 +37,14 @@ from c4c.ingest.service import BatchItem, IngestService, MediaUploads, invalid_i
 from c4c.ingest.settings import IngestSettings
 from c4c.ingest.wiring import Creations, Parts
 from c4c.shared.db import ReadSessionDep, SessionDep
-from c4c.shared.problems import BadRequest, BodyTooLarge, ProblemError
+from c4c.shared.problems import BadRequest, BodyTooLarge, Busy, ProblemError
 from c4c.shared.responses import FileResponse
 
 PREFIX = "/ingest/v1"
 MEDIA_OVERHEAD = 1 << 20  # multipart framing and form fields around a media file
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-seq")
 IDEMPOTENCY_KEY_MAX = 255
+BATCH_TURN_SECONDS = 30.0  # as long as a request waits for a pooled connection
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$"
 SEQ_MAX = 2**63 - 1  # a BIGINT: a cursor's larger number would fail in the database
 IfMatch = Annotated[str | None, Header(alias="If-Match", max_length=1000)]
@@ -244,7 +245,9 @@ def build_router(settings: IngestSettings) -> APIRouter:
     batch_routes = _LimitedRoutes(router, settings.batch_max_bytes)
     # Batches written at once: beyond a few, each observation costs more CPU for no gain in
     # rate (16 at once against 2: an eighth more here, a third more in PostgreSQL, measured),
-    # and every batch holds a pooled connection.
+    # and every batch holds a pooled connection. One that cannot start writing in
+    # ``BATCH_TURN_SECONDS`` (a pooled connection's wait) gets a 503: parsed batches must not
+    # pile up in memory, unanswered, under overload.
     batch_writers = asyncio.Semaphore(settings.batch_writers)
 
     @raw_routes.post(
@@ -289,8 +292,16 @@ def build_router(settings: IngestSettings) -> APIRouter:
     async def create_batch(request: Request) -> Response:
         items = await _read_batch(request, settings.batch_max_items)
         # Parsed before waiting its turn; written and committed in it.
-        async with batch_writers, _parts(request).unit() as service:
-            outcomes = await service.create_batch(items)
+        try:
+            async with asyncio.timeout(BATCH_TURN_SECONDS):
+                await batch_writers.acquire()
+        except TimeoutError:
+            raise Busy("Too many batches are being written; try again shortly.") from None
+        try:
+            async with _parts(request).unit() as service:
+                outcomes = await service.create_batch(items)
+        finally:
+            batch_writers.release()
         counts = Counter(o["status"] for o in outcomes)
         body = {
             "created": counts["created"],
