@@ -33,6 +33,7 @@ def settings(tmp_path: Path, database: dict[str, str]) -> MobisSettings:
         password_hash_time_cost=1,
         login_free_failures_per_ip=8,
         sse_poll_seconds=0.2,
+        reservation_settle_seconds=3600,  # the tests drive the settler's passes
         **database,
     )
 

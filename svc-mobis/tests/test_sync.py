@@ -9,12 +9,13 @@ import contextlib
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 
 from c4c.mobis.remote import UpstreamFailed
 from c4c.mobis.repository import Repository
@@ -529,6 +530,24 @@ async def test_photos_uploaded_together_are_marked_stored_together(
     assert [o["missingMedia"] for o in again.json()["items"]] == [[]] * len(photos)
 
 
+async def test_a_media_gone_meanwhile_fails_no_other_mark_of_its_batch(
+    anonymous: httpx.AsyncClient, signed_up: Any, observation: Observation, app: FastAPI
+) -> None:
+    _, me = await signed_up("gm@example.org")
+    photo = png(60)
+    sent = item(observation(), [photo])
+    await anonymous.post("/mobis/v1/sync", json={"observations": [sent]}, headers=me)
+    marks = StoredMarks(app.state.parts.unit)
+    when = datetime.now(UTC)
+    # One transaction for both (queued before the writer runs): the first media's
+    # observation was deleted during its upload, the second is there.
+    await asyncio.gather(
+        marks.mark(str(uuid.uuid4()), 1, when), marks.mark(sent["media"][0]["id"], 1, when)
+    )
+    again = await anonymous.post("/mobis/v1/sync", json={"observations": [sent]}, headers=me)
+    assert again.json()["items"][0]["missingMedia"] == []
+
+
 class _Marks:
     """A repository that records the marks of each transaction; the first waits for
     ``release``."""
@@ -640,3 +659,163 @@ def test_shown_items_are_rendered_again_only_when_something_shown_changed() -> N
     assert (scored.status, scored.quality.tips) == ("scored", ["Come closer."])
     # Two kept: the least recently shown went.
     assert shown.item(_shown_row(1), media) is not first
+
+
+# --- reservations a sync left ---------------------------------------------------------------
+
+
+async def _cut_off(
+    app: FastAPI,
+    anonymous: httpx.AsyncClient,
+    me: dict[str, str],
+    items: list[dict[str, Any]],
+    *,
+    ingest_got_them: bool,
+) -> None:
+    """A sync whose answer from ingest never comes back (after ingest stored the items, or
+    before it got them): its reservations stay unconfirmed."""
+    ingest = app.state.parts.observations.ingest
+    create_batch = ingest.create_batch
+
+    async def lost(observations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        if ingest_got_them:
+            await create_batch(observations)
+        raise UpstreamFailed("The observation store is unreachable (ReadTimeout).")
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(ingest, "create_batch", lost)
+        answer = await anonymous.post("/mobis/v1/sync", json={"observations": items}, headers=me)
+    assert answer.status_code == 502, answer.text
+
+
+async def _untouched_for(app: FastAPI, ids: Sequence[str], seconds: float) -> None:
+    async with app.state.parts.unit() as repo:
+        for observation_id in ids:
+            when = datetime.now(UTC) - timedelta(seconds=seconds)
+            await repo.update_owned(observation_id, {"updated_at": when})
+
+
+async def _reservations(app: FastAPI, ids: Sequence[str]) -> dict[str, tuple[bool, list[str]]]:
+    """What MOBIS keeps of each observation: confirmed, and the media announced."""
+    async with app.state.parts.reads() as repo:
+        rows = await repo.owned(ids)
+        media = await repo.media_of(list(rows))
+    return {i: (r.confirmed, [m["id"] for m in media[i]]) for i, r in rows.items()}
+
+
+def _settled(outcome: str) -> float:
+    return (
+        REGISTRY.get_sample_value("c4c_mobis_reservations_settled_total", {"outcome": outcome})
+        or 0.0
+    )
+
+
+async def test_reservations_left_by_a_cut_off_sync_are_confirmed_or_dropped_after_the_grace(
+    app: FastAPI,
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    settings: Any,
+) -> None:
+    """Ingest stored one observation but its answer was lost, and never got another: once
+    untouched for the grace period, the first is confirmed (and shows, expecting its
+    photo), the second forgotten; a reservation inside the grace period stays as it is."""
+    _, me = await signed_up("settle@example.org")
+    stored, lost, fresh = (item(observation(), [png(n)]) for n in (11, 12, 13))
+    await _cut_off(app, anonymous, me, [stored], ingest_got_them=True)
+    await _cut_off(app, anonymous, me, [lost, fresh], ingest_got_them=False)
+    grace = settings.reservation_grace_seconds
+    await _untouched_for(app, [stored["id"], lost["id"]], grace + 5)
+    await _untouched_for(app, [fresh["id"]], grace - 30)
+    confirmed, dropped = _settled("confirmed"), _settled("dropped")
+
+    settle = app.state.parts.observations.settle_reservations
+    assert await settle(batch=1) is True  # a full batch: more may be left
+    assert await settle(batch=1) is True
+    assert await settle(batch=1) is False
+
+    assert (_settled("confirmed") - confirmed, _settled("dropped") - dropped) == (1, 1)
+    mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
+    assert [(o["id"], o["status"]) for o in mine] == [(stored["id"], "awaiting-media")]
+    missing = await anonymous.get(
+        f"/mobis/v1/me/observations/{stored['id']}/missing-media", headers=me
+    )
+    assert [m["id"] for m in missing.json()["missing"]] == [stored["media"][0]["id"]]
+    assert await _reservations(app, [stored["id"], lost["id"], fresh["id"]]) == {
+        stored["id"]: (True, [stored["media"][0]["id"]]),
+        fresh["id"]: (False, [fresh["media"][0]["id"]]),
+    }
+    # The app that retries after all gets the dropped one created, photo expected.
+    retry = await anonymous.post("/mobis/v1/sync", json={"observations": [lost]}, headers=me)
+    outcome = retry.json()["items"][0]
+    assert (outcome["status"], outcome["missingMedia"]) == ("created", [lost["media"][0]["id"]])
+
+
+async def test_the_settler_leaves_a_reservation_a_retry_confirms_or_renews_meanwhile(
+    app: FastAPI,
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two replicas: one settles while the app's retries go to the other. Ingest lacked
+    both observations when the settler asked, but by the time it writes, one retry has
+    sent and confirmed its observation, and the other reserved its own again (its ingest
+    call failing): neither is dropped, nor loses its media."""
+    _, me = await signed_up("race-settle@example.org")
+    confirming, renewing = (item(observation(), [png(n)]) for n in (14, 15))
+    await _cut_off(app, anonymous, me, [confirming, renewing], ingest_got_them=False)
+    await _untouched_for(
+        app, [confirming["id"], renewing["id"]], settings.reservation_grace_seconds + 5
+    )
+    ingest = app.state.parts.observations.ingest
+    get = ingest.get
+
+    async def retried_meanwhile(observation_id: str) -> dict[str, Any] | None:
+        answer = await get(observation_id)
+        if observation_id == confirming["id"]:
+            retry = await anonymous.post(
+                "/mobis/v1/sync", json={"observations": [confirming]}, headers=me
+            )
+            assert retry.json()["items"][0]["status"] == "created", retry.text
+        else:
+            await _cut_off(app, anonymous, me, [renewing], ingest_got_them=False)
+        return answer
+
+    monkeypatch.setattr(ingest, "get", retried_meanwhile)
+    dropped = _settled("dropped")
+    assert await app.state.parts.observations.settle_reservations() is False
+    assert _settled("dropped") == dropped
+    assert await _reservations(app, [confirming["id"], renewing["id"]]) == {
+        confirming["id"]: (True, [confirming["media"][0]["id"]]),
+        renewing["id"]: (False, [renewing["media"][0]["id"]]),
+    }
+    mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
+    assert [o["id"] for o in mine] == [confirming["id"]]
+
+
+async def test_a_retry_reserves_again_what_the_settler_dropped_under_it(
+    app: FastAPI,
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The settler's drop commits after the retry found the reservation there, before the
+    retry locked it: the retry reserves it anew, with its media, and creates it."""
+    _, me = await signed_up("under@example.org")
+    new = item(observation(), [png(16)])
+    await _cut_off(app, anonymous, me, [new], ingest_got_them=False)
+    owned_locked = Repository.owned_locked
+
+    async def dropped_first(self: Repository, ids: Sequence[str]) -> dict[str, Any]:
+        await self.drop_reserved(ids)
+        return await owned_locked(self, ids)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Repository, "owned_locked", dropped_first)
+        retry = await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=me)
+    outcome = retry.json()["items"][0]
+    assert (outcome["status"], outcome["missingMedia"]) == ("created", [new["media"][0]["id"]])
+    assert await _reservations(app, [new["id"]]) == {new["id"]: (True, [new["media"][0]["id"]])}

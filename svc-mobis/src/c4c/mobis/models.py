@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -72,7 +73,16 @@ class OwnedObservationRow(MobisBase):
     """An observation a user synced, and its state as events told MOBIS."""
 
     __tablename__ = "owned_observations"
-    __table_args__ = (Index("ix_owned_user_seq", "user_id", "seq"),)
+    __table_args__ = (
+        Index("ix_owned_user_seq", "user_id", "seq"),
+        # Just the few reservations, for the settler (see ``Repository.stale_reservations``).
+        Index(
+            "ix_owned_unconfirmed",
+            "updated_at",
+            postgresql_where=text("confirmed = false"),
+            sqlite_where=text("confirmed = 0"),
+        ),
+    )
 
     seq: Mapped[int] = mapped_column(Sequence, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(36), unique=True)
@@ -90,7 +100,8 @@ class OwnedObservationRow(MobisBase):
     identified_at: Mapped[datetime | None] = mapped_column(When)
     pseudonym: Mapped[str | None] = mapped_column(String(100))
     confirmed: Mapped[bool] = mapped_column(Boolean, default=True)
-    """False from sync's reservation until ingest has the observation (see ``sync``)."""
+    """False from sync's reservation until ingest has the observation (see ``sync``, and
+    ``settle_reservations`` for a sync that never finished)."""
     created_at: Mapped[datetime] = mapped_column(When)
     updated_at: Mapped[datetime] = mapped_column(When)
 

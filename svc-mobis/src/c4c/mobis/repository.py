@@ -11,8 +11,10 @@ from sqlalchemy import (
     RowMapping,
     Text,
     and_,
+    bindparam,
     cast,
     delete,
+    false,
     func,
     select,
     update,
@@ -283,25 +285,55 @@ class Repository:
         observation may have inserted the others)."""
         return await self._insert_new(OwnedObservationRow, rows)
 
-    async def confirm_owned(self, ids: Sequence[str]) -> None:
-        if ids:
-            await self.session.execute(
-                update(OwnedObservationRow)
-                .where(OwnedObservationRow.id.in_(ids))
-                .values(confirmed=True)
-            )
+    async def confirm_owned(self, ids: Sequence[str]) -> int:
+        """Confirm the reservations among ``ids``; how many there were."""
+        if not ids:
+            return 0
+        result = await self.session.execute(
+            update(OwnedObservationRow)
+            .where(OwnedObservationRow.id.in_(ids), OwnedObservationRow.confirmed.is_(False))
+            .values(confirmed=True)
+        )
+        return int(getattr(result, "rowcount", 0))
 
-    async def drop_reserved(self, ids: Sequence[str]) -> None:
-        """Forget reservations ingest refused, with their announced media."""
-        if ids:
+    async def drop_reserved(
+        self, ids: Sequence[str], *, untouched_since: datetime | None = None
+    ) -> int:
+        """Forget the reservations among ``ids`` (not confirmed, and if ``untouched_since``
+        is given, not reserved again since), with their announced media; how many. The rows
+        go first, so the media of a row a sync confirms or reserves again meanwhile stay."""
+        if not ids:
+            return 0
+        condition: list[ColumnElement[bool]] = [
+            OwnedObservationRow.id.in_(ids),
+            OwnedObservationRow.confirmed.is_(False),
+        ]
+        if untouched_since is not None:
+            condition.append(OwnedObservationRow.updated_at < untouched_since)
+        result = await self.session.execute(
+            delete(OwnedObservationRow).where(*condition).returning(OwnedObservationRow.id)
+        )
+        dropped = list(result.scalars())
+        if dropped:
             await self.session.execute(
-                delete(ExpectedMediaRow).where(ExpectedMediaRow.observation_id.in_(ids))
+                delete(ExpectedMediaRow).where(ExpectedMediaRow.observation_id.in_(dropped))
             )
-            await self.session.execute(
-                delete(OwnedObservationRow).where(
-                    OwnedObservationRow.id.in_(ids), OwnedObservationRow.confirmed.is_(False)
-                )
+        return len(dropped)
+
+    async def stale_reservations(self, before: datetime, limit: int) -> list[str]:
+        """Users' reservations not touched since ``before``, oldest first (the partial index
+        ``ix_owned_unconfirmed`` holds just the unconfirmed rows)."""
+        result = await self.session.execute(
+            select(OwnedObservationRow.id)
+            .where(
+                OwnedObservationRow.confirmed == false(),
+                OwnedObservationRow.updated_at < before,
+                OwnedObservationRow.user_id.is_not(None),
             )
+            .order_by(OwnedObservationRow.updated_at)
+            .limit(limit)
+        )
+        return list(result.scalars())
 
     async def update_owned(self, observation_id: str, values: dict[str, Any]) -> None:
         await self.session.execute(
@@ -414,11 +446,19 @@ class Repository:
         )
 
     async def mark_media_stored(self, marks: Sequence[StoredMark]) -> None:
-        """Each media received whole and stored: one UPDATE by primary key, run for all."""
+        """Each media received whole and stored: one UPDATE by primary key, run for all. A
+        media gone meanwhile (its observation deleted during the upload) is passed over: a
+        Core statement, as the ORM's bulk UPDATE would fail every mark of the batch for it."""
         if marks:
-            await self.session.execute(
-                update(ExpectedMediaRow),
-                [{"id": i, "received": size, "stored_at": when} for i, size, when in marks],
+            statement = (
+                update(ExpectedMediaRow)
+                .where(ExpectedMediaRow.id == bindparam("b_id"))
+                .values(received=bindparam("b_received"), stored_at=bindparam("b_stored_at"))
+            )
+            connection = await self.session.connection()
+            await connection.execute(
+                statement,
+                [{"b_id": i, "b_received": size, "b_stored_at": w} for i, size, w in marks],
             )
 
     # --- notifications ----------------------------------------------------------------------

@@ -63,6 +63,17 @@ class MobisSettings(ServiceSettings):
     upload_dir: Path | None = Field(
         None, description="Partial uploads; unset = <data_dir>/mobis-uploads (shared by replicas)."
     )
+    reservation_grace_seconds: float = Field(
+        600.0,
+        ge=60,
+        description="A synced observation MOBIS reserved but never confirmed (the sync was cut "
+        "off, or MOBIS stopped, after sending it to ingest) is settled once untouched this "
+        "long: confirmed if ingest has it, else forgotten (the app's retry reserves it again). "
+        "Keep it well above the longest sync.",
+    )
+    reservation_settle_seconds: float = Field(
+        60.0, gt=0, description="How often each replica looks for reservations to settle."
+    )
     identify_max_bytes: int = Field(
         20 * 1024 * 1024, ge=1024, description="Largest photo POST /identify forwards."
     )

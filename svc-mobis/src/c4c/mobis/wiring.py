@@ -41,6 +41,11 @@ class Parts:
         self.observations = Observations(self.unit, self.reads, self.ingest, settings)
         self.pseudonymiser = Pseudonymiser(self.observations)
         runtime.add_background(self.pseudonymiser.start, self.pseudonymiser.stop)
+        runtime.add_periodic(
+            "reservation-settling",
+            self.observations.settle_reservations,
+            interval=settings.reservation_settle_seconds,
+        )
         provider = OidcProvider.from_settings(settings)
         self.oidc: OidcLogins | None = None
         if provider is not None:

@@ -11,12 +11,13 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ StateChange = ObservationScored | ObservationIdentified | ObservationUpdated
 
 Plain = Mapping[Any, Any]
 """A table row as a plain mapping of column name to value (SQLAlchemy's ``RowMapping``)."""
+
+log = logging.getLogger("c4c.mobis.observations")
 
 READ_CHUNK = 1 << 16
 SHOWN_ITEMS = 5000
@@ -252,10 +255,17 @@ class StoredMarks:
             try:
                 async with self.units() as repo:
                     await repo.mark_media_stored([mark for mark, _ in batch])
-            except Exception as exc:  # every upload of the batch answers with it
+            except BaseException as exc:
+                # Every upload of the batch answers with it; cancelled (shutting down), the
+                # ones still waiting their turn too, rather than wait for good.
+                cancelled = not isinstance(exc, Exception)
+                if cancelled:
+                    batch, self._pending = batch + self._pending, []
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
+                if cancelled:
+                    raise
             else:
                 for _, done in batch:
                     if not done.done():  # its upload may have been cut off meanwhile
@@ -373,7 +383,8 @@ class Observations:
     ) -> dict[int, SyncOutcome]:
         """Reserve the rows, send them to ingest, then confirm them (or drop the refused).
         Reserved first, because ingest's events about them (a score) may arrive before its
-        answer does; an attempt cut short leaves reservations that its retry sends again."""
+        answer does; an attempt cut short leaves reservations that its retry sends again
+        (or, if none comes, :meth:`settle_reservations` settles)."""
         now = datetime.now(UTC)
         rows = {
             str(item.id): {
@@ -391,11 +402,27 @@ class Observations:
         }
         outcomes: dict[int, SyncOutcome] = {}
         async with self.units() as repo:
-            reserved = await repo.add_owned(list(rows.values()))
+            inserted = await repo.add_owned(list(rows.values()))
+            # Reservations of an earlier attempt, locked: the settler cannot drop them now,
+            # and their new ``updated_at`` keeps it from dropping them until this sync ends.
+            earlier = await repo.owned_locked([i for i in rows if i not in inserted])
+            reserved = set(inserted)
+            for observation_id, row in earlier.items():
+                if row.user_id == user.id and not row.confirmed:
+                    reserved.add(observation_id)
+                    values = rows[observation_id]
+                    await repo.update_owned(
+                        observation_id,
+                        {k: values[k] for k in ("body_hash", "summary", "project", "updated_at")},
+                    )
+            # Dropped by the settler between our insert and our lock: reserved anew.
+            vanished = [i for i in rows if i not in inserted and i not in earlier]
+            inserted |= await repo.add_owned([rows[i] for i in vanished])
+            reserved |= inserted
             announced = [
                 _media_row(str(i.id), m)
                 for _, i, _ in creates
-                if str(i.id) in reserved
+                if str(i.id) in inserted
                 for m in i.media
             ]
             added = await repo.add_media(announced)
@@ -403,14 +430,6 @@ class Observations:
             clashed = {m["observation_id"] for m in announced if m["id"] not in added}
             await repo.drop_reserved(list(clashed))
             reserved -= clashed
-            earlier = await repo.owned([i for i in rows if i not in reserved])
-            for observation_id, row in earlier.items():
-                if row.user_id == user.id and not row.confirmed:
-                    reserved.add(observation_id)
-                    values = rows[observation_id]
-                    await repo.update_owned(
-                        observation_id, {k: values[k] for k in ("body_hash", "summary", "project")}
-                    )
         sending = [c for c in creates if str(c[1].id) in reserved]
         for index, item, _ in creates:
             if str(item.id) in clashed:
@@ -665,6 +684,38 @@ class Observations:
             owners.add(row.user_id)
         repo.add_notifications(notifications)
         return owners
+
+    # --- reservations a sync left --------------------------------------------------------
+
+    async def settle_reservations(self, batch: int = 100) -> bool:
+        """Settle up to ``batch`` reservations untouched for the grace period (their sync
+        was cut off, or MOBIS stopped, between ingest and the confirmation): confirm those
+        ingest has, with their announced media, and drop the others. A sync retrying one
+        meanwhile confirms it or touches it, and then the settler leaves it be. Whether
+        more may be left."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.reservation_grace_seconds)
+        async with self.reads() as repo:
+            ids = await repo.stale_reservations(cutoff, batch)
+        if not ids:
+            return False
+        # Ingest has no filter by ids: one look each, in the background, on a rare backlog.
+        found = {i for i in ids if await self.ingest.get(i) is not None}
+        async with self.units() as repo:
+            confirmed = await repo.confirm_owned(sorted(found))
+            dropped = await repo.drop_reserved(
+                [i for i in ids if i not in found], untouched_since=cutoff
+            )
+        metrics.RESERVATIONS_SETTLED.labels("confirmed").inc(confirmed)
+        metrics.RESERVATIONS_SETTLED.labels("dropped").inc(dropped)
+        log.info(
+            "unconfirmed reservations settled",
+            extra={
+                "confirmed": confirmed,
+                "dropped": dropped,
+                "left": len(ids) - confirmed - dropped,
+            },
+        )
+        return len(ids) == batch
 
     # --- forget me -------------------------------------------------------------------------
 
