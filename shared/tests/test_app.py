@@ -525,3 +525,25 @@ async def test_a_routers_routes_are_the_apps_own_and_nested_routers_still_serve(
         assert (await client.get("/healthz")).status_code == 200
         paths = (await client.get("/openapi.json")).json()["paths"]
     assert {"/demo/v1/items", "/demo/v1/inner/{n}"} <= paths.keys()
+
+
+async def test_periodic_work_runs_at_start_until_done_then_when_woken(
+    tmp_path: Path, eventually: Any
+) -> None:
+    app = build_app(tmp_path)
+    runtime: ServiceRuntime = app.state.runtime
+    left = [3]  # items of work waiting; a pass does one and says whether more is left
+    passes: list[int] = []
+
+    async def work() -> bool:
+        passes.append(left[0])
+        if left[0]:
+            left[0] -= 1
+        return left[0] > 0
+
+    wake = runtime.add_periodic("demo-work", work, interval=3600)
+    async with app.router.lifespan_context(app):
+        await eventually(lambda: passes == [3, 2, 1])  # at once, again while more was left
+        left[0] = 1
+        wake()  # well before the hour: what a request just made is done now
+        await eventually(lambda: passes == [3, 2, 1, 1])

@@ -81,19 +81,23 @@ class ServiceRuntime:
 
     def add_periodic(
         self, name: str, work: Callable[[], Awaitable[bool]], *, interval: float
-    ) -> None:
+    ) -> Callable[[], None]:
         """Housekeeping run every ``interval`` seconds in the background, off every request's
         path. ``work`` answers whether more is left: then it runs again at once. A failing
-        pass is logged and retried at the next interval."""
+        pass is logged and retried at the next interval. Returns ``wake``, which starts the
+        next pass now (for work a request has just made)."""
+        woken = asyncio.Event()
 
         async def loop() -> None:
             while True:
+                woken.clear()
                 try:
                     while await work():
                         pass
                 except Exception:  # a bug or an outage must not end the housekeeping
                     log.exception("periodic work failed", extra={"work": name})
-                await asyncio.sleep(interval)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), interval)
 
         tasks: list[asyncio.Task[None]] = []
 
@@ -108,6 +112,7 @@ class ServiceRuntime:
             tasks.clear()
 
         self.add_background(start, stop)
+        return woken.set
 
     def add_readiness(self, name: str, check: Callable[[], bool]) -> None:
         """A condition of the service's own for ``/readyz`` (a model or data still loading),

@@ -305,7 +305,7 @@ def build_router(settings: MobisSettings) -> APIRouter:
         # Woken once the request's transaction has committed (a background task runs after
         # the answer): woken earlier, it may look before the handover is visible (PostgreSQL)
         # and then sleep for its whole interval.
-        wake = BackgroundTask(_parts(request).pseudonymiser.wake)
+        wake = BackgroundTask(_parts(request).pseudonymise_now)
         return Response(status_code=204, background=wake)
 
     # --- app configuration -----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """How the service's parts meet, made once per app: the signing key, the ports to ingest
 and plant identification, the OpenID Connect provider if configured, units of work,
-live-stream wake-ups."""
+live-stream wake-ups, background work."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from c4c.mobis.service.accounts import Accounts, Passwords
 from c4c.mobis.service.observations import Observations
 from c4c.mobis.service.oidc import OidcLogins
 from c4c.mobis.settings import MobisSettings
-from c4c.mobis.workers import Pseudonymiser
 from c4c.shared.app import ServiceRuntime
 
 
@@ -39,8 +38,10 @@ class Parts:
         self.ingest = ingest or IngestOverHttp(lambda: runtime.clients.client("ingest"))
         self.plantid = plantid or PlantIdOverHttp(lambda: runtime.clients.client("plantid"))
         self.observations = Observations(self.unit, self.reads, self.ingest, settings)
-        self.pseudonymiser = Pseudonymiser(self.observations)
-        runtime.add_background(self.pseudonymiser.start, self.pseudonymiser.stop)
+        # Deleted accounts' observations pseudonymised in ingest; woken by a deletion.
+        self.pseudonymise_now = runtime.add_periodic(
+            "pseudonymisation", self.observations.pseudonymise_pending, interval=30.0
+        )
         runtime.add_periodic(
             "reservation-settling",
             self.observations.settle_reservations,

@@ -719,9 +719,11 @@ class Observations:
 
     # --- forget me -------------------------------------------------------------------------
 
-    async def pseudonymise_pending(self, batch: int = 50) -> int:
+    async def pseudonymise_pending(self, batch: int = 50) -> bool:
         """Replace the deleted users' names on their observations in ingest, then forget
-        the observations here; how many were done (failures stay for the next round)."""
+        the observations here; whether any was done, and so more may be left (failures stay
+        for the next round). It resumes after a restart: the pending ones are in the
+        database."""
         async with self.units() as repo:
             rows = await repo.awaiting_pseudonym(batch)
             media = await repo.media_of([r.id for r in rows])
@@ -733,7 +735,7 @@ class Observations:
                 for m in media[row.id]:
                     self._part(m["id"]).unlink(missing_ok=True)
                 done += 1
-        return done
+        return done > 0
 
     async def _pseudonymise(self, observation_id: str, pseudonym: str) -> bool:
         for _ in range(3):  # the observation may change between our read and our write
