@@ -309,9 +309,11 @@ def test_duplicate_search_finds_what_comparing_each_pair_finds() -> None:
     # Near copies of some candidates, among them one of the observation's own photos.
     hashes = [rng.getrandbits(64) for _ in range(6)]
     hashes += [(p.phash or 0) % (1 << 64) ^ (1 << rng.randrange(64)) for p in photos[:4]]
-    # The first new photo copied many times, by the observer and by others.
+    # The first new photo copied many times, by the observer, by others and by nobody known
+    # (an observation without recordedBy: not another user's).
     for i in range(100, 130):
-        photos[i] = photos[i]._replace(phash=(hashes[0] ^ (1 << (i % 64))) - (1 << 63))
+        copy = photos[i]._replace(phash=(hashes[0] ^ (1 << (i % 64))) - (1 << 63))
+        photos[i] = copy._replace(recorded_by=None) if i % 5 == 0 else copy
     facts = {f"new{i}": ImageFacts(f"new{i}", True, phash=h) for i, h in enumerate(hashes)}
     facts["m3"] = ImageFacts("m3", True, phash=(photos[3].phash or 0) % (1 << 64))
     facts["none"] = ImageFacts("none", True)
@@ -329,7 +331,8 @@ def test_duplicate_search_finds_what_comparing_each_pair_finds() -> None:
     # Per photo and kind (another user's, the observer's own): the closest, and how many.
     expected: dict[tuple[str | None, bool], Duplicate] = {}
     for pair in pairs:
-        key = (pair.media_id, pair.other_recorded_by != obs.recorded_by)
+        other = pair.other_recorded_by
+        key = (pair.media_id, other is not None and other != obs.recorded_by)
         best = expected.get(key)
         closest = pair if best is None or pair.distance < best.distance else best
         expected[key] = replace(closest, matches=1 if best is None else best.matches + 1)
