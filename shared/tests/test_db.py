@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import pytest
 from sqlalchemy import delete, func, inspect, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from c4c.shared.bus import InProcessBus, new_event
-from c4c.shared.db import Database, sqlite_execute
-from c4c.shared.outbox import Outbox, OutboxRow
+from c4c.shared import outbox as outbox_module
+from c4c.shared.bus import InProcessBus, PublishError, new_event
+from c4c.shared.db import Database, as_utc, sqlite_execute
+from c4c.shared.outbox import Outbox, OutboxRow, RelayPass
 
 SHARED_TABLES = {"c4c_outbox", "c4c_processed_events", "c4c_shared_version"}
 HEAD = "c4c_shared_0002"
@@ -173,6 +176,21 @@ async def test_sqlite_a_connection_back_in_the_pool_with_a_transaction_open_is_r
         assert not driver.in_transaction  # else it would hold the write lock for good
 
 
+async def test_sqlite_statements_straight_on_the_driver_fail_with_sqlalchemy_errors(
+    sqlite_db: Database,
+) -> None:
+    await sqlite_db.migrate([])
+    async with sqlite_db.sessions() as session, session.begin():
+        conn = await session.connection()
+        await sqlite_execute(conn, "CREATE TABLE unique_n (n INTEGER UNIQUE)")
+        await sqlite_execute(conn, "INSERT INTO unique_n VALUES (1)")
+        # What the problem handlers and the pool know, not the driver's own classes.
+        with pytest.raises(IntegrityError):
+            await sqlite_execute(conn, "INSERT INTO unique_n VALUES (1)")
+        with pytest.raises(OperationalError):
+            await sqlite_execute(conn, "SELECT nothing FROM nowhere")
+
+
 async def test_sqlite_statements_straight_on_the_driver_take_one_trip_in_the_transaction(
     sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -205,6 +223,74 @@ async def test_sqlite_statements_straight_on_the_driver_take_one_trip_in_the_tra
         await fail()
     async with sqlite_db.engine.connect() as conn:
         assert sorted(await sqlite_execute(conn, "SELECT n FROM kept")) == [(1,), (2,)]
+
+
+class RecordingBus(InProcessBus):
+    """Remembers the bodies it is asked to publish; refuses those of the subjects in
+    ``refused``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+        self.refused = {"refused"}
+
+    async def publish_encoded(self, body: bytes, *, event_id: str, type: str, source: str) -> None:
+        if orjson.loads(body).get("subject") in self.refused:
+            raise PublishError("the broker said no")
+        self.bodies.append(body)
+
+
+async def test_sqlite_outbox_rows_written_and_relayed_straight_on_the_driver_as_the_orm_would(
+    sqlite_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await sqlite_db.migrate([])
+    bus = RecordingBus()
+    outbox = Outbox(sqlite_db, bus, service="demo")
+    monkeypatch.setattr(outbox_module, "SQLITE_ROWS_PER_INSERT", 2)  # several statements
+    async with sqlite_db.sessions() as session, session.begin():
+        outbox.add(session, new_event("demo", "demo.one", {"n": 0}))  # through the ORM
+        await session.flush()
+        items = [(f"obs/{n}", {"n": n}) for n in range(1, 5)] + [("refused", {"n": 5})]
+        ids = await outbox.add_batch(session, "demo.many", items)
+
+    stored = "SELECT typeof(body), typeof(created_at), attempts FROM c4c_outbox"
+    async with sqlite_db.engine.connect() as conn:
+        kinds = set(await sqlite_execute(conn, stored))
+    assert kinds == {("blob", "text", 0)}  # the ORM's row and the batch's alike
+    async with sqlite_db.sessions() as session:
+        rows = (await session.execute(select(OutboxRow).order_by(OutboxRow.id))).scalars().all()
+    assert [r.event_id for r in rows[1:]] == ids
+    for row in rows:
+        envelope = orjson.loads(row.body)
+        assert as_utc(row.created_at) == datetime.fromisoformat(envelope["time"])
+        assert (row.type, row.subject) == (envelope["type"], envelope.get("subject"))
+
+    async with sqlite_db.engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection  # the pool's only one
+    trips: list[object] = []
+    execute = driver._execute
+
+    async def counted(function: object, *args: object, **kwargs: object) -> object:
+        trips.append(function)
+        return await execute(function, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "_execute", counted)
+    assert await outbox.relay_once() == RelayPass(published=5, failed=1)
+    bus.refused.clear()
+    trips.clear()
+    assert await outbox.relay_once() == RelayPass(published=1, failed=0)
+    assert len(trips) == 2  # reading and marking, a trip each, no BEGIN or COMMIT
+    assert bus.bodies == [r.body for r in rows]
+    async with sqlite_db.sessions() as session:
+        marked = {
+            r.event_id: (r.published_at, r.attempts)
+            for r in (await session.execute(select(OutboxRow))).scalars()
+        }
+    for row in rows:
+        published_at, attempts = marked[row.event_id]
+        assert attempts == (1 if row.subject == "refused" else 0)
+        assert published_at is not None
+        assert as_utc(row.created_at) <= as_utc(published_at) <= datetime.now(UTC)
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------

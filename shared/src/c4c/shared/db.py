@@ -6,8 +6,10 @@ at start-up without an ``env.py``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,9 +18,9 @@ from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from fastapi import Depends, Request
 from pydantic import AfterValidator
-from sqlalchemy import Connection, event, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy import Connection, FromClause, event, text
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -172,13 +174,40 @@ def _begin(conn: Connection, statement: str) -> None:
 async def sqlite_execute(
     connection: AsyncConnection, statement: str, parameters: Sequence[Any] = ()
 ) -> list[Any]:
-    """``statement`` straight on aiosqlite's connection, in ``connection``'s transaction: one
-    trip to its thread, where a statement through SQLAlchemy takes four (cursor, execute,
-    fetch, close; about 40 µs of CPU each, measured). Its rows (of a RETURNING) as they
-    come. For hot paths: the parameters go as they are, no column type converts them."""
+    """``statement`` straight on aiosqlite's connection: one trip to its thread, where a
+    statement through SQLAlchemy takes four (cursor, execute, fetch, close; about 40 µs of
+    CPU each, measured). Its rows (of a RETURNING) as they come. For hot paths: the
+    parameters go as they are, no column type converts them (see ``sqlite_values``), and a
+    session's pending objects are not flushed first.
+
+    It runs in ``connection``'s transaction if one has begun (``session.connection()`` of a
+    session in a transaction has); else it is its own (the connection is in autocommit
+    mode, see ``_sqlite_on_connect``). Errors are SQLAlchemy's, as through it."""
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection  # aiosqlite's
-    return list(await driver.execute_fetchall(statement, parameters))
+    try:
+        return list(await driver.execute_fetchall(statement, parameters))
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(statement, parameters, exc, sqlite3.Error) from exc
+
+
+@lru_cache(maxsize=16)  # an app's dialect, kept while in use (tests make many apps)
+def sqlite_values(
+    dialect: Dialect, table: FromClause, names: tuple[str, ...]
+) -> Callable[[Sequence[Any]], list[Any]]:
+    """For ``sqlite_execute``: values given in the order of ``names``, each converted by its
+    column's own bind processor where it has one (a time to SQLite's text, JSON to its
+    text), so that they are stored as the ORM stores them. The rest go as they are."""
+    processors = [table.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
+    converted = [(i, process) for i, process in enumerate(processors) if process is not None]
+
+    def values(row: Sequence[Any]) -> list[Any]:
+        out = list(row)
+        for i, process in converted:
+            out[i] = process(out[i])
+        return out
+
+    return values
 
 
 def _sqlite_on_reset(dbapi_connection: Any, _: Any, state: PoolResetState) -> None:
