@@ -578,7 +578,7 @@ async def test_stored_marks_coming_during_a_write_share_the_next_transaction() -
     await repo.writing.wait()
     rest = [asyncio.create_task(marks.mark(m, 1, when)) for m in "bc"]
     await asyncio.sleep(0)  # one turn of the loop: the new tasks queue their marks
-    assert len(marks._pending) == 2
+    assert len(marks._groups._pending) == 2
     assert not first.done()  # an upload answers only once its mark is committed
     repo.release.set()
     await asyncio.gather(first, *rest)
@@ -593,7 +593,7 @@ async def test_a_failed_write_of_stored_marks_fails_each_upload_of_it() -> None:
     await repo.writing.wait()
     second = asyncio.create_task(marks.mark("b", 1, when))
     await asyncio.sleep(0)  # one turn of the loop: the new task queues its mark
-    assert len(marks._pending) == 1
+    assert len(marks._groups._pending) == 1
     repo.release.set()
     results = await asyncio.gather(first, second, return_exceptions=True)
     assert [str(r) for r in results] == ["the disk is full"] * 2

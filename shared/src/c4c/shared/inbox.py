@@ -5,7 +5,6 @@ the handler's effect, so a redelivered event is a no-op. One event at a time
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -15,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
+from c4c.shared.batching import GroupCommit
 from c4c.shared.bus import CloudEvent, Handler
 from c4c.shared.db import Database, InfraBase
 from c4c.shared.metrics import EVENTS_DUPLICATE
@@ -103,11 +103,10 @@ async def claim(
 
 class Batcher:
     """Events the bus hands to its concurrent handlers, gathered into batches for
-    ``handle_many``: a batch is taken ``linger`` seconds after its oldest event came (those
-    that trickle in meanwhile join it; a full batch goes at once), and whatever arrives
-    while a batch is handled forms the next one, so a batch costs about what one event did.
-    Each handler returns when its event is handled, or raises what failed it: a batch that
-    fails is handled again event by event, so only a bad event goes back to the bus."""
+    ``handle_many`` (a :class:`~c4c.shared.batching.GroupCommit`: a batch is taken ``linger``
+    seconds after its oldest event came, whatever arrives meanwhile forms the next). Each
+    handler returns when its event is handled, or raises what failed it: a batch that fails
+    is handled again event by event, so only a bad event goes back to the bus."""
 
     def __init__(
         self,
@@ -116,59 +115,14 @@ class Batcher:
         linger: float = 0.0,
         max_items: int = 100,
     ) -> None:
-        self.handle_many = handle_many
-        self.linger = linger
-        self.max_items = max_items
-        self._pending: list[tuple[CloudEvent, asyncio.Future[None]]] = []
-        self._first_came = 0.0  # loop time the oldest pending event came at
-        self._worker: asyncio.Task[None] | None = None
+        async def handled(events: Sequence[CloudEvent]) -> list[None]:
+            await handle_many(events)
+            return [None] * len(events)
+
+        self._batches = GroupCommit(handled, name="events", linger=linger, max_items=max_items)
 
     async def handle(self, event: CloudEvent) -> None:
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        if not self._pending:
-            self._first_came = loop.time()
-        self._pending.append((event, done))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._drain(), name="batcher")
-        await done
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            # No event waits more than ``linger`` after it came for its batch to be taken.
-            wait = self._first_came + self.linger - loop.time()
-            if wait > 0 and len(self._pending) < self.max_items:
-                await asyncio.sleep(wait)
-            batch, self._pending = self._pending[: self.max_items], self._pending[self.max_items :]
-            self._first_came = 0.0  # those left over (a full batch's) have waited already
-            try:
-                await self.handle_many([event for event, _ in batch])
-            except Exception as exc:
-                if len(batch) == 1:
-                    _settle(batch[0][1], exc)
-                    continue
-                log.info("a batch failed; handling its events one by one", exc_info=True)
-                for event, done in batch:
-                    try:
-                        await self.handle_many([event])
-                    except Exception as failed:
-                        _settle(done, failed)
-                    else:
-                        _settle(done)
-            else:
-                for _, done in batch:
-                    _settle(done)
-
-
-def _settle(done: asyncio.Future[None], failure: Exception | None = None) -> None:
-    """Answer the waiting handler (gone if the bus stopped meanwhile)."""
-    if done.done():
-        return
-    if failure is None:
-        done.set_result(None)
-    else:
-        done.set_exception(failure)
+        await self._batches.submit(event)
 
 
 async def prune_processed(db: Database, retention: timedelta, *, batch: int = 5000) -> int:

@@ -6,7 +6,6 @@ while a chunk streams in."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -40,6 +39,7 @@ from c4c.mobis.schemas import (
     SyncOutcome,
 )
 from c4c.mobis.settings import MobisSettings
+from c4c.shared.batching import GroupCommit
 from c4c.shared.problems import BadRequest, Conflict, NotFound, ProblemError
 
 Units = Callable[[], AbstractAsyncContextManager[Repository]]
@@ -232,44 +232,23 @@ class ShownItems:
 
 
 class StoredMarks:
-    """Media that ingest has stored, marked so by the concurrent uploads together: one
-    transaction for all that came while the previous one was written, where each upload's
-    own would queue for SQLite's one write lock, each costing about what the whole batch
-    does. Each upload waits for the commit of its mark before it answers."""
+    """Media that ingest has stored, marked so by the concurrent uploads together (a
+    :class:`~c4c.shared.batching.GroupCommit`): one transaction for all that came while the
+    previous one was written, where each upload's own would queue for SQLite's one write
+    lock, each costing about what the whole batch does. Each upload waits for the commit of
+    its mark before it answers."""
 
     def __init__(self, units: Units) -> None:
         self.units = units
-        self._pending: list[tuple[StoredMark, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._groups = GroupCommit(self._write, name="mobis:stored-marks", max_items=500)
 
     async def mark(self, media_id: str, size: int, when: datetime) -> None:
-        done = asyncio.get_running_loop().create_future()
-        self._pending.append(((media_id, size, when), done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="mobis-stored-marks")
-        await done
+        await self._groups.submit((media_id, size, when))
 
-    async def _write(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                async with self.units() as repo:
-                    await repo.mark_media_stored([mark for mark, _ in batch])
-            except BaseException as exc:
-                # Every upload of the batch answers with it; cancelled (shutting down), the
-                # ones still waiting their turn too, rather than wait for good.
-                cancelled = not isinstance(exc, Exception)
-                if cancelled:
-                    batch, self._pending = batch + self._pending, []
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                if cancelled:
-                    raise
-            else:
-                for _, done in batch:
-                    if not done.done():  # its upload may have been cut off meanwhile
-                        done.set_result(None)
+    async def _write(self, marks: Sequence[StoredMark]) -> list[None]:
+        async with self.units() as repo:
+            await repo.mark_media_stored(marks)
+        return [None] * len(marks)
 
 
 class Observations:
