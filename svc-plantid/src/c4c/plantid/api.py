@@ -44,6 +44,7 @@ from c4c.shared.auth import api_key_of, current_principal
 from c4c.shared.db import SessionDep
 from c4c.shared.responses import FileResponse
 from c4c.shared.storage import BlobNotFound
+from c4c.shared.text import STORABLE
 
 VERSION = "0.1.0"
 MAX_IMAGES = 5
@@ -420,15 +421,16 @@ async def enrol(
     project: str,
     service: ServiceDep,
     images: Annotated[list[UploadFile], File(description="Reference photos (JPEG/PNG).")],
-    species: Annotated[str, Form(min_length=3, max_length=300)],
+    species: Annotated[str, Form(min_length=3, max_length=300, pattern=STORABLE)],
     organ: Annotated[str, Form(pattern=r"^(leaf|flower|fruit|bark|habit|other)$")] = "flower",
-    author: Annotated[str | None, Form(max_length=200)] = None,
-    license: Annotated[str | None, Form(max_length=200)] = None,
-    authorship: Annotated[str | None, Form(max_length=300)] = None,
-    genus: Annotated[str | None, Form(max_length=200)] = None,
-    family: Annotated[str | None, Form(max_length=200)] = None,
+    author: Annotated[str | None, Form(max_length=200, pattern=STORABLE)] = None,
+    license: Annotated[str | None, Form(max_length=200, pattern=STORABLE)] = None,
+    authorship: Annotated[str | None, Form(max_length=300, pattern=STORABLE)] = None,
+    genus: Annotated[str | None, Form(max_length=200, pattern=STORABLE)] = None,
+    family: Annotated[str | None, Form(max_length=200, pattern=STORABLE)] = None,
     common_names: Annotated[
-        str | None, Form(max_length=2000, description="'en:Oxeye daisy;fr:Marguerite'")
+        str | None,
+        Form(max_length=2000, pattern=STORABLE, description="'en:Oxeye daisy;fr:Marguerite'"),
     ] = None,
     gbif_id: Annotated[str | None, Form(pattern=r"^[0-9]{1,20}$")] = None,
 ) -> schemas.EnrolmentOut:

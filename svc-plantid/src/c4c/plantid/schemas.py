@@ -5,13 +5,14 @@ API v2 shapes (``/v2``)."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from c4c.plantid.models import ImportRow, ProjectRow, ReferenceRow, SpeciesRow
 from c4c.plantid.service import IdentifyOutcome, ReferencePhoto
 from c4c.shared.db import Utc, as_utc
+from c4c.shared.text import Storable
 
 ProjectId = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Slug: a-z, 0-9, '-'.")
 
@@ -20,8 +21,8 @@ class ProjectIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = ProjectId
-    title: str = Field(min_length=1, max_length=200)
-    description: str | None = Field(None, max_length=5000)
+    title: Annotated[Storable, Field(min_length=1, max_length=200)]
+    description: Annotated[Storable, Field(max_length=5000)] | None = None
 
 
 class ProjectOut(BaseModel):
@@ -94,7 +95,7 @@ class ImportIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["folder", "dwca"]
-    source: str = Field(
+    source: Storable = Field(
         min_length=1,
         max_length=1000,
         description="Path under the import directory: a folder of <Species_name>/*.jpg, or "

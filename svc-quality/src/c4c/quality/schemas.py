@@ -3,7 +3,8 @@
 
 An observation to assess is taken as ingest publishes it (Darwin Core terms), leniently:
 out-of-range coordinates, impossible dates or unknown vocabularies are what the checks are
-for, so they are accepted and flagged; only wrong types and oversized values are refused."""
+for, so they are accepted and flagged; only wrong types, oversized values and text no
+database stores (NUL, see ``Storable``) are refused."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-Short = Annotated[str, Field(max_length=200)]
-Text = Annotated[str, Field(max_length=2000)]
+from c4c.shared.text import Storable
+
+Short = Annotated[Storable, Field(max_length=200)]
+Text = Annotated[Storable, Field(max_length=2000)]
 
 
 class MediaIn(BaseModel):
@@ -31,7 +34,7 @@ class IdentificationIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     identifiedBy: Short = "anonymous"
-    scientificName: Annotated[str, Field(min_length=1, max_length=500)]
+    scientificName: Annotated[Storable, Field(min_length=1, max_length=500)]
     kind: Literal["human", "machine"] = "human"
     score: float | None = None
 
@@ -40,8 +43,8 @@ class MeasurementIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     measurementType: Short
-    measurementValue: bool | int | float | Annotated[str, Field(max_length=500)]
-    measurementUnit: Annotated[str, Field(max_length=50)] | None = None
+    measurementValue: bool | int | float | Annotated[Storable, Field(max_length=500)]
+    measurementUnit: Annotated[Storable, Field(max_length=50)] | None = None
 
 
 class Votes(BaseModel):
@@ -58,12 +61,12 @@ class ObservationIn(BaseModel):
     version: int | None = Field(None, ge=0)
     datasetID: Short = Field("default", description="The project: picks the rule set.")
     recordedBy: Short | None = None
-    eventDate: Annotated[str, Field(max_length=100)] | None = None
+    eventDate: Annotated[Storable, Field(max_length=100)] | None = None
     decimalLatitude: float | None = None
     decimalLongitude: float | None = None
     coordinateUncertaintyInMeters: float | None = None
-    countryCode: Annotated[str, Field(max_length=10)] | None = None
-    scientificName: Annotated[str, Field(max_length=500)] | None = None
+    countryCode: Annotated[Storable, Field(max_length=10)] | None = None
+    scientificName: Annotated[Storable, Field(max_length=500)] | None = None
     basisOfRecord: Short | None = None
     individualCount: int | float | Short | None = None
     degreeOfEstablishment: Short | None = None
@@ -125,7 +128,7 @@ class CheckIn(BaseModel):
 
     enabled: bool = True
     weight: float = Field(1.0, ge=0, le=10)
-    params: dict[str, bool | int | float | dict[str, list[float]]] = Field(default_factory=dict)
+    params: dict[Short, bool | int | float | dict[Short, list[float]]] = Field(default_factory=dict)
 
 
 class RuleSetIn(BaseModel):
@@ -165,7 +168,7 @@ class ObservationDeleted(BaseModel):
 class Candidate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    scientificName: Annotated[str, Field(max_length=500)]
+    scientificName: Annotated[Storable, Field(max_length=500)]
     score: float | None = None
 
 

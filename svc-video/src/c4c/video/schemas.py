@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from c4c.shared.db import Utc
+from c4c.shared.text import Storable
 
 Coordinate = float
+ShapeName = Annotated[Storable, Field(min_length=1, max_length=100)]
+StreamName = Annotated[Storable, Field(min_length=1, max_length=200)]
+Url = Annotated[Storable, Field(min_length=1, max_length=2000)]
 
 
 class Line(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=100)
+    name: ShapeName
     points: list[tuple[Coordinate, Coordinate]] = Field(
         min_length=2, max_length=2, description="Two points, as fractions (0..1) of the frame."
     )
@@ -26,7 +30,7 @@ class Line(BaseModel):
 
 class Zone(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=100)
+    name: ShapeName
     polygon: list[tuple[Coordinate, Coordinate]] = Field(
         min_length=3, max_length=64, description="Vertices, as fractions (0..1) of the frame."
     )
@@ -46,8 +50,8 @@ def _in_unit_square(points: list[tuple[float, float]]) -> list[tuple[float, floa
 
 class StreamIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    url: str = Field(min_length=1, max_length=2000)
+    name: StreamName
+    url: Url
     lines: list[Line] = Field(default_factory=list, max_length=16)
     zones: list[Zone] = Field(default_factory=list, max_length=16)
     start: bool = Field(True, description="Start processing at once.")
@@ -55,8 +59,8 @@ class StreamIn(BaseModel):
 
 class StreamPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, min_length=1, max_length=200)
-    url: str | None = Field(None, min_length=1, max_length=2000)
+    name: StreamName | None = None
+    url: Url | None = None
     lines: list[Line] | None = Field(None, max_length=16)
     zones: list[Zone] | None = Field(None, max_length=16)
 
