@@ -20,7 +20,7 @@ from c4c.shared.app import ServiceRuntime, create_service_app
 from c4c.shared.bus import CloudEvent
 from c4c.shared.db import SessionDep
 from c4c.shared.http import BodyLimitMiddleware
-from c4c.shared.problems import PROBLEM_MEDIA_TYPE, Conflict
+from c4c.shared.problems import PROBLEM_MEDIA_TYPE, Conflict, problem_response
 from c4c.shared.settings import ServiceSettings
 
 LIMIT = 1024
@@ -547,3 +547,9 @@ async def test_periodic_work_runs_at_start_until_done_then_when_woken(
         left[0] = 1
         wake()  # well before the hour: what a request just made is done now
         await eventually(lambda: passes == [3, 2, 1, 1])
+
+
+def test_a_problem_echoing_a_lone_surrogate_is_still_a_json_document() -> None:
+    response = problem_response(422, detail="not a name: \ud800")
+    assert response.status_code == 422
+    assert json.loads(response.body)["detail"] == "not a name: \ud800"

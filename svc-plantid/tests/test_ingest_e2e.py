@@ -16,6 +16,7 @@ import httpx
 from c4c.ingest.app import create_app as create_ingest
 from c4c.ingest.settings import IngestSettings
 from c4c.plantid.app import create_app as create_plantid
+from c4c.plantid.consumers import plantid_consumers
 from c4c.plantid.settings import PlantidSettings
 from c4c.shared.app import run_together
 from c4c.shared.bus import CloudEvent, InProcessBus
@@ -127,3 +128,29 @@ async def test_a_photo_uploaded_after_creation_is_identified_once(
         assert await bus.drain(10)
         assert len(identified) == 1
         assert await metric(plantid, counted, project="meadow", outcome="identified") == before + 1
+
+
+async def test_an_observation_no_database_could_store_is_not_identified(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    settings = PlantidSettings(
+        data_dir=tmp_path, model_cache=model_cache, default_project="meadow", log_level="WARNING"
+    )
+    app = create_plantid(settings)
+    runtime = app.state.runtime
+    fetched: list[str] = []
+
+    async def fetch(url: str) -> bytes:
+        fetched.append(url)
+        raise AssertionError("its photos are not worth fetching")
+
+    consumers = plantid_consumers(runtime, app.state.plantid_engine, settings, fetch)
+    async with app.router.lifespan_context(app):
+        for observation in (
+            {"id": "obs\x00-1", "datasetID": "meadow"},
+            {"id": "obs-2", "datasetID": "mea\x00dow"},
+        ):
+            media = [{"id": "m", "url": "http://ingest/ingest/v1/media/m", "format": "image/jpeg"}]
+            event = runtime.event("observation.created", observation | {"media": media})
+            await consumers["observation.created"](event)
+    assert fetched == []

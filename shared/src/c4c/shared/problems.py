@@ -5,6 +5,7 @@ turn every error — ours, FastAPI's validation errors, Starlette's HTTP errors 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -117,9 +118,17 @@ def problem_response(
     if instance:
         body["instance"] = instance
     body.update(extensions)
-    return JSONResponse(
+    return _ProblemJSON(
         jsonable_encoder(body), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE
     )
+
+
+class _ProblemJSON(JSONResponse):
+    """ASCII JSON: a detail that echoes the client's input may hold a lone surrogate, which
+    no UTF-8 encodes (a 500 while answering a 4xx); escaped, it is valid JSON."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def _pointer(location: Sequence[int | str]) -> str:

@@ -86,6 +86,9 @@ def plantid_consumers(
         if not observation_id or not urls:
             return
         dataset = str(observation.get("datasetID") or "")
+        if "\x00" in observation_id + dataset:  # no database stores it: not worth the photos
+            log.info("observation id or dataset not storable; not identified")
+            return
         async with runtime.db.sessions() as session, session.begin():
             if dataset and await Repository(session).get_project(dataset) is not None:
                 project = dataset
