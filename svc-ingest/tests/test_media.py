@@ -5,10 +5,11 @@ of an obscured observation; hostile files refused with 4xx."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,96 @@ async def test_an_upload_in_progress_holds_no_transaction(
     uploaded = await upload
     assert uploaded.status_code == 201, uploaded.text
     assert uploaded.json()["sha256"] == hashlib.sha256(photo_bytes).hexdigest()
+
+
+async def test_rows_of_uploads_finishing_together_share_a_transaction(
+    app: Any,
+    client: httpx.AsyncClient,
+    observation: Any,
+    photo_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While one media row commits, the next uploads' rows queue and go in one transaction;
+    one refused there (its observation deleted meanwhile) fails alone."""
+    uploads = app.state.uploads
+    ids = [await new_observation(client, observation()) for _ in range(4)]
+    units, gate, transactions = uploads.units, asyncio.Event(), [0]
+
+    @contextlib.asynccontextmanager
+    async def gated() -> AsyncIterator[Any]:
+        transactions[0] += 1
+        await gate.wait()
+        async with units() as service:
+            yield service
+
+    submit, arrived, all_queued = uploads._rows.submit, [0], asyncio.Event()
+
+    async def counted(row: Any) -> Any:
+        arrived[0] += 1
+        if arrived[0] == len(ids):
+            all_queued.set()  # seen once this task yields, after the row is queued
+        return await submit(row)
+
+    monkeypatch.setattr(uploads, "units", gated)
+    monkeypatch.setattr(uploads._rows, "submit", counted)
+    posts = [
+        asyncio.create_task(
+            client.post(f"{API}/observations/{i}/media", content=photo_bytes + bytes([n]))
+        )
+        for n, i in enumerate(ids)
+    ]
+    await asyncio.wait_for(all_queued.wait(), 10)  # the first row's transaction at the gate
+    assert (await client.delete(f"{API}/observations/{ids[3]}")).status_code == 204
+    gate.set()
+    answers = await asyncio.gather(*posts)
+    assert transactions[0] in (1, 2)  # all together, or the first then the rest behind it
+    statuses = [a.status_code for a in answers]
+    assert statuses == [201, 201, 201, 410], [a.text for a in answers]
+    for observation_id, answer in zip(ids[:3], answers[:3], strict=True):
+        media = (await client.get(f"{API}/observations/{observation_id}")).json()["media"]
+        assert [m["id"] for m in media] == [answer.json()["id"]]
+
+
+async def test_checks_of_uploads_starting_together_share_a_read(
+    app: Any,
+    client: httpx.AsyncClient,
+    observation: Any,
+    photo_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While one upload's observation is read, the next uploads' wait and are read together;
+    one for an observation that does not exist fails alone, before its file is stored."""
+    uploads = app.state.uploads
+    ids = [await new_observation(client, observation()) for _ in range(3)] + [str(uuid.uuid4())]
+    readings, gate, reads = uploads.readings, asyncio.Event(), [0]
+
+    @contextlib.asynccontextmanager
+    async def gated() -> AsyncIterator[Any]:
+        reads[0] += 1
+        await gate.wait()
+        async with readings() as service:
+            yield service
+
+    submit, arrived, all_queued = uploads._targets.submit, [0], asyncio.Event()
+
+    async def counted(upload: Any) -> Any:
+        arrived[0] += 1
+        if arrived[0] == len(ids):
+            all_queued.set()  # seen once this task yields, after the upload is queued
+        return await submit(upload)
+
+    monkeypatch.setattr(uploads, "readings", gated)
+    monkeypatch.setattr(uploads._targets, "submit", counted)
+    posts = [
+        asyncio.create_task(
+            client.post(f"{API}/observations/{i}/media", content=photo_bytes + bytes([n]))
+        )
+        for n, i in enumerate(ids)
+    ]
+    await asyncio.wait_for(all_queued.wait(), 10)  # the first upload's read at the gate
+    gate.set()
+    answers = await asyncio.gather(*posts)
+    assert reads[0] in (1, 2)  # all together, or the first then the rest queued behind it
+    assert [a.status_code for a in answers] == [201, 201, 201, 404], [a.text for a in answers]
+    stored = [p for p in app.state.parts.storage.root.rglob("*") if p.is_file()]
+    assert len(stored) == 3

@@ -14,13 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 
-from c4c.ingest import api
+from c4c.ingest import api, schemas
 from c4c.ingest.app import create_app
 from c4c.ingest.models import ObservationRow
 from c4c.ingest.schemas import ObservationCreate
-from c4c.ingest.service import IngestService
+from c4c.ingest.service import IngestService, new_row
 from c4c.ingest.settings import IngestSettings
 from c4c.shared.bus import CloudEvent
 
@@ -159,11 +159,11 @@ async def test_concurrent_creates_written_together_are_each_answered_alone(
     await eventually(lambda: sorted(created_ids(events)) == sorted(stored))
 
 
-async def test_a_create_stores_the_row_a_batch_stores(
+async def test_a_create_stores_the_row_sqlalchemy_stores(
     client: httpx.AsyncClient, observation: Body, app: Any
 ) -> None:
-    # Single creates are inserted on their own path (straight on the driver on SQLite):
-    # every column holds what the batch path, through SQLAlchemy, stores for the same body.
+    # Creates are inserted straight on the driver (SQLite) or from one JSON array
+    # (PostgreSQL): every column holds what SQLAlchemy's own INSERT stores for the same values.
     fields = {
         "measurements": [{"measurementType": "PM2.5", "measurementValue": 12.5}],
         "locationObscured": True,
@@ -171,24 +171,24 @@ async def test_a_create_stores_the_row_a_batch_stores(
         "eventDate": "2024-05-03T10:15:00.250+02:00",
         "occurrenceRemarks": "windy",
     }
-    single, batched = str(uuid.uuid4()), str(uuid.uuid4())
-    created = await client.post(f"{API}/observations", json=observation(id=single, **fields))
+    ours, theirs = str(uuid.uuid4()), str(uuid.uuid4())
+    created = await client.post(f"{API}/observations", json=observation(id=ours, **fields))
     assert created.status_code == 201, created.text
-    batch = [observation(id=batched, **fields)]
-    answer = await client.post(f"{API}/observations:batch", json=batch)
-    assert answer.json()["created"] == 1, answer.text
+    model = ObservationCreate.model_validate(observation(id=theirs, **fields))
+    values = new_row(model, idempotency_key=None, digest="-", when=datetime.now(UTC))
+    async with app.state.runtime.db.sessions() as session, session.begin():
+        await session.execute(insert(ObservationRow).values(values))
     query = text("SELECT * FROM observations WHERE id IN (:a, :b)")
     async with app.state.runtime.db.engine.connect() as conn:
-        rows = {r.id: r._asdict() for r in await conn.execute(query, {"a": single, "b": batched})}
-    ours, theirs = rows[single], rows[batched]
+        rows = {r.id: r._asdict() for r in await conn.execute(query, {"a": ours, "b": theirs})}
     differing = {"seq", "id", "occurrence_id", "body_hash", "created_at", "updated_at"}
-    assert {k: v for k, v in ours.items() if k not in differing} == {
-        k: v for k, v in theirs.items() if k not in differing
+    assert {k: v for k, v in rows[ours].items() if k not in differing} == {
+        k: v for k, v in rows[theirs].items() if k not in differing
     }
     for name in ("created_at", "updated_at"):  # the same representation, another moment
-        assert type(ours[name]) is type(theirs[name])
-        assert len(str(ours[name])) == len(str(theirs[name]))
-    assert ours["occurrence_id"] == f"urn:uuid:{single}"
+        assert type(rows[ours][name]) is type(rows[theirs][name])
+        assert len(str(rows[ours][name])) == len(str(rows[theirs][name]))
+    assert rows[ours]["occurrence_id"] == f"urn:uuid:{ours}"
 
 
 async def test_a_large_group_of_creates_is_stored_whole(app: Any, observation: Body) -> None:
@@ -253,6 +253,32 @@ async def test_partial_dates_and_intervals_are_stored_as_written(
     response = await client.post(f"{API}/observations", json=observation(eventDate=event_date))
     assert response.status_code == 201, response.text
     assert response.json()["eventDate"] == event_date
+
+
+def test_the_period_of_an_event_date_is_worked_out_once(
+    observation: Body, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Validation works it out (and refuses a date in the future); storing takes it from there.
+    worked_out: list[str] = []
+    period = schemas._period
+
+    def counted(text: str) -> Any:
+        worked_out.append(text)
+        return period(text)
+
+    monkeypatch.setattr(schemas, "_period", counted)
+    model = ObservationCreate.model_validate(observation(eventDate=" 2024-05-01/2024-05-15 "))
+    row = new_row(model, idempotency_key=None, digest="-", when=datetime.now(UTC))
+    assert worked_out == ["2024-05-01/2024-05-15"]
+    assert (row["event_date"], row["event_start"], row["event_end"]) == (
+        "2024-05-01/2024-05-15",
+        datetime(2024, 5, 1, tzinfo=UTC),
+        datetime(2024, 5, 16, tzinfo=UTC),
+    )
+    assert schemas.event_period("2024-05") == (  # any text, validated or not
+        datetime(2024, 5, 1, tzinfo=UTC),
+        datetime(2024, 6, 1, tzinfo=UTC),
+    )
 
 
 async def test_hostile_bodies_get_4xx(client: httpx.AsyncClient) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache, lru_cache
@@ -26,12 +26,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from c4c.ingest.models import IdentificationRow, MediaRow, ObservationRow
 from c4c.ingest.schemas import ObservationFilter
-from c4c.shared.db import sqlite_execute
+from c4c.shared.db import sqlite_execute, sqlite_values
 
 IN_CHUNK = 500  # ids per IN (...) list: well under every driver's parameter limit
 Row = dict[str, Any]  # column values by name
@@ -42,6 +41,26 @@ def utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class MediaOwner:
+    """The observation a media file is for: what the upload needs of it."""
+
+    id: str
+    deleted_at: datetime | None
+    location_obscured: bool
+    version: int
+
+
+@dataclass(frozen=True)
+class MediaFile:
+    """What serving a media file needs of its row."""
+
+    media_type: str
+    public_key: str | None
+    public_sha256: str | None
+    external_url: str | None
 
 
 @dataclass(frozen=True)
@@ -111,31 +130,30 @@ def _insert_rows_sqlite(names: tuple[str, ...], count: int) -> str:
     )
 
 
-@lru_cache(maxsize=8)  # an app's dialect, kept while in use (tests make many apps)
-def _sqlite_values(dialect: Dialect, names: tuple[str, ...]) -> Callable[[Row], list[Any]]:
-    """A row's values in the order of ``names``, each converted by its column's own bind
-    processor where it has one (a time to SQLite's text, JSON to its text): stored as the
-    ORM stores them. The rest are taken as they are, in one call."""
-    columns = ObservationRow.__table__.c
-    take = itemgetter(*names)
-    processors = [columns[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
-    converted = [(i, process) for i, process in enumerate(processors) if process is not None]
-
-    def values(row: Row) -> list[Any]:
-        out = list(take(row))
-        for i, process in converted:
-            out[i] = process(out[i])
-        return out
-
-    return values
-
-
 _INSERT_MEDIA = {
     "postgresql": postgresql.insert(MediaRow).on_conflict_do_nothing().returning(MediaRow.id),
     "sqlite": sqlite.insert(MediaRow).on_conflict_do_nothing().returning(MediaRow.id),
 }
 
 _UPDATE_BY_ID = update(ObservationRow).where(ObservationRow.id == bindparam("observation_id"))
+
+# Media statements, built once (each keeps its cache key, not worked out per call). An upload
+# and a media GET read the few columns they use: the ORM's load of a whole row was about 40%
+# of recording a media row's CPU.
+_MEDIA_OWNER = select(
+    ObservationRow.id,
+    ObservationRow.deleted_at,
+    ObservationRow.location_obscured,
+    ObservationRow.version,
+).where(ObservationRow.id == bindparam("observation_id"))
+_MEDIA_OWNER_FOR_UPDATE = _MEDIA_OWNER.with_for_update()
+_MEDIA_FILE = select(
+    MediaRow.media_type, MediaRow.public_key, MediaRow.public_sha256, MediaRow.external_url
+).where(MediaRow.id == bindparam("media_id"))
+_COUNT_MEDIA = _UPDATE_BY_ID.values(media_count=ObservationRow.media_count + 1)
+_COUNT_MEDIA_BUMPED = _COUNT_MEDIA.values(
+    updated_at=bindparam("new_updated_at"), version=bindparam("new_version")
+)
 
 SORT_COLUMNS = {
     "created": ObservationRow.created_at,
@@ -194,11 +212,12 @@ class Repository:
             sql = _insert_new_postgres(names)
             result = await connection.exec_driver_sql(sql, (orjson.dumps(rows).decode(),))
             return set(result.scalars())
-        values = _sqlite_values(connection.dialect, names)
+        values = sqlite_values(connection.dialect, ObservationRow.__table__, names)
+        take = itemgetter(*names)
         inserted: set[str] = set()
         for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
             chunk = rows[start : start + SQLITE_ROWS_PER_INSERT]
-            params = [value for row in chunk for value in values(row)]
+            params = [value for row in chunk for value in values(take(row))]
             sql = _insert_rows_sqlite(names, len(chunk))
             inserted.update(row_id for (row_id,) in await sqlite_execute(connection, sql, params))
         return inserted
@@ -264,23 +283,37 @@ class Repository:
                 out[row.observation_id].append(row)
         return out
 
+    async def media_owner(
+        self, observation_id: str, *, for_update: bool = False
+    ) -> MediaOwner | None:
+        connection = await self.session.connection()
+        statement = _MEDIA_OWNER_FOR_UPDATE if for_update else _MEDIA_OWNER
+        found = (await connection.execute(statement, {"observation_id": observation_id})).first()
+        return None if found is None else MediaOwner(*found)
+
+    async def media_file(self, media_id: str) -> MediaFile | None:
+        connection = await self.session.connection()
+        found = (await connection.execute(_MEDIA_FILE, {"media_id": media_id})).first()
+        return None if found is None else MediaFile(*found)
+
     async def get_media(self, media_id: str) -> MediaRow | None:
         return await self.session.get(MediaRow, media_id)
 
-    async def add_media(self, row: MediaRow, change: dict[str, Any] | None = None) -> bool:
-        """Insert, and count it on its observation (with ``change``, its other new values);
-        False when the same media id is stored already (nothing changes then). No savepoint:
-        the INSERT skips a taken id itself."""
+    async def add_media(self, row: MediaRow, bump: tuple[datetime, int] | None = None) -> bool:
+        """Insert, and count it on its observation (with ``bump``, its new ``updated_at``
+        and ``version``); False when the same media id is stored already (nothing changes
+        then). No savepoint: the INSERT skips a taken id itself."""
         connection = await self.session.connection()
         values = {c.key: getattr(row, c.key) for c in MediaRow.__table__.columns}
         statement = _INSERT_MEDIA[connection.dialect.name]
         if (await connection.execute(statement, values)).first() is None:
             return False
-        await connection.execute(
-            update(ObservationRow)
-            .where(ObservationRow.id == row.observation_id)
-            .values(media_count=ObservationRow.media_count + 1, **(change or {}))
-        )
+        counted: dict[str, Any] = {"observation_id": row.observation_id}
+        if bump is None:
+            await connection.execute(_COUNT_MEDIA, counted)
+        else:
+            counted["new_updated_at"], counted["new_version"] = bump
+            await connection.execute(_COUNT_MEDIA_BUMPED, counted)
         return True
 
     async def set_public_copy(self, media_id: str, key: str | None, sha256: str | None) -> None:

@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from c4c.shared.text import Storable
+
 FUTURE_TOLERANCE = timedelta(minutes=5)  # clock skew between a phone and us
 EARLIEST_YEAR = 1000
 
@@ -165,8 +167,17 @@ def _period(text: str) -> tuple[EventPeriod, str]:
     return EventPeriod(start, end), normal
 
 
+class _CheckedEventDate(str):
+    """An ``eventDate`` as validation leaves it, in its normal form, with the period it
+    covers: worked out once (about 5 µs), where storing it needs that period again."""
+
+    period: EventPeriod
+
+
 def event_period(text: str) -> EventPeriod:
     """The ``[start, end)`` in UTC an ``eventDate`` covers (see the module's docstring)."""
+    if isinstance(text, _CheckedEventDate):
+        return text.period
     return _period(text)[0]
 
 
@@ -175,7 +186,10 @@ def _normalise_event_date(value: str) -> str:
     parts = text.split("/")
     if len(parts) > 2 or not all(parts):
         raise ValueError(f"{value!r} is not a date or an interval start/end")
-    return _period(text)[1]
+    period, normal = _period(text)
+    checked = _CheckedEventDate(normal)
+    checked.period = period
+    return checked
 
 
 EventDate = Annotated[str, Field(max_length=80), AfterValidator(_normalise_event_date)]
@@ -183,10 +197,10 @@ EventDate = Annotated[str, Field(max_length=80), AfterValidator(_normalise_event
 
 # --- observations ---------------------------------------------------------------------------
 
-# PostgreSQL's text cannot hold NUL: refused here (422), not by the database (a 500).
-NO_NUL = r"^[^\x00]*$"
-Text = Annotated[str, Field(min_length=1, max_length=500, pattern=NO_NUL)]
-ShortText = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+# Text a database can store (no NUL, no lone surrogate): refused here (422), not by the
+# database (a 500).
+Text = Annotated[Storable, Field(min_length=1, max_length=500)]
+ShortText = Annotated[Storable, Field(min_length=1, max_length=200)]
 
 
 class Measurement(BaseModel):
@@ -196,9 +210,9 @@ class Measurement(BaseModel):
 
     measurementType: ShortText
     measurementValue: bool | int | float | str
-    measurementUnit: Annotated[str, Field(max_length=50, pattern=NO_NUL)] | None = None
+    measurementUnit: Annotated[Storable, Field(max_length=50)] | None = None
     measurementMethod: Text | None = None
-    measurementRemarks: Annotated[str, Field(max_length=2000, pattern=NO_NUL)] | None = None
+    measurementRemarks: Annotated[Storable, Field(max_length=2000)] | None = None
 
     @field_validator("measurementValue")
     @classmethod
@@ -254,7 +268,7 @@ class ObservationFields(BaseModel):
         False,
         description="Publish coordinates rounded to 0.1° only, and media without EXIF.",
     )
-    occurrenceRemarks: Annotated[str, Field(max_length=5000, pattern=NO_NUL)] | None = None
+    occurrenceRemarks: Annotated[Storable, Field(max_length=5000)] | None = None
     measurements: list[Measurement] = Field(default_factory=list, max_length=200)
 
     @field_validator("countryCode")
@@ -304,7 +318,7 @@ class Identification(BaseModel):
     taxonRank: TaxonRank | None = None
     vernacularName: Text | None = None
     dateIdentified: datetime | None = Field(None, description="Unset = now.")
-    identificationRemarks: Annotated[str, Field(max_length=2000, pattern=NO_NUL)] | None = None
+    identificationRemarks: Annotated[Storable, Field(max_length=2000)] | None = None
 
     @field_validator("dateIdentified")
     @classmethod
@@ -445,7 +459,7 @@ class ObservationFilter(BaseModel):
 
     project: ShortText | None = Field(None, description="datasetID equals.")
     recordedBy: ShortText | None = None
-    name: Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)] | None = Field(
+    name: Annotated[Storable, Field(min_length=1, max_length=200)] | None = Field(
         None, description="Case-insensitive prefix of scientificName or vernacularName."
     )
     bbox: Annotated[str, Field(max_length=200)] | None = Field(
