@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
 from c4c.mobis.remote import UpstreamFailed
-from c4c.mobis.repository import Repository
+from c4c.mobis.repository import MEDIA, Repository
 from c4c.mobis.service.observations import ShownItems, StoredMarks
 from c4c.shared.bus import new_event
 
@@ -601,9 +601,9 @@ async def test_a_failed_write_of_stored_marks_fails_each_upload_of_it() -> None:
 
 
 async def test_an_upload_needs_a_live_session_of_the_media_owner(
-    anonymous: httpx.AsyncClient, signed_up: Any, observation: Observation
+    app: FastAPI, anonymous: httpx.AsyncClient, signed_up: Any, observation: Observation
 ) -> None:
-    _, me = await signed_up("ls@example.org")
+    user_id, me = await signed_up("ls@example.org")
     photo = png(9)
     new = item(observation(), [photo])
     await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=me)
@@ -612,11 +612,26 @@ async def test_an_upload_needs_a_live_session_of_the_media_owner(
     )
     tokens = login.json()
     through_gateway = me | {"Authorization": f"Bearer {tokens['access_token']}"}
+    path = f"/mobis/v1/media/{new['media'][0]['id']}"
+    live = await anonymous.put(path, content=photo, headers=through_gateway)
+    assert live.status_code == 200, live.text
+    # The upload's own lookup reads the media as the ORM does (on SQLite, straight from the
+    # driver): a stored one answers again as stored, without reaching ingest.
+    parts = app.state.parts
+    async with parts.reads() as repo:
+        found = await repo.user_with_media(user_id, None, new["media"][0]["id"])
+        orm = await repo.media_of_user(new["media"][0]["id"], user_id)
+    assert found is not None
+    assert orm is not None
+    user, media = found
+    assert user == user_id
+    assert media is not None
+    assert {c: getattr(media, c) for c in MEDIA} == {c: getattr(orm, c) for c in MEDIA}
+    assert isinstance(media.stored_at, datetime)
     out = await anonymous.post(
         "/mobis/v1/auth/logout", json={"refresh_token": tokens["refresh_token"]}, headers=me
     )
     assert out.status_code == 204
-    path = f"/mobis/v1/media/{new['media'][0]['id']}"
     ended = await anonymous.put(path, content=photo, headers=through_gateway)
     assert ended.status_code == 401
     assert ended.json()["type"] == "urn:c4c:problem:unauthenticated"
@@ -710,45 +725,56 @@ def _settled(outcome: str) -> float:
     )
 
 
-async def test_reservations_left_by_a_cut_off_sync_are_confirmed_or_dropped_after_the_grace(
+async def test_reservations_left_by_a_cut_off_sync_are_settled_after_the_grace(
     app: FastAPI,
     anonymous: httpx.AsyncClient,
+    ingest_client: httpx.AsyncClient,
     signed_up: Any,
     observation: Observation,
     settings: Any,
 ) -> None:
-    """Ingest stored one observation but its answer was lost, and never got another: once
-    untouched for the grace period, the first is confirmed (and shows, expecting its
-    photo), the second forgotten; a reservation inside the grace period stays as it is."""
+    """Ingest stored one observation but its answer was lost, never got another, and a
+    third's id is of someone else's observation in ingest (a takeover attempt). Once
+    untouched for the grace period, each is sent again: the first two are confirmed (and
+    show, expecting their photos), the third is dropped, never confirmed for merely
+    existing; a reservation inside the grace period stays as it is."""
     _, me = await signed_up("settle@example.org")
-    stored, lost, fresh = (item(observation(), [png(n)]) for n in (11, 12, 13))
+    stored, lost, fresh, theirs = (item(observation(), [png(n)]) for n in (11, 12, 13, 17))
+    someone_elses = observation(id=theirs["id"], recordedBy="someone else")
+    created = await ingest_client.post("/ingest/v1/observations", json=someone_elses)
+    assert created.status_code == 201, created.text
     await _cut_off(app, anonymous, me, [stored], ingest_got_them=True)
-    await _cut_off(app, anonymous, me, [lost, fresh], ingest_got_them=False)
+    await _cut_off(app, anonymous, me, [lost, fresh, theirs], ingest_got_them=False)
     grace = settings.reservation_grace_seconds
-    await _untouched_for(app, [stored["id"], lost["id"]], grace + 5)
+    await _untouched_for(app, [stored["id"], lost["id"], theirs["id"]], grace + 5)
     await _untouched_for(app, [fresh["id"]], grace - 30)
     confirmed, dropped = _settled("confirmed"), _settled("dropped")
 
     settle = app.state.parts.observations.settle_reservations
-    assert await settle(batch=1) is True  # a full batch: more may be left
-    assert await settle(batch=1) is True
-    assert await settle(batch=1) is False
+    assert await settle(batch=2) is True  # a full batch: more may be left
+    assert await settle(batch=2) is False
 
-    assert (_settled("confirmed") - confirmed, _settled("dropped") - dropped) == (1, 1)
+    assert (_settled("confirmed") - confirmed, _settled("dropped") - dropped) == (2, 1)
     mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
-    assert [(o["id"], o["status"]) for o in mine] == [(stored["id"], "awaiting-media")]
+    assert {(o["id"], o["status"]) for o in mine} == {
+        (stored["id"], "awaiting-media"),
+        (lost["id"], "awaiting-media"),
+    }
     missing = await anonymous.get(
-        f"/mobis/v1/me/observations/{stored['id']}/missing-media", headers=me
+        f"/mobis/v1/me/observations/{lost['id']}/missing-media", headers=me
     )
-    assert [m["id"] for m in missing.json()["missing"]] == [stored["media"][0]["id"]]
-    assert await _reservations(app, [stored["id"], lost["id"], fresh["id"]]) == {
+    assert [m["id"] for m in missing.json()["missing"]] == [lost["media"][0]["id"]]
+    assert await _reservations(app, [stored["id"], lost["id"], fresh["id"], theirs["id"]]) == {
         stored["id"]: (True, [stored["media"][0]["id"]]),
+        lost["id"]: (True, [lost["media"][0]["id"]]),
         fresh["id"]: (False, [fresh["media"][0]["id"]]),
     }
-    # The app that retries after all gets the dropped one created, photo expected.
+    unchanged = await ingest_client.get(f"/ingest/v1/observations/{theirs['id']}")
+    assert unchanged.json()["recordedBy"] == "someone else"
+    # The app that retries after all is told the settled one is there, photo expected.
     retry = await anonymous.post("/mobis/v1/sync", json={"observations": [lost]}, headers=me)
     outcome = retry.json()["items"][0]
-    assert (outcome["status"], outcome["missingMedia"]) == ("created", [lost["media"][0]["id"]])
+    assert (outcome["status"], outcome["missingMedia"]) == ("duplicate", [lost["media"][0]["id"]])
 
 
 async def test_the_settler_leaves_a_reservation_a_retry_confirms_or_renews_meanwhile(
@@ -759,10 +785,10 @@ async def test_the_settler_leaves_a_reservation_a_retry_confirms_or_renews_meanw
     settings: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Two replicas: one settles while the app's retries go to the other. Ingest lacked
-    both observations when the settler asked, but by the time it writes, one retry has
-    sent and confirmed its observation, and the other reserved its own again (its ingest
-    call failing): neither is dropped, nor loses its media."""
+    """Two replicas: one settles while the app's retries go to the other. While the settler
+    sends the two observations again, one retry sends and confirms its own, and the other
+    reserves its own again (its ingest call failing), so ingest refuses neither: both end
+    confirmed, with their media, none dropped, none counted twice."""
     _, me = await signed_up("race-settle@example.org")
     confirming, renewing = (item(observation(), [png(n)]) for n in (14, 15))
     await _cut_off(app, anonymous, me, [confirming, renewing], ingest_got_them=False)
@@ -770,29 +796,56 @@ async def test_the_settler_leaves_a_reservation_a_retry_confirms_or_renews_meanw
         app, [confirming["id"], renewing["id"]], settings.reservation_grace_seconds + 5
     )
     ingest = app.state.parts.observations.ingest
-    get = ingest.get
+    create_batch = ingest.create_batch
 
-    async def retried_meanwhile(observation_id: str) -> dict[str, Any] | None:
-        answer = await get(observation_id)
-        if observation_id == confirming["id"]:
-            retry = await anonymous.post(
-                "/mobis/v1/sync", json={"observations": [confirming]}, headers=me
-            )
-            assert retry.json()["items"][0]["status"] == "created", retry.text
-        else:
-            await _cut_off(app, anonymous, me, [renewing], ingest_got_them=False)
-        return answer
+    async def retried_meanwhile(observations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        monkeypatch.setattr(ingest, "create_batch", create_batch)  # the retries' own
+        retry = await anonymous.post(
+            "/mobis/v1/sync", json={"observations": [confirming]}, headers=me
+        )
+        assert retry.json()["items"][0]["status"] == "created", retry.text
+        await _cut_off(app, anonymous, me, [renewing], ingest_got_them=False)
+        return await create_batch(observations)
 
-    monkeypatch.setattr(ingest, "get", retried_meanwhile)
+    monkeypatch.setattr(ingest, "create_batch", retried_meanwhile)
+    confirmed, dropped = _settled("confirmed"), _settled("dropped")
+    assert await app.state.parts.observations.settle_reservations() is False
+    assert (_settled("confirmed") - confirmed, _settled("dropped") - dropped) == (1, 0)
+    assert await _reservations(app, [confirming["id"], renewing["id"]]) == {
+        confirming["id"]: (True, [confirming["media"][0]["id"]]),
+        renewing["id"]: (True, [renewing["media"][0]["id"]]),
+    }
+
+
+async def test_the_settler_drops_no_reservation_a_retry_touched_meanwhile(
+    app: FastAPI,
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ingest refuses what the settler sends again, but the app retried meanwhile (its own
+    call failing too): the reservation, touched since the grace began, stays."""
+    _, me = await signed_up("touched@example.org")
+    new = item(observation(), [png(18)])
+    await _cut_off(app, anonymous, me, [new], ingest_got_them=False)
+    await _untouched_for(app, [new["id"]], settings.reservation_grace_seconds + 5)
+    ingest = app.state.parts.observations.ingest
+    create_batch = ingest.create_batch
+
+    async def refused_after_a_retry(
+        observations: Sequence[dict[str, Any]],
+    ) -> list[dict[str, Any]]:
+        monkeypatch.setattr(ingest, "create_batch", create_batch)
+        await _cut_off(app, anonymous, me, [new], ingest_got_them=False)
+        return [{"status": "error", "problem": {"status": 503}} for _ in observations]
+
+    monkeypatch.setattr(ingest, "create_batch", refused_after_a_retry)
     dropped = _settled("dropped")
     assert await app.state.parts.observations.settle_reservations() is False
     assert _settled("dropped") == dropped
-    assert await _reservations(app, [confirming["id"], renewing["id"]]) == {
-        confirming["id"]: (True, [confirming["media"][0]["id"]]),
-        renewing["id"]: (False, [renewing["media"][0]["id"]]),
-    }
-    mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
-    assert [o["id"] for o in mine] == [confirming["id"]]
+    assert await _reservations(app, [new["id"]]) == {new["id"]: (False, [new["media"][0]["id"]])}
 
 
 async def test_a_retry_reserves_again_what_the_settler_dropped_under_it(

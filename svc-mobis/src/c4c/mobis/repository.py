@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
+    Dialect,
     RowMapping,
+    Select,
     Text,
     and_,
     bindparam,
@@ -32,6 +36,7 @@ from c4c.mobis.models import (
     RefreshTokenRow,
     UserRow,
 )
+from c4c.shared.db import sqlite_execute
 
 SHOWN = (
     "seq",
@@ -63,7 +68,9 @@ def utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
-def _user_is(user_id: str, family_id: str | None) -> ColumnElement[bool]:
+def _user_is(
+    user_id: str | BindParameter[Any], family_id: str | BindParameter[Any] | None
+) -> ColumnElement[bool]:
     """The user, in the refresh-token family ``family_id`` not ended, if one is given."""
     if family_id is None:
         return UserRow.id == user_id
@@ -73,6 +80,48 @@ def _user_is(user_id: str, family_id: str | None) -> ColumnElement[bool]:
         RefreshTokenRow.revoked_at.is_(None),
     )
     return and_(UserRow.id == user_id, live.exists())
+
+
+MEDIA = tuple(c.key for c in ExpectedMediaRow.__table__.columns)
+
+
+@lru_cache(maxsize=2)
+def _user_with_media(in_session: bool) -> Select[Any]:
+    """See :meth:`Repository.user_with_media`; parameters ``user_id``, ``media_id`` and,
+    ``in_session``, ``family_id``."""
+    theirs = (
+        select(OwnedObservationRow.id)
+        .where(
+            OwnedObservationRow.id == ExpectedMediaRow.observation_id,
+            OwnedObservationRow.user_id == UserRow.id,
+            OwnedObservationRow.confirmed.is_(True),
+        )
+        .exists()
+    )
+    media = ExpectedMediaRow.__table__
+    return (
+        select(UserRow.id, *(media.c[name] for name in MEDIA))
+        .outerjoin(media, and_(media.c.id == bindparam("media_id"), theirs))
+        .where(_user_is(bindparam("user_id"), bindparam("family_id") if in_session else None))
+    )
+
+
+@lru_cache(maxsize=8)  # a few statements, per app dialect (tests make many apps)
+def _sqlite_query(
+    statement: Select[Any], dialect: Dialect
+) -> tuple[str, tuple[str, ...], Callable[[Sequence[Any]], tuple[Any, ...]]]:
+    """``statement`` for ``sqlite_execute``: its SQL, the names of its parameters in
+    order, and what converts a row as the ORM would (a time from SQLite's text)."""
+    compiled = statement.compile(dialect=dialect)
+    processors = [
+        column.type.dialect_impl(dialect).result_processor(dialect, None)
+        for column in statement.selected_columns
+    ]
+
+    def convert(row: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple(v if p is None else p(v) for v, p in zip(row, processors, strict=True))
+
+    return compiled.string, tuple(compiled.positiontup or ()), convert
 
 
 class Repository:
@@ -96,26 +145,28 @@ class Repository:
 
     async def user_with_media(
         self, user_id: str, family_id: str | None, media_id: str
-    ) -> tuple[UserRow, ExpectedMediaRow | None] | None:
-        """The user (in the session ``family_id`` if given: see :meth:`user_in_session`)
+    ) -> tuple[str, ExpectedMediaRow | None] | None:
+        """The user's id (in the session ``family_id`` if given: see :meth:`user_in_session`)
         and the media, if it belongs to an observation of theirs that ingest has (see
-        :meth:`media_of_user`), in one query."""
-        theirs = (
-            select(OwnedObservationRow.id)
-            .where(
-                OwnedObservationRow.id == ExpectedMediaRow.observation_id,
-                OwnedObservationRow.user_id == UserRow.id,
-                OwnedObservationRow.confirmed.is_(True),
-            )
-            .exists()
-        )
-        result = await self.session.execute(
-            select(UserRow, ExpectedMediaRow)
-            .outerjoin(ExpectedMediaRow, and_(ExpectedMediaRow.id == media_id, theirs))
-            .where(_user_is(user_id, family_id))
-        )
-        row = result.one_or_none()
-        return None if row is None else (row[0], row[1])
+        :meth:`media_of_user`), in one query. Every photo uploaded asks it: on SQLite it goes
+        straight to the driver (see ``sqlite_execute``), no ORM object loaded but the media's:
+        with its unit, 0.7 ms of CPU where the ORM's query took 1.6 (measured)."""
+        values = {"user_id": user_id, "family_id": family_id, "media_id": media_id}
+        statement = _user_with_media(family_id is not None)
+        dialect = self.session.get_bind().dialect
+        if dialect.name == "sqlite":
+            sql, names, convert = _sqlite_query(statement, dialect)
+            connection = await self.session.connection()
+            rows = await sqlite_execute(connection, sql, [values[n] for n in names])
+            row = convert(rows[0]) if rows else None
+        else:
+            row = (await self.session.execute(statement, values)).one_or_none()
+        if row is None:
+            return None
+        user, *media = row
+        if media[0] is None:  # no such media of theirs
+            return user, None
+        return user, ExpectedMediaRow(**dict(zip(MEDIA, media, strict=True)))
 
     def _insert(self) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT."""
@@ -320,20 +371,23 @@ class Repository:
             )
         return len(dropped)
 
-    async def stale_reservations(self, before: datetime, limit: int) -> list[str]:
-        """Users' reservations not touched since ``before``, oldest first (the partial index
-        ``ix_owned_unconfirmed`` holds just the unconfirmed rows)."""
+    async def stale_reservations(
+        self, before: datetime, limit: int
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """Users' reservations not touched since ``before``, oldest first, each (id, its
+        user's display name, the summary kept of it); the partial index
+        ``ix_owned_unconfirmed`` holds just the unconfirmed rows."""
         result = await self.session.execute(
-            select(OwnedObservationRow.id)
+            select(OwnedObservationRow.id, UserRow.display_name, OwnedObservationRow.summary)
+            .join(UserRow, UserRow.id == OwnedObservationRow.user_id)
             .where(
                 OwnedObservationRow.confirmed == false(),
                 OwnedObservationRow.updated_at < before,
-                OwnedObservationRow.user_id.is_not(None),
             )
             .order_by(OwnedObservationRow.updated_at)
             .limit(limit)
         )
-        return list(result.scalars())
+        return [(i, name, summary) for i, name, summary in result]
 
     async def update_owned(self, observation_id: str, values: dict[str, Any]) -> None:
         await self.session.execute(

@@ -169,8 +169,8 @@ class Accounts:
 
     async def user_with_media(
         self, principal: Principal | None, access_token: str | None, media_id: str
-    ) -> tuple[UserRow, ExpectedMediaRow | None]:
-        """:meth:`user_of`, and the media if of an observation of theirs, in one query (every
+    ) -> tuple[str, ExpectedMediaRow | None]:
+        """:meth:`user_of`'s id, and the media if of an observation of theirs, in one query (every
         photo uploaded asks both)."""
         user_id, session = self._caller(principal, access_token)
         found = await self.repo.user_with_media(user_id, session, media_id)

@@ -142,12 +142,28 @@ def _media_fields(row: Plain) -> dict[str, Any]:
     }
 
 
-def media_state(row: ExpectedMediaRow) -> MediaState:
-    return MediaState(**_media_fields(_fields(row)))
+def media_state(row: ExpectedMediaRow, **changes: Any) -> MediaState:
+    """The state of ``row``, with ``changes`` made since it was read (no ORM object made
+    for them: every upload answers so)."""
+    return MediaState(**_media_fields(_fields(row) | changes))
 
 
 def _decoded(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+SUMMARY_ONLY = ("createdAt", "formVersion")
+"""What the summary MOBIS keeps of a synced observation adds to the observation sent."""
+
+
+def _ingest_body(observation: Mapping[str, Any], observation_id: str, by: str) -> dict[str, Any]:
+    """What a sync sends ingest for an observation: the app's, with its id and observer."""
+    return {**observation, "id": observation_id, "recordedBy": by}
+
+
+def _synced(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The observation a sync sent, from the summary kept of it."""
+    return {k: v for k, v in summary.items() if k not in SUMMARY_ONLY}
 
 
 def my_observation(row: Plain, media: Sequence[Plain]) -> dict[str, Any]:
@@ -347,13 +363,13 @@ class Observations:
         return result
 
     def _ingest_body(self, user: UserRow, item: SyncItem) -> dict[str, Any]:
-        return {**item.observation, "id": str(item.id), "recordedBy": user.display_name}
+        return _ingest_body(item.observation, str(item.id), user.display_name)
 
     @staticmethod
     def _summary(item: SyncItem) -> dict[str, Any]:
         return {
             **item.observation,
-            "createdAt": item.createdAt.isoformat(),
+            "createdAt": item.createdAt.isoformat(),  # SUMMARY_ONLY
             "formVersion": item.formVersion,
         }
 
@@ -583,7 +599,7 @@ class Observations:
         if received < media.size:
             async with self.units() as repo:
                 await repo.update_media(media_id, {"received": received})
-            return media_state(_with(media, received=received))
+            return media_state(media, received=received)
         if await _sha256(part) != media.sha256.lower():
             part.unlink(missing_ok=True)
             async with self.units() as repo:
@@ -610,7 +626,7 @@ class Observations:
         )
         now = datetime.now(UTC)
         await self.stored.mark(media.id, media.size, now)
-        return media_state(_with(media, received=media.size, stored_at=now))
+        return media_state(media, received=media.size, stored_at=now)
 
     # --- events ----------------------------------------------------------------------------
 
@@ -668,21 +684,28 @@ class Observations:
 
     async def settle_reservations(self, batch: int = 100) -> bool:
         """Settle up to ``batch`` reservations untouched for the grace period (their sync
-        was cut off, or MOBIS stopped, between ingest and the confirmation): confirm those
-        ingest has, with their announced media, and drop the others. A sync retrying one
-        meanwhile confirms it or touches it, and then the settler leaves it be. Whether
+        was cut off, or MOBIS stopped, between ingest and the confirmation): each is sent to
+        ingest again as its sync sent it, and confirmed if ingest has it now (created, or the
+        same body there already), else dropped. Never confirmed for merely existing: the id
+        may be of someone else's observation, whose body differs (ingest refuses it). A sync
+        retrying one meanwhile confirms it or touches it, and then it is not dropped. Whether
         more may be left."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.reservation_grace_seconds)
         async with self.reads() as repo:
-            ids = await repo.stale_reservations(cutoff, batch)
-        if not ids:
+            stale = await repo.stale_reservations(cutoff, batch)
+        if not stale:
             return False
-        # Ingest has no filter by ids: one look each, in the background, on a rare backlog.
-        found = {i for i in ids if await self.ingest.get(i) is not None}
+        answers = await self.ingest.create_batch(
+            [_ingest_body(_synced(summary), i, name) for i, name, summary in stale]
+        )
+        settled = {
+            i: answer.get("status") in ("created", "duplicate")
+            for (i, _, _), answer in zip(stale, answers, strict=True)
+        }
         async with self.units() as repo:
-            confirmed = await repo.confirm_owned(sorted(found))
+            confirmed = await repo.confirm_owned(sorted(i for i, ok in settled.items() if ok))
             dropped = await repo.drop_reserved(
-                [i for i in ids if i not in found], untouched_since=cutoff
+                [i for i, ok in settled.items() if not ok], untouched_since=cutoff
             )
         metrics.RESERVATIONS_SETTLED.labels("confirmed").inc(confirmed)
         metrics.RESERVATIONS_SETTLED.labels("dropped").inc(dropped)
@@ -691,10 +714,10 @@ class Observations:
             extra={
                 "confirmed": confirmed,
                 "dropped": dropped,
-                "left": len(ids) - confirmed - dropped,
+                "left": len(stale) - confirmed - dropped,
             },
         )
-        return len(ids) == batch
+        return len(stale) == batch
 
     # --- forget me -------------------------------------------------------------------------
 
@@ -757,10 +780,6 @@ def _fields(media: ExpectedMediaRow) -> dict[str, Any]:
         c: getattr(media, c)
         for c in ("id", "observation_id", "sha256", "size", "content_type", "received", "stored_at")
     }
-
-
-def _with(media: ExpectedMediaRow, **values: Any) -> ExpectedMediaRow:
-    return ExpectedMediaRow(**(_fields(media) | values))
 
 
 def _subject(change: StateChange) -> str:
