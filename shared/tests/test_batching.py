@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from c4c.shared.batching import GroupCommit
 
@@ -90,3 +91,16 @@ async def test_stopping_the_batches_cancels_every_waiting_caller() -> None:
     for caller in (first, second):
         with pytest.raises(asyncio.CancelledError):
             await caller
+
+
+async def test_a_batch_the_database_failed_fails_whole_not_item_by_item() -> None:
+    calls: list[list[int]] = []
+
+    async def handle_many(items: Sequence[int]) -> list[int | Exception]:
+        calls.append(list(items))
+        raise OperationalError("BEGIN", {}, Exception("database is locked"))
+
+    groups = GroupCommit(handle_many, name="test")
+    results = await asyncio.gather(*(groups.submit(i) for i in (1, 2, 3)), return_exceptions=True)
+    assert all(isinstance(r, OperationalError) for r in results)
+    assert calls == [[1, 2, 3]]  # item by item would only fail again, each after a wait

@@ -9,7 +9,15 @@ import logging
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Generic, TypeVar
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
 log = logging.getLogger("c4c.batching")
+
+NOT_AN_ITEMS_FAULT = (OperationalError, PoolTimeout, InterfaceError, OSError, TimeoutError)
+"""Failures of the database or the network, not of an item: the whole batch fails with them
+(each caller gets it, to retry or to answer 503), for item by item would only fail again,
+each after as long a wait."""
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -20,13 +28,14 @@ class GroupCommit(Generic[T, R]):
     ``handle_many``, which answers one result per item, in order (an ``Exception`` for an
     item it refused: that caller gets it raised).
 
-    A batch is taken ``linger`` seconds after its oldest item came (a full batch at once),
-    and whatever arrives while a batch is handled forms the next. A batch that raises is
-    handled again item by item, so no item fails for another's. Items that share a key of
+    A batch is taken ``linger`` seconds after its oldest item came (at once if already
+    full), and whatever arrives while a batch is handled forms the next. A batch
+    that raises is handled again item by item, so no item fails for another's, unless what
+    failed was the database or the network (``NOT_AN_ITEMS_FAULT``). Items that share a key of
     ``claims`` (say, a client's id: one INSERT could not tell which of two won) never go in
     one batch; the later waits for the next. Batches run in a task of their own: a caller
     that goes away does not cancel the others' work (its own item is still handled); if that
-    task is cancelled (shutting down), every caller still waiting is cancelled too."""
+    task is cancelled, every caller still waiting is cancelled too."""
 
     def __init__(
         self,
@@ -94,8 +103,9 @@ class GroupCommit(Generic[T, R]):
         try:
             results = await self.handle_many([item for item, _ in batch])
         except Exception as exc:
-            if len(batch) == 1:
-                _settle(batch[0][1], exc)
+            if len(batch) == 1 or isinstance(exc, NOT_AN_ITEMS_FAULT):
+                for _, done in batch:
+                    _settle(done, exc)
                 return
             log.warning(
                 "a batch failed; handling its items one by one",

@@ -90,7 +90,10 @@ class FileResponse(responses.FileResponse):
                     raise RuntimeError(f"File at path {self.path} is not a file.")
                 if result.st_size > SMALL_FILE:
                     return result, None
-                return result, file.read(result.st_size)
+                data = file.read(result.st_size + 1)
+                # Changed while read (stored files are written once): not sent under a
+                # Content-Length it does not have.
+                return result, data if len(data) == result.st_size else None
         except FileNotFoundError:  # as Starlette's own
             raise RuntimeError(f"File at path {self.path} does not exist.") from None
 

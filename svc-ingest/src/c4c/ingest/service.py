@@ -895,17 +895,18 @@ class MediaUploads:
     ) -> list[tuple[dict[str, Any], bool] | Exception]:
         """Media rows, each with whether its public copy is clean of EXIF, in one
         transaction; a row refused there (its observation deleted meanwhile, its id taken
-        by other content) is refused before it writes anything, so the others go on."""
-        outcomes: list[tuple[dict[str, Any], bool] | Exception] = []
+        by other content) is refused before it writes anything, so the others go on. Their
+        observations are locked in id order: two replicas' batches cannot deadlock."""
+        outcomes: dict[int, tuple[dict[str, Any], bool] | Exception] = {}
+        by_observation = sorted(range(len(rows)), key=lambda k: rows[k][0].observation_id)
         async with self.units() as service:
-            for media, published_clean in rows:
+            for k in by_observation:
+                media, published_clean = rows[k]
                 try:
-                    outcomes.append(
-                        await service.record_media(media, published_clean=published_clean)
-                    )
+                    outcomes[k] = await service.record_media(media, published_clean=published_clean)
                 except ProblemError as exc:
-                    outcomes.append(exc)
-        return outcomes
+                    outcomes[k] = exc
+        return [outcomes[k] for k in range(len(rows))]
 
 
 async def public_copy(
