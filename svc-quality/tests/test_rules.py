@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 import pytest
 
 from c4c.quality.geography import offline_geography
-from c4c.quality.images import analyse, hamming
+from c4c.quality.images import analyse, hamming, laplacian_variance
 from c4c.quality.models import RuleSetRow
 from c4c.quality.repository import IndexedPhoto
 from c4c.quality.rules import CHECKS, CheckSettings, RuleSet, assess, dates, location, plausibility
@@ -207,6 +208,23 @@ def test_blurred_photo_is_flagged_sharp_one_is_not(test_data: Path) -> None:
     for facts, expected in ((sharp, False), (blurred, True)):
         findings = check.rule(Observation(), ctx(images=(facts,)), check.params)
         assert ("IMAGE_BLURRY" in codes(findings)) is expected
+
+
+def test_laplacian_variance_is_meanstddev_squared_to_the_bit() -> None:
+    rng = np.random.default_rng(3)
+    grays = [
+        np.full((17, 9), 200, dtype=np.uint8),
+        np.zeros((1, 1), dtype=np.uint8),
+        *(rng.integers(0, 256, (301, 457), dtype=np.uint8) for _ in range(4)),
+        *(
+            cv2.GaussianBlur(rng.integers(0, 256, (512, 384), dtype=np.uint8), (5, 5), sigma)
+            for sigma in (0.5, 1, 2, 4)
+        ),
+    ]
+    for gray in grays:
+        laplacian = cv2.Laplacian(gray, cv2.CV_16S)
+        _, deviation = cv2.meanStdDev(laplacian)
+        assert laplacian_variance(laplacian) == float(deviation[0, 0]) ** 2
 
 
 def test_reencoded_and_resized_copy_is_a_duplicate_another_photo_is_not(test_data: Path) -> None:

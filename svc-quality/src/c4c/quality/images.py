@@ -7,6 +7,7 @@ CPU-bound and blocking (OpenCV releases the GIL): run it in a worker thread."""
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterable
 
 import cv2
@@ -70,8 +71,7 @@ def analyse(
         else image
     )
     # 16-bit integers hold the 8-bit Laplacian exactly (|value| <= 4 x 255), at 2/3 the cost.
-    _, deviation = cv2.meanStdDev(cv2.Laplacian(working, cv2.CV_16S))
-    sharpness = float(deviation[0, 0]) ** 2
+    sharpness = laplacian_variance(cv2.Laplacian(working, cv2.CV_16S))
     histogram = cv2.calcHist([working], [0], None, [256], [0, 256]).ravel()
     total = float(histogram.sum()) or 1.0
     return ImageFacts(
@@ -87,6 +87,16 @@ def analyse(
         exif_latitude=exif.latitude if exif else None,
         exif_longitude=exif.longitude if exif else None,
     )
+
+
+def laplacian_variance(laplacian: np.ndarray) -> float:
+    """The variance of the Laplacian, to the bit what ``cv2.meanStdDev`` gives squared (same
+    sums, same formula) at a tenth of its cost: its 16-bit path is slow. ``cv2.norm``'s sum
+    of squares is an integer off by rounding only, so it is rounded back."""
+    scale = 1.0 / laplacian.size
+    mean = cv2.sumElems(laplacian)[0] * scale
+    squares = round(cv2.norm(laplacian, cv2.NORM_L2SQR))
+    return math.sqrt(max(squares * scale - mean * mean, 0.0)) ** 2
 
 
 def perceptual_hash(gray: np.ndarray) -> int:
