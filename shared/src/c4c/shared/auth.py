@@ -199,4 +199,10 @@ def current_principal(request: Request) -> Principal | None:
     return principal
 
 
-PrincipalDep = Annotated[Principal | None, Depends(current_principal)]
+async def _principal(request: Request) -> Principal | None:
+    # Async: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop (and the
+    # GIL handed over and back) on every request for a dictionary lookup.
+    return current_principal(request)
+
+
+PrincipalDep = Annotated[Principal | None, Depends(_principal)]

@@ -51,7 +51,7 @@ from c4c.mobis.service.observations import ContentRange, Observations
 from c4c.mobis.service.oidc import OidcLogins
 from c4c.mobis.settings import MobisSettings
 from c4c.mobis.wiring import Parts
-from c4c.shared.auth import Principal, current_principal
+from c4c.shared.auth import PrincipalDep
 from c4c.shared.db import SessionDep
 from c4c.shared.problems import BadRequest, BodyTooLarge, ProblemError
 
@@ -84,13 +84,8 @@ async def _oidc(request: Request) -> OidcLogins:
     return oidc
 
 
-async def _principal(request: Request) -> Principal | None:
-    return current_principal(request)
-
-
 # Every dependency here is async, cheap as they are: FastAPI runs a plain ``def`` one in a
 # worker thread, a thread hop (and the GIL handed over and back) per dependency per request.
-PrincipalDep = Annotated[Principal | None, Depends(_principal)]
 AccountsDep = Annotated[Accounts, Depends(_accounts)]
 ObservationsDep = Annotated[Observations, Depends(_observations)]
 OidcDep = Annotated[OidcLogins, Depends(_oidc)]
