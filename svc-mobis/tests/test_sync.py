@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
 from c4c.mobis.remote import UpstreamFailed
-from c4c.mobis.repository import MEDIA, Repository
+from c4c.mobis.repository import MEDIA, Repository, utc
 from c4c.mobis.service.observations import ShownItems, StoredMarks
 from c4c.shared.bus import new_event
 
@@ -718,14 +718,17 @@ async def _reservations(app: FastAPI, ids: Sequence[str]) -> dict[str, tuple[boo
     return {i: (r.confirmed, [m["id"] for m in media[i]]) for i, r in rows.items()}
 
 
-def _settled(outcome: str) -> float:
-    return (
-        REGISTRY.get_sample_value("c4c_mobis_reservations_settled_total", {"outcome": outcome})
-        or 0.0
-    )
+def _dropped() -> float:
+    return REGISTRY.get_sample_value("c4c_mobis_reservations_dropped_total") or 0.0
 
 
-async def test_reservations_left_by_a_cut_off_sync_are_settled_after_the_grace(
+async def _updated_at(app: FastAPI, observation_id: str) -> datetime:
+    async with app.state.parts.reads() as repo:
+        row = (await repo.owned([observation_id]))[observation_id]
+    return utc(row.updated_at)
+
+
+async def test_reservations_left_by_a_cut_off_sync_are_forgotten_unless_ingest_has_them(
     app: FastAPI,
     anonymous: httpx.AsyncClient,
     ingest_client: httpx.AsyncClient,
@@ -733,11 +736,11 @@ async def test_reservations_left_by_a_cut_off_sync_are_settled_after_the_grace(
     observation: Observation,
     settings: Any,
 ) -> None:
-    """Ingest stored one observation but its answer was lost, never got another, and a
-    third's id is of someone else's observation in ingest (a takeover attempt). Once
-    untouched for the grace period, each is sent again: the first two are confirmed (and
-    show, expecting their photos), the third is dropped, never confirmed for merely
-    existing; a reservation inside the grace period stays as it is."""
+    """Ingest never got one observation: once untouched for the grace period, its
+    reservation is forgotten, media included, and the app's retry creates it. Ingest stored
+    another but its answer was lost, and a third's id is of someone else's observation in
+    ingest (a takeover attempt): neither is confirmed (holding the id does not make it this
+    user's), both wait, touched, for the app's retry. One inside the grace stays as it is."""
     _, me = await signed_up("settle@example.org")
     stored, lost, fresh, theirs = (item(observation(), [png(n)]) for n in (11, 12, 13, 17))
     someone_elses = observation(id=theirs["id"], recordedBy="someone else")
@@ -748,36 +751,34 @@ async def test_reservations_left_by_a_cut_off_sync_are_settled_after_the_grace(
     grace = settings.reservation_grace_seconds
     await _untouched_for(app, [stored["id"], lost["id"], theirs["id"]], grace + 5)
     await _untouched_for(app, [fresh["id"]], grace - 30)
-    confirmed, dropped = _settled("confirmed"), _settled("dropped")
+    dropped = _dropped()
 
     settle = app.state.parts.observations.settle_reservations
-    assert await settle(batch=2) is True  # a full batch: more may be left
-    assert await settle(batch=2) is False
+    assert await settle(batch=3) is True  # a full batch: more may be left
+    assert await settle(batch=3) is False  # the two ingest has were touched: not again
 
-    assert (_settled("confirmed") - confirmed, _settled("dropped") - dropped) == (2, 1)
+    assert _dropped() - dropped == 1
     mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
-    assert {(o["id"], o["status"]) for o in mine} == {
-        (stored["id"], "awaiting-media"),
-        (lost["id"], "awaiting-media"),
-    }
-    missing = await anonymous.get(
-        f"/mobis/v1/me/observations/{lost['id']}/missing-media", headers=me
-    )
-    assert [m["id"] for m in missing.json()["missing"]] == [lost["media"][0]["id"]]
+    assert mine == []
     assert await _reservations(app, [stored["id"], lost["id"], fresh["id"], theirs["id"]]) == {
-        stored["id"]: (True, [stored["media"][0]["id"]]),
-        lost["id"]: (True, [lost["media"][0]["id"]]),
+        stored["id"]: (False, [stored["media"][0]["id"]]),
         fresh["id"]: (False, [fresh["media"][0]["id"]]),
+        theirs["id"]: (False, [theirs["media"][0]["id"]]),
     }
+    cutoff = datetime.now(UTC) - timedelta(seconds=grace)
+    assert await _updated_at(app, stored["id"]) > cutoff
     unchanged = await ingest_client.get(f"/ingest/v1/observations/{theirs['id']}")
     assert unchanged.json()["recordedBy"] == "someone else"
-    # The app that retries after all is told the settled one is there, photo expected.
-    retry = await anonymous.post("/mobis/v1/sync", json={"observations": [lost]}, headers=me)
-    outcome = retry.json()["items"][0]
-    assert (outcome["status"], outcome["missingMedia"]) == ("duplicate", [lost["media"][0]["id"]])
+    # The apps that retry: the forgotten one is created, the stored one confirmed.
+    retry = await anonymous.post(
+        "/mobis/v1/sync", json={"observations": [lost, stored]}, headers=me
+    )
+    assert [o["status"] for o in retry.json()["items"]] == ["created", "created"]
+    mine = (await anonymous.get("/mobis/v1/me/observations", headers=me)).json()["items"]
+    assert {o["id"] for o in mine} == {lost["id"], stored["id"]}
 
 
-async def test_the_settler_leaves_a_reservation_a_retry_confirms_or_renews_meanwhile(
+async def test_the_settler_forgets_no_reservation_a_retry_confirms_or_renews_meanwhile(
     app: FastAPI,
     anonymous: httpx.AsyncClient,
     signed_up: Any,
@@ -785,10 +786,10 @@ async def test_the_settler_leaves_a_reservation_a_retry_confirms_or_renews_meanw
     settings: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Two replicas: one settles while the app's retries go to the other. While the settler
-    sends the two observations again, one retry sends and confirms its own, and the other
-    reserves its own again (its ingest call failing), so ingest refuses neither: both end
-    confirmed, with their media, none dropped, none counted twice."""
+    """Two replicas: one settles while the app's retries go to the other. Ingest lacked
+    both observations when the settler asked, but by the time it writes, one retry has
+    sent and confirmed its observation, and the other reserved its own again (its ingest
+    call failing): neither is forgotten, nor loses its media."""
     _, me = await signed_up("race-settle@example.org")
     confirming, renewing = (item(observation(), [png(n)]) for n in (14, 15))
     await _cut_off(app, anonymous, me, [confirming, renewing], ingest_got_them=False)
@@ -796,28 +797,30 @@ async def test_the_settler_leaves_a_reservation_a_retry_confirms_or_renews_meanw
         app, [confirming["id"], renewing["id"]], settings.reservation_grace_seconds + 5
     )
     ingest = app.state.parts.observations.ingest
-    create_batch = ingest.create_batch
+    get = ingest.get
 
-    async def retried_meanwhile(observations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        monkeypatch.setattr(ingest, "create_batch", create_batch)  # the retries' own
-        retry = await anonymous.post(
-            "/mobis/v1/sync", json={"observations": [confirming]}, headers=me
-        )
-        assert retry.json()["items"][0]["status"] == "created", retry.text
-        await _cut_off(app, anonymous, me, [renewing], ingest_got_them=False)
-        return await create_batch(observations)
+    async def retried_meanwhile(observation_id: str) -> dict[str, Any] | None:
+        answer = await get(observation_id)
+        if observation_id == confirming["id"]:
+            retry = await anonymous.post(
+                "/mobis/v1/sync", json={"observations": [confirming]}, headers=me
+            )
+            assert retry.json()["items"][0]["status"] == "created", retry.text
+        else:
+            await _cut_off(app, anonymous, me, [renewing], ingest_got_them=False)
+        return answer
 
-    monkeypatch.setattr(ingest, "create_batch", retried_meanwhile)
-    confirmed, dropped = _settled("confirmed"), _settled("dropped")
+    monkeypatch.setattr(ingest, "get", retried_meanwhile)
+    dropped = _dropped()
     assert await app.state.parts.observations.settle_reservations() is False
-    assert (_settled("confirmed") - confirmed, _settled("dropped") - dropped) == (1, 0)
+    assert _dropped() == dropped
     assert await _reservations(app, [confirming["id"], renewing["id"]]) == {
         confirming["id"]: (True, [confirming["media"][0]["id"]]),
-        renewing["id"]: (True, [renewing["media"][0]["id"]]),
+        renewing["id"]: (False, [renewing["media"][0]["id"]]),
     }
 
 
-async def test_the_settler_drops_no_reservation_a_retry_touched_meanwhile(
+async def test_a_reservation_ingest_cannot_be_asked_about_waits_and_the_others_go_on(
     app: FastAPI,
     anonymous: httpx.AsyncClient,
     signed_up: Any,
@@ -825,27 +828,23 @@ async def test_the_settler_drops_no_reservation_a_retry_touched_meanwhile(
     settings: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Ingest refuses what the settler sends again, but the app retried meanwhile (its own
-    call failing too): the reservation, touched since the grace began, stays."""
-    _, me = await signed_up("touched@example.org")
-    new = item(observation(), [png(18)])
-    await _cut_off(app, anonymous, me, [new], ingest_got_them=False)
-    await _untouched_for(app, [new["id"]], settings.reservation_grace_seconds + 5)
+    _, me = await signed_up("unknown@example.org")
+    failing, lost = (item(observation(), [png(n)]) for n in (18, 19))
+    await _cut_off(app, anonymous, me, [failing, lost], ingest_got_them=False)
+    await _untouched_for(app, [failing["id"], lost["id"]], settings.reservation_grace_seconds + 5)
     ingest = app.state.parts.observations.ingest
-    create_batch = ingest.create_batch
+    get = ingest.get
 
-    async def refused_after_a_retry(
-        observations: Sequence[dict[str, Any]],
-    ) -> list[dict[str, Any]]:
-        monkeypatch.setattr(ingest, "create_batch", create_batch)
-        await _cut_off(app, anonymous, me, [new], ingest_got_them=False)
-        return [{"status": "error", "problem": {"status": 503}} for _ in observations]
+    async def failing_for_one(observation_id: str) -> dict[str, Any] | None:
+        if observation_id == failing["id"]:
+            raise UpstreamFailed("The observation store answered 500.")
+        return await get(observation_id)
 
-    monkeypatch.setattr(ingest, "create_batch", refused_after_a_retry)
-    dropped = _settled("dropped")
+    monkeypatch.setattr(ingest, "get", failing_for_one)
     assert await app.state.parts.observations.settle_reservations() is False
-    assert _settled("dropped") == dropped
-    assert await _reservations(app, [new["id"]]) == {new["id"]: (False, [new["media"][0]["id"]])}
+    assert await _reservations(app, [failing["id"], lost["id"]]) == {
+        failing["id"]: (False, [failing["media"][0]["id"]]),
+    }
 
 
 async def test_a_retry_reserves_again_what_the_settler_dropped_under_it(

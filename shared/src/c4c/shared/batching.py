@@ -14,10 +14,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 log = logging.getLogger("c4c.batching")
 
-NOT_AN_ITEMS_FAULT = (OperationalError, PoolTimeout, InterfaceError, OSError, TimeoutError)
+NOT_AN_ITEMS_FAULT = (OperationalError, PoolTimeout, InterfaceError, ConnectionError, TimeoutError)
 """Failures of the database or the network, not of an item: the whole batch fails with them
-(each caller gets it, to retry or to answer 503), for item by item would only fail again,
-each after as long a wait."""
+(each caller gets the error), for item by item would only fail again, each after a wait."""
 
 T = TypeVar("T")
 R = TypeVar("R")

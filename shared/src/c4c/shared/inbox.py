@@ -106,7 +106,8 @@ class Batcher:
     ``handle_many`` (a :class:`~c4c.shared.batching.GroupCommit`: a batch is taken ``linger``
     seconds after its oldest event came, whatever arrives meanwhile forms the next). Each
     handler returns when its event is handled, or raises what failed it: a batch that fails
-    is handled again event by event, so only a bad event goes back to the bus."""
+    is handled again event by event, so only a bad event goes back to the bus (unless the
+    database or the network failed: then every event of the batch does)."""
 
     def __init__(
         self,

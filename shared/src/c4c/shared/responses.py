@@ -91,9 +91,11 @@ class FileResponse(responses.FileResponse):
                 if result.st_size > SMALL_FILE:
                     return result, None
                 data = file.read(result.st_size + 1)
-                # Changed while read (stored files are written once): not sent under a
-                # Content-Length it does not have.
-                return result, data if len(data) == result.st_size else None
+                if len(data) != result.st_size:
+                    # Changed while read (stored files are written once): streamed, under
+                    # what it is now, not under the length it had.
+                    return os.fstat(file.fileno()), None
+                return result, data
         except FileNotFoundError:  # as Starlette's own
             raise RuntimeError(f"File at path {self.path} does not exist.") from None
 

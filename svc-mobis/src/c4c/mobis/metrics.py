@@ -7,11 +7,10 @@ SYNC_ITEMS = Counter(
     "Observations synced by apps, by outcome: created, duplicate, updated, conflict, error.",
     ["outcome"],
 )
-RESERVATIONS_SETTLED = Counter(
-    "c4c_mobis_reservations_settled",
-    "Reservations of syncs that never finished, settled in the background, by outcome: "
-    "confirmed (ingest has the observation), dropped (it does not).",
-    ["outcome"],
+RESERVATIONS_DROPPED = Counter(
+    "c4c_mobis_reservations_dropped",
+    "Reservations of syncs that never finished whose observation ingest does not have, "
+    "forgotten in the background after the grace period.",
 )
 LOGINS = Counter(
     "c4c_mobis_logins", "Login attempts, by outcome: success, failure, throttled.", ["outcome"]

@@ -371,23 +371,34 @@ class Repository:
             )
         return len(dropped)
 
-    async def stale_reservations(
-        self, before: datetime, limit: int
-    ) -> list[tuple[str, str, dict[str, Any]]]:
-        """Users' reservations not touched since ``before``, oldest first, each (id, its
-        user's display name, the summary kept of it); the partial index
-        ``ix_owned_unconfirmed`` holds just the unconfirmed rows."""
+    async def stale_reservations(self, before: datetime, limit: int) -> list[str]:
+        """Users' reservations not touched since ``before``, oldest first (the partial index
+        ``ix_owned_unconfirmed`` holds just the unconfirmed rows)."""
         result = await self.session.execute(
-            select(OwnedObservationRow.id, UserRow.display_name, OwnedObservationRow.summary)
-            .join(UserRow, UserRow.id == OwnedObservationRow.user_id)
+            select(OwnedObservationRow.id)
             .where(
                 OwnedObservationRow.confirmed == false(),
                 OwnedObservationRow.updated_at < before,
+                OwnedObservationRow.user_id.is_not(None),
             )
             .order_by(OwnedObservationRow.updated_at)
             .limit(limit)
         )
-        return [(i, name, summary) for i, name, summary in result]
+        return list(result.scalars())
+
+    async def touch_reservations(self, ids: Sequence[str], *, untouched_since: datetime) -> None:
+        """Mark the reservations among ``ids`` (still not confirmed nor touched since
+        ``untouched_since``) as looked at now."""
+        if ids:
+            await self.session.execute(
+                update(OwnedObservationRow)
+                .where(
+                    OwnedObservationRow.id.in_(ids),
+                    OwnedObservationRow.confirmed.is_(False),
+                    OwnedObservationRow.updated_at < untouched_since,
+                )
+                .values(updated_at=datetime.now(UTC))
+            )
 
     async def update_owned(self, observation_id: str, values: dict[str, Any]) -> None:
         await self.session.execute(

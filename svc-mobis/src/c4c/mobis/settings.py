@@ -66,10 +66,10 @@ class MobisSettings(ServiceSettings):
     reservation_grace_seconds: float = Field(
         600.0,
         ge=60,
-        description="A synced observation MOBIS reserved but never confirmed (the sync was cut "
-        "off, or MOBIS stopped, after sending it to ingest) is settled once untouched this "
-        "long: confirmed if ingest has it, else forgotten (the app's retry reserves it again). "
-        "Keep it well above the longest sync.",
+        description="A synced observation MOBIS reserved but never confirmed (the sync was "
+        "refused or cut off) is forgotten once untouched this long if ingest does not have it "
+        "(the app's retry reserves it again); one ingest has waits for the app's retry to "
+        "confirm it. Keep it well above the longest sync.",
     )
     reservation_settle_seconds: float = Field(
         60.0, gt=0, description="How often each replica looks for reservations to settle."

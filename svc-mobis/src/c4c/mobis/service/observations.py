@@ -152,20 +152,6 @@ def _decoded(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-SUMMARY_ONLY = ("createdAt", "formVersion")
-"""What the summary MOBIS keeps of a synced observation adds to the observation sent."""
-
-
-def _ingest_body(observation: Mapping[str, Any], observation_id: str, by: str) -> dict[str, Any]:
-    """What a sync sends ingest for an observation: the app's, with its id and observer."""
-    return {**observation, "id": observation_id, "recordedBy": by}
-
-
-def _synced(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The observation a sync sent, from the summary kept of it."""
-    return {k: v for k, v in summary.items() if k not in SUMMARY_ONLY}
-
-
 def my_observation(row: Plain, media: Sequence[Plain]) -> dict[str, Any]:
     """A :class:`MyObservation`'s fields, from plain rows (``Repository.page_of``, its JSON
     columns as text, and ``media_of``)."""
@@ -363,13 +349,13 @@ class Observations:
         return result
 
     def _ingest_body(self, user: UserRow, item: SyncItem) -> dict[str, Any]:
-        return _ingest_body(item.observation, str(item.id), user.display_name)
+        return {**item.observation, "id": str(item.id), "recordedBy": user.display_name}
 
     @staticmethod
     def _summary(item: SyncItem) -> dict[str, Any]:
         return {
             **item.observation,
-            "createdAt": item.createdAt.isoformat(),  # SUMMARY_ONLY
+            "createdAt": item.createdAt.isoformat(),
             "formVersion": item.formVersion,
         }
 
@@ -683,41 +669,37 @@ class Observations:
     # --- reservations a sync left --------------------------------------------------------
 
     async def settle_reservations(self, batch: int = 100) -> bool:
-        """Settle up to ``batch`` reservations untouched for the grace period (their sync
-        was cut off, or MOBIS stopped, between ingest and the confirmation): each is sent to
-        ingest again as its sync sent it, and confirmed if ingest has it now (created, or the
-        same body there already), else dropped. Never confirmed for merely existing: the id
-        may be of someone else's observation, whose body differs (ingest refuses it). A sync
-        retrying one meanwhile confirms it or touches it, and then it is not dropped. Whether
-        more may be left."""
+        """Forget up to ``batch`` reservations untouched for the grace period whose
+        observation ingest does not have (their sync was refused, or cut off before ingest
+        got them), with their announced media. One ingest has stays, unconfirmed, for the
+        app's retry to confirm: ingest holding an observation under that id (even an equal
+        one) does not make it this user's, so confirming is left to the sync, and nothing is
+        sent to ingest here; it is touched, so the next passes look at others. A sync
+        retrying one meanwhile confirms it or touches it, and then it is not forgotten.
+        Whether more may be left."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.reservation_grace_seconds)
         async with self.reads() as repo:
-            stale = await repo.stale_reservations(cutoff, batch)
-        if not stale:
+            ids = await repo.stale_reservations(cutoff, batch)
+        if not ids:
             return False
-        answers = await self.ingest.create_batch(
-            [_ingest_body(_synced(summary), i, name) for i, name, summary in stale]
-        )
-        settled = {
-            i: answer.get("status") in ("created", "duplicate")
-            for (i, _, _), answer in zip(stale, answers, strict=True)
-        }
+        absent: list[str] = []
+        present: list[str] = []
+        for observation_id in ids:
+            try:
+                found = await self.ingest.get(observation_id)
+            except ProblemError as exc:  # that one stays for a later pass; the others go on
+                log.warning("reservation not checked", extra={"detail": exc.detail})
+                continue
+            (absent if found is None else present).append(observation_id)
         async with self.units() as repo:
-            confirmed = await repo.confirm_owned(sorted(i for i, ok in settled.items() if ok))
-            dropped = await repo.drop_reserved(
-                [i for i, ok in settled.items() if not ok], untouched_since=cutoff
-            )
-        metrics.RESERVATIONS_SETTLED.labels("confirmed").inc(confirmed)
-        metrics.RESERVATIONS_SETTLED.labels("dropped").inc(dropped)
+            dropped = await repo.drop_reserved(absent, untouched_since=cutoff)
+            await repo.touch_reservations(present, untouched_since=cutoff)
+        metrics.RESERVATIONS_DROPPED.inc(dropped)
         log.info(
-            "unconfirmed reservations settled",
-            extra={
-                "confirmed": confirmed,
-                "dropped": dropped,
-                "left": len(stale) - confirmed - dropped,
-            },
+            "stale reservations settled",
+            extra={"dropped": dropped, "awaiting_retry": len(present)},
         )
-        return len(stale) == batch
+        return len(ids) == batch
 
     # --- forget me -------------------------------------------------------------------------
 
