@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import io
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +280,51 @@ async def test_an_upload_in_progress_holds_no_transaction(
     assert uploaded.json()["sha256"] == hashlib.sha256(photo_bytes).hexdigest()
 
 
+async def _held_uploads(
+    client: httpx.AsyncClient,
+    ids: list[str],
+    photo_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    uploads: Any,
+    units: str,
+    group: Any,
+    while_held: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[list[httpx.Response], int]:
+    """Upload a photo to each of ``ids`` while the first unit of work of ``uploads.<units>``
+    is held until all of them queued in ``group`` (then ``while_held`` runs); the answers,
+    and how many units of work there were."""
+    unit, gate, opened = getattr(uploads, units), asyncio.Event(), [0]
+
+    @contextlib.asynccontextmanager
+    async def gated() -> AsyncIterator[Any]:
+        opened[0] += 1
+        await gate.wait()
+        async with unit() as service:
+            yield service
+
+    submit, arrived, all_queued = group.submit, [0], asyncio.Event()
+
+    async def counted(item: Any) -> Any:
+        arrived[0] += 1
+        if arrived[0] == len(ids):
+            all_queued.set()  # seen once this task yields, after the item is queued
+        return await submit(item)
+
+    monkeypatch.setattr(uploads, units, gated)
+    monkeypatch.setattr(group, "submit", counted)
+    posts = [
+        asyncio.create_task(
+            client.post(f"{API}/observations/{i}/media", content=photo_bytes + bytes([n]))
+        )
+        for n, i in enumerate(ids)
+    ]
+    await asyncio.wait_for(all_queued.wait(), 10)  # the first one's unit at the gate
+    if while_held is not None:
+        await while_held()
+    gate.set()
+    return list(await asyncio.gather(*posts)), opened[0]
+
+
 async def test_rows_of_uploads_finishing_together_share_a_transaction(
     app: Any,
     client: httpx.AsyncClient,
@@ -291,36 +336,14 @@ async def test_rows_of_uploads_finishing_together_share_a_transaction(
     one refused there (its observation deleted meanwhile) fails alone."""
     uploads = app.state.uploads
     ids = [await new_observation(client, observation()) for _ in range(4)]
-    units, gate, transactions = uploads.units, asyncio.Event(), [0]
 
-    @contextlib.asynccontextmanager
-    async def gated() -> AsyncIterator[Any]:
-        transactions[0] += 1
-        await gate.wait()
-        async with units() as service:
-            yield service
+    async def delete_the_last() -> None:
+        assert (await client.delete(f"{API}/observations/{ids[3]}")).status_code == 204
 
-    submit, arrived, all_queued = uploads._rows.submit, [0], asyncio.Event()
-
-    async def counted(row: Any) -> Any:
-        arrived[0] += 1
-        if arrived[0] == len(ids):
-            all_queued.set()  # seen once this task yields, after the row is queued
-        return await submit(row)
-
-    monkeypatch.setattr(uploads, "units", gated)
-    monkeypatch.setattr(uploads._rows, "submit", counted)
-    posts = [
-        asyncio.create_task(
-            client.post(f"{API}/observations/{i}/media", content=photo_bytes + bytes([n]))
-        )
-        for n, i in enumerate(ids)
-    ]
-    await asyncio.wait_for(all_queued.wait(), 10)  # the first row's transaction at the gate
-    assert (await client.delete(f"{API}/observations/{ids[3]}")).status_code == 204
-    gate.set()
-    answers = await asyncio.gather(*posts)
-    assert transactions[0] in (1, 2)  # all together, or the first then the rest behind it
+    answers, transactions = await _held_uploads(
+        client, ids, photo_bytes, monkeypatch, uploads, "units", uploads._rows, delete_the_last
+    )
+    assert transactions in (1, 2)  # all together, or the first then the rest behind it
     statuses = [a.status_code for a in answers]
     assert statuses == [201, 201, 201, 410], [a.text for a in answers]
     for observation_id, answer in zip(ids[:3], answers[:3], strict=True):
@@ -339,35 +362,10 @@ async def test_checks_of_uploads_starting_together_share_a_read(
     one for an observation that does not exist fails alone, before its file is stored."""
     uploads = app.state.uploads
     ids = [await new_observation(client, observation()) for _ in range(3)] + [str(uuid.uuid4())]
-    readings, gate, reads = uploads.readings, asyncio.Event(), [0]
-
-    @contextlib.asynccontextmanager
-    async def gated() -> AsyncIterator[Any]:
-        reads[0] += 1
-        await gate.wait()
-        async with readings() as service:
-            yield service
-
-    submit, arrived, all_queued = uploads._targets.submit, [0], asyncio.Event()
-
-    async def counted(upload: Any) -> Any:
-        arrived[0] += 1
-        if arrived[0] == len(ids):
-            all_queued.set()  # seen once this task yields, after the upload is queued
-        return await submit(upload)
-
-    monkeypatch.setattr(uploads, "readings", gated)
-    monkeypatch.setattr(uploads._targets, "submit", counted)
-    posts = [
-        asyncio.create_task(
-            client.post(f"{API}/observations/{i}/media", content=photo_bytes + bytes([n]))
-        )
-        for n, i in enumerate(ids)
-    ]
-    await asyncio.wait_for(all_queued.wait(), 10)  # the first upload's read at the gate
-    gate.set()
-    answers = await asyncio.gather(*posts)
-    assert reads[0] in (1, 2)  # all together, or the first then the rest queued behind it
+    answers, reads = await _held_uploads(
+        client, ids, photo_bytes, monkeypatch, uploads, "readings", uploads._targets
+    )
+    assert reads in (1, 2)  # all together, or the first then the rest queued behind it
     assert [a.status_code for a in answers] == [201, 201, 201, 404], [a.text for a in answers]
     stored = [p for p in app.state.parts.storage.root.rglob("*") if p.is_file()]
     assert len(stored) == 3
