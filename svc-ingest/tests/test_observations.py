@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import insert, select, text
+from pydantic import SecretStr
+from sqlalchemy import insert, select, text, update
 
 from c4c.ingest import api, schemas
 from c4c.ingest.app import create_app
@@ -22,6 +23,7 @@ from c4c.ingest.models import ObservationRow
 from c4c.ingest.schemas import ObservationCreate
 from c4c.ingest.service import IngestService, new_row
 from c4c.ingest.settings import IngestSettings
+from c4c.shared.auth import PRINCIPAL_HEADER, Principal, sign_principal
 from c4c.shared.bus import CloudEvent
 
 API = "/ingest/v1"
@@ -124,6 +126,54 @@ async def test_idempotency_key_makes_a_retry_safe(
     assert without_key.json()["id"] != first.json()["id"]
 
 
+async def test_an_id_or_key_can_be_retried_by_its_creator_alone(
+    settings: IngestSettings, observation: Body
+) -> None:
+    # A replay tells the caller the observation is its own (MOBIS takes it as ownership), so
+    # another client sending the same id, or key, and body is refused, in a batch too.
+    secret = "principal-secret-for-this-test"
+    settings.principal_secret = SecretStr(secret)
+
+    def calling_as(key_id: str, **headers: str) -> dict[str, str]:
+        principal = Principal("api-key", key_id, scopes=frozenset({"*"}))
+        return {PRINCIPAL_HEADER: sign_principal(principal, secret.encode()), **headers}
+
+    obs_id, key = str(uuid.uuid4()), f"k-{uuid.uuid4()}"
+    url = f"{API}/observations"
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingest.test") as client:
+            first = await client.post(url, json=observation(id=obs_id), headers=calling_as("a"))
+            keyed = await client.post(
+                url, json=observation(), headers=calling_as("a", **{"Idempotency-Key": key})
+            )
+            assert first.status_code == keyed.status_code == 201
+            retry = await client.post(url, json=observation(id=obs_id), headers=calling_as("a"))
+            assert retry.headers["idempotent-replayed"] == "true"
+            stranger = await client.post(url, json=observation(id=obs_id), headers=calling_as("b"))
+            assert problem(stranger, 409)["detail"].endswith("was created by another client.")
+            keyed_stranger = await client.post(
+                url, json=observation(), headers=calling_as("b", **{"Idempotency-Key": key})
+            )
+            assert problem(keyed_stranger, 409)["observation_id"] == keyed.json()["id"]
+            batch = [observation(id=obs_id), observation(id=str(uuid.uuid4()))]
+            theirs = await client.post(f"{url}:batch", json=batch, headers=calling_as("b"))
+            ours = await client.post(f"{url}:batch", json=batch[:1], headers=calling_as("a"))
+            assert [i["status"] for i in theirs.json()["items"]] == ["error", "created"]
+            assert theirs.json()["items"][0]["problem"]["status"] == 409
+            assert [i["status"] for i in ours.json()["items"]] == ["duplicate"]
+            # Stored before creators were recorded: anyone's retry is a replay, as it was.
+            async with app.state.runtime.db.sessions() as session, session.begin():
+                await session.execute(
+                    update(ObservationRow)
+                    .where(ObservationRow.id == obs_id)
+                    .values(created_by=None)
+                )
+            legacy = await client.post(url, json=observation(id=obs_id), headers=calling_as("b"))
+            assert legacy.headers["idempotent-replayed"] == "true"
+
+
 async def test_concurrent_retries_create_one_observation(
     client: httpx.AsyncClient, observation: Body
 ) -> None:
@@ -175,7 +225,9 @@ async def test_a_create_stores_the_row_sqlalchemy_stores(
     created = await client.post(f"{API}/observations", json=observation(id=ours, **fields))
     assert created.status_code == 201, created.text
     model = ObservationCreate.model_validate(observation(id=theirs, **fields))
-    values = new_row(model, idempotency_key=None, digest="-", when=datetime.now(UTC))
+    values = new_row(
+        model, idempotency_key=None, digest="-", creator="anonymous", when=datetime.now(UTC)
+    )
     async with app.state.runtime.db.sessions() as session, session.begin():
         await session.execute(insert(ObservationRow).values(values))
     query = text("SELECT * FROM observations WHERE id IN (:a, :b)")
@@ -195,11 +247,13 @@ async def test_a_large_group_of_creates_is_stored_whole(app: Any, observation: B
     # More rows than one SQLite statement takes (SQLITE_ROWS_PER_INSERT), one of them taken.
     taken = str(uuid.uuid4())
     async with app.state.parts.unit() as service:
-        await service.create(ObservationCreate.model_validate(observation(id=taken)), None)
+        await service.create(
+            ObservationCreate.model_validate(observation(id=taken)), None, "anonymous"
+        )
     bodies = [observation(id=str(uuid.uuid4()), individualCount=i) for i in range(299)]
     models = [ObservationCreate.model_validate(body) for body in [*bodies, observation(id=taken)]]
     async with app.state.parts.unit() as service:
-        results = await service.create_many([(model, None) for model in models])
+        results = await service.create_many([(model, None, "anonymous") for model in models])
     assert [r.observation["id"] if r else None for r in results] == [
         *(body["id"] for body in bodies),
         None,  # its id was taken: answered as a replay, by the caller
@@ -268,7 +322,9 @@ def test_the_period_of_an_event_date_is_worked_out_once(
 
     monkeypatch.setattr(schemas, "_period", counted)
     model = ObservationCreate.model_validate(observation(eventDate=" 2024-05-01/2024-05-15 "))
-    row = new_row(model, idempotency_key=None, digest="-", when=datetime.now(UTC))
+    row = new_row(
+        model, idempotency_key=None, digest="-", creator="anonymous", when=datetime.now(UTC)
+    )
     assert worked_out == ["2024-05-01/2024-05-15"]
     assert (row["event_date"], row["event_start"], row["event_end"]) == (
         "2024-05-01/2024-05-15",
@@ -456,13 +512,13 @@ async def test_at_most_batch_writers_batches_are_written_at_once(
         parsed += 1
         return items
 
-    async def writing_held(self: IngestService, items: Any) -> Any:
+    async def writing_held(self: IngestService, items: Any, creator: str) -> Any:
         nonlocal writing, most
         writing += 1
         most = max(most, writing)
         await gate.wait()
         try:
-            return await create_batch(self, items)
+            return await create_batch(self, items, creator)
         finally:
             writing -= 1
 
@@ -496,10 +552,10 @@ async def test_a_batch_that_cannot_start_writing_in_time_is_told_to_come_back(
     gate = asyncio.Event()
     create_batch = IngestService.create_batch
 
-    async def writing_held(self: IngestService, items: Any) -> Any:
+    async def writing_held(self: IngestService, items: Any, creator: str) -> Any:
         writing.set()
         await gate.wait()
-        return await create_batch(self, items)
+        return await create_batch(self, items, creator)
 
     monkeypatch.setattr(IngestService, "create_batch", writing_held)
     monkeypatch.setattr(api, "BATCH_TURN_SECONDS", 0.05)

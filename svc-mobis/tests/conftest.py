@@ -1,6 +1,7 @@
 """Fixtures of the MOBIS tests: MOBIS on SQLite and on PostgreSQL, in front of a real
-ingest service in process (through ingest's HTTP API, as in production), with a principal
-signed as the gateway signs it."""
+ingest service in process (through ingest's HTTP API, as in production), with principals
+signed as the gateway signs them: the app's user or address towards MOBIS, the service
+"mobis" towards ingest."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from c4c.ingest.app import create_app as create_ingest
 from c4c.ingest.settings import IngestSettings
@@ -20,6 +22,19 @@ from c4c.mobis.settings import MobisSettings
 from c4c.shared.auth import PRINCIPAL_HEADER, Principal, ensure_principal_secret, sign_principal
 
 PASSWORD = "correct horse battery"
+INGEST_SECRET = b"the secret ingest shares with the gateway in these tests"
+
+
+class SignedAs(httpx.Auth):
+    """Signs each request as the gateway would, for ``principal``."""
+
+    def __init__(self, principal: Principal, secret: bytes) -> None:
+        self.principal = principal
+        self.secret = secret
+
+    def auth_flow(self, request: httpx.Request) -> Any:
+        request.headers[PRINCIPAL_HEADER] = sign_principal(self.principal, self.secret)
+        yield request
 
 
 @pytest.fixture
@@ -41,7 +56,11 @@ def settings(tmp_path: Path, database: dict[str, str]) -> MobisSettings:
 @pytest.fixture
 async def ingest_app(tmp_path: Path) -> AsyncIterator[FastAPI]:
     app = create_ingest(
-        IngestSettings(data_dir=tmp_path / "ingest", public_url="http://suite.test")
+        IngestSettings(
+            data_dir=tmp_path / "ingest",
+            public_url="http://suite.test",
+            principal_secret=SecretStr(INGEST_SECRET.decode()),
+        )
     )
     async with app.router.lifespan_context(app):
         yield app
@@ -49,8 +68,23 @@ async def ingest_app(tmp_path: Path) -> AsyncIterator[FastAPI]:
 
 @pytest.fixture
 async def ingest_client(ingest_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Ingest as MOBIS calls it: as the service "mobis"."""
     transport = httpx.ASGITransport(app=ingest_app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://ingest.test") as client:
+    mobis = SignedAs(Principal("service", "mobis", scopes=frozenset({"*"})), INGEST_SECRET)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://ingest.test", auth=mobis
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def importer(ingest_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Ingest as another client calls it: an observatory's importer, with an API key."""
+    transport = httpx.ASGITransport(app=ingest_app)
+    key = SignedAs(Principal("api-key", "importer-key", scopes=frozenset({"*"})), INGEST_SECRET)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://ingest.test", auth=key
+    ) as client:
         yield client
 
 

@@ -294,6 +294,35 @@ async def test_nobody_reaches_another_users_observations_or_media(
     assert mine["items"] == []
 
 
+async def test_an_observation_ingest_has_from_another_client_is_nobodys_to_claim(
+    anonymous: httpx.AsyncClient,
+    signed_up: Any,
+    observation: Observation,
+    importer: httpx.AsyncClient,
+) -> None:
+    # An importer's observation is public; copying it, id and all, into a sync is exactly
+    # the body MOBIS would send for it when the display name matches its recordedBy.
+    _, mallory = await signed_up("importer-1@example.org")
+    copied = item(observation())
+    imported = await importer.post(
+        "/ingest/v1/observations",
+        json=copied["observation"] | {"id": copied["id"], "recordedBy": "importer-1"},
+    )
+    assert imported.status_code == 201, imported.text
+    answer = await anonymous.post(
+        "/mobis/v1/sync", json={"observations": [copied]}, headers=mallory
+    )
+    outcome = answer.json()["items"][0]
+    assert (outcome["status"], outcome["problem"]["status"]) == ("error", 409)
+    mine = await anonymous.get(f"/mobis/v1/me/observations/{copied['id']}", headers=mallory)
+    assert mine.status_code == 404
+    edit = copied | {"baseVersion": 1, "observation": observation(individualCount=666)}
+    answer = await anonymous.post("/mobis/v1/sync", json={"observations": [edit]}, headers=mallory)
+    assert answer.json()["items"][0]["status"] == "error"
+    stored = (await importer.get(f"/ingest/v1/observations/{copied['id']}")).json()
+    assert (stored["recordedBy"], stored.get("individualCount")) == ("importer-1", None)
+
+
 async def test_forget_me_pseudonymises_observations_in_ingest(
     anonymous: httpx.AsyncClient,
     signed_up: Any,

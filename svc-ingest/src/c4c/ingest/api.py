@@ -33,9 +33,10 @@ from c4c.ingest.schemas import (
     ObservationFilter,
     ObservationPage,
 )
-from c4c.ingest.service import BatchItem, IngestService, MediaUploads, invalid_item
+from c4c.ingest.service import BatchItem, IngestService, MediaUploads, creator_of, invalid_item
 from c4c.ingest.settings import IngestSettings
 from c4c.ingest.wiring import Creations, Parts
+from c4c.shared.auth import current_principal
 from c4c.shared.db import ReadSessionDep, SessionDep
 from c4c.shared.problems import BadRequest, BodyTooLarge, Busy, ProblemError
 from c4c.shared.responses import FileResponse
@@ -265,7 +266,8 @@ def build_router(settings: IngestSettings) -> APIRouter:
         observation = _parse_observation(request.headers.get("content-type"), await request.body())
         idempotency_key = _idempotency_key(request.headers.get("idempotency-key"))
         creations: Creations = request.app.state.creations
-        result = await creations.create(observation, idempotency_key)
+        creator = creator_of(current_principal(request))
+        result = await creations.create(observation, idempotency_key, creator)
         headers = {"Location": _location(result.observation["id"]), "ETag": result.etag}
         if not result.created:
             headers["Idempotent-Replayed"] = "true"
@@ -299,7 +301,7 @@ def build_router(settings: IngestSettings) -> APIRouter:
             raise Busy("Too many batches are being written; try again shortly.") from None
         try:
             async with _parts(request).unit() as service:
-                outcomes = await service.create_batch(items)
+                outcomes = await service.create_batch(items, creator_of(current_principal(request)))
         finally:
             batch_writers.release()
         counts = Counter(o["status"] for o in outcomes)

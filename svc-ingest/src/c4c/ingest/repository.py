@@ -70,6 +70,7 @@ class Known:
     id: str
     body_hash: str
     deleted: bool
+    created_by: str | None
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ class Repository:
             ObservationRow.id,
             ObservationRow.body_hash,
             ObservationRow.deleted_at,
+            ObservationRow.created_by,
             ObservationRow.idempotency_key,
         )
         found: dict[str, Known] = {}
@@ -189,14 +191,14 @@ class Repository:
         for start in range(0, len(wanted), IN_CHUNK):
             chunk = wanted[start : start + IN_CHUNK]
             rows = await self.session.execute(select(*columns).where(ObservationRow.id.in_(chunk)))
-            for row_id, body_hash, deleted_at, _ in rows:
-                found[row_id] = Known(row_id, body_hash, deleted_at is not None)
+            for row_id, body_hash, deleted_at, created_by, _ in rows:
+                found[row_id] = Known(row_id, body_hash, deleted_at is not None, created_by)
         if idempotency_key is not None:
             rows = await self.session.execute(
                 select(*columns).where(ObservationRow.idempotency_key == idempotency_key)
             )
-            for row_id, body_hash, deleted_at, key in rows:
-                found[f"key:{key}"] = Known(row_id, body_hash, deleted_at is not None)
+            for row_id, body_hash, deleted_at, created_by, key in rows:
+                found[f"key:{key}"] = Known(row_id, body_hash, deleted_at is not None, created_by)
         return found
 
     async def insert_many(self, rows: Sequence[Row]) -> set[str]:

@@ -40,6 +40,7 @@ from c4c.ingest.schemas import (
     event_period,
 )
 from c4c.ingest.settings import IngestSettings
+from c4c.shared.auth import Principal
 from c4c.shared.batching import GroupCommit
 from c4c.shared.db import as_utc
 from c4c.shared.media import (
@@ -59,6 +60,7 @@ OBSCURED_DECIMALS = 1
 OBSCURED_UNCERTAINTY_M = 7900.0  # half-diagonal of a 0.1° cell at the equator, rounded up
 OBSCURED_NOTE = "Coordinates rounded to 0.1 degree; media published without EXIF."
 CREATED, UPDATED, DELETED = "observation.created", "observation.updated", "observation.deleted"
+DETECTION_CREATOR = "service:video"  # the creator of detections' observations, as if it posted
 
 
 class EventSink(Protocol):
@@ -256,13 +258,19 @@ def row_values(model: ObservationFields, *, observation_id: str, when: datetime)
 
 
 def new_row(
-    model: ObservationCreate, *, idempotency_key: str | None, digest: str, when: datetime
+    model: ObservationCreate,
+    *,
+    idempotency_key: str | None,
+    digest: str,
+    creator: str,
+    when: datetime,
 ) -> dict[str, Any]:
     observation_id = str(model.id or uuid.uuid4())
     return {
         "id": observation_id,
         "idempotency_key": idempotency_key,
         "body_hash": digest,
+        "created_by": creator,
         **row_values(model, observation_id=observation_id, when=when),
         "quality_flags": None,
         "media_count": 0,
@@ -334,7 +342,22 @@ def _problem(status: int, code: str, title: str, detail: str, errors: Any = None
     return problem
 
 
-def _replay_or_conflict(prior: Known, digest: str, what: str) -> None:
+def creator_of(principal: Principal | None) -> str:
+    """Who creates, as stored: an id or key is theirs, and only they may retry it. Callers
+    without a principal (no gateway in front) are one party; so are anonymous ones, whatever
+    their address (a phone retrying changes networks)."""
+    if principal is None or principal.kind == "anonymous":
+        return "anonymous"
+    return f"{principal.kind}:{principal.id}"
+
+
+def _replay_or_conflict(prior: Known, digest: str, what: str, creator: str) -> None:
+    if prior.created_by is not None and prior.created_by != creator:
+        # Not a replay: answering one would tell a stranger the observation is theirs.
+        raise IdempotencyConflict(
+            f"Observation {prior.id} ({what}) was created by another client.",
+            observation_id=prior.id,
+        )
     if prior.deleted:
         raise IdempotencyConflict(
             f"Observation {prior.id} ({what}) was deleted.", observation_id=prior.id
@@ -387,20 +410,22 @@ class IngestService:
 
     # --- create ----------------------------------------------------------------------------
 
-    async def create(self, model: ObservationCreate, idempotency_key: str | None) -> Created:
-        created = (await self.create_many([(model, idempotency_key)]))[0]
-        return created or await self.replay(model, idempotency_key)
+    async def create(
+        self, model: ObservationCreate, idempotency_key: str | None, creator: str
+    ) -> Created:
+        created = (await self.create_many([(model, idempotency_key, creator)]))[0]
+        return created or await self.replay(model, idempotency_key, creator)
 
     async def create_many(
-        self, requests: Sequence[tuple[ObservationCreate, str | None]]
+        self, requests: Sequence[tuple[ObservationCreate, str | None, str]]
     ) -> list[Created | None]:
         """Store new observations together, each with its event: one outcome per request,
         None where its id or key is taken (by an earlier or a concurrent request: see
         :meth:`replay`). The requests' ids and keys must differ from one another."""
         when = datetime.now(UTC)
         rows = [
-            new_row(model, idempotency_key=key, digest=body_hash(model), when=when)
-            for model, key in requests
+            new_row(model, idempotency_key=key, digest=body_hash(model), creator=creator, when=when)
+            for model, key, creator in requests
         ]
         inserted = await self.repo.insert_many(rows)
         stored = [values for values in rows if values["id"] in inserted]
@@ -414,9 +439,11 @@ class IngestService:
             for v in rows
         ]
 
-    async def replay(self, model: ObservationCreate, idempotency_key: str | None) -> Created:
-        """The answer to a create whose id or key is taken: a retry is answered as the first
-        time, a different body is a conflict."""
+    async def replay(
+        self, model: ObservationCreate, idempotency_key: str | None, creator: str
+    ) -> Created:
+        """The answer to a create whose id or key is taken: a retry by its creator is
+        answered as the first time; a different body or another creator is a conflict."""
         ids = [str(model.id)] if model.id else []
         known = await self.repo.known(ids=ids, idempotency_key=idempotency_key)
         prior = known.get(ids[0]) if ids else None
@@ -425,11 +452,11 @@ class IngestService:
             prior, what = known.get(f"key:{idempotency_key}"), "this Idempotency-Key"
         if prior is None:  # pragma: no cover - the winner's row must be visible by now
             raise IdempotencyConflict("A concurrent request is creating this observation.")
-        _replay_or_conflict(prior, body_hash(model), what)
+        _replay_or_conflict(prior, body_hash(model), what, creator)
         row = await self._alive(prior.id)
         return Created(await self._full(row), etag(row), created=False)
 
-    async def create_batch(self, items: Sequence[BatchItem]) -> list[dict[str, Any]]:
+    async def create_batch(self, items: Sequence[BatchItem], creator: str) -> list[dict[str, Any]]:
         """Per-item outcomes; valid new items are stored together, whatever the others.
         Inserted first, looked up after: only the items whose id is taken (a retry, a
         conflict, a concurrent batch) cost a query more."""
@@ -448,7 +475,9 @@ class IngestService:
                 repeats.append((len(outcomes), item_id, digest))
                 outcomes.append({"index": item.index})  # settled once the first is
                 continue
-            values = new_row(item.model, idempotency_key=None, digest=digest, when=when)
+            values = new_row(
+                item.model, idempotency_key=None, digest=digest, creator=creator, when=when
+            )
             rows.append(values)
             positions[values["id"]] = len(outcomes)
             outcomes.append(self._outcome(item.index, "created", values["id"]))
@@ -459,13 +488,15 @@ class IngestService:
         for values in taken:
             position = positions[values["id"]]
             outcomes[position] = self._existing(
-                outcomes[position]["index"], known[values["id"]], values["body_hash"]
+                outcomes[position]["index"], known[values["id"]], values["body_hash"], creator
             )
         for values in rows:
             if values["id"] in inserted:
-                known[values["id"]] = Known(values["id"], values["body_hash"], deleted=False)
+                known[values["id"]] = Known(values["id"], values["body_hash"], False, creator)
         for position, item_id, digest in repeats:
-            outcomes[position] = self._existing(outcomes[position]["index"], known[item_id], digest)
+            outcomes[position] = self._existing(
+                outcomes[position]["index"], known[item_id], digest, creator
+            )
         stored = [values for values in rows if values["id"] in inserted]
         metrics.observations_created((v["dataset_id"], v["basis_of_record"]) for v in stored)
         await self.events.emit(
@@ -474,10 +505,10 @@ class IngestService:
         )
         return outcomes
 
-    def _existing(self, index: int, prior: Known, digest: str) -> dict[str, Any]:
+    def _existing(self, index: int, prior: Known, digest: str, creator: str) -> dict[str, Any]:
         """The outcome of an item whose id is stored already: a retry or a conflict."""
         try:
-            _replay_or_conflict(prior, digest, "this id")
+            _replay_or_conflict(prior, digest, "this id", creator)
         except IdempotencyConflict as exc:
             return self._error(index, exc, prior.id)
         return self._outcome(index, "duplicate", prior.id)
@@ -782,7 +813,7 @@ class IngestService:
             + (f", score {detection.score:.3f}" if detection.score is not None else "")
             + (f", model {detection.model_version}" if detection.model_version else ""),
         )
-        result = await self.create(model, idempotency_key=None)
+        result = await self.create(model, idempotency_key=None, creator=DETECTION_CREATOR)
         if result.created and detection.snapshot_url:
             await self.repo.add_media(
                 MediaRow(

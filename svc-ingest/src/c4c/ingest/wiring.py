@@ -58,14 +58,14 @@ class Parts:
         return IngestService(repo, OutboxSink(self.runtime, session), self.settings, self.storage)
 
 
-Creation = tuple[ObservationCreate, str | None]
-"""A single create: the observation and its Idempotency-Key, if any."""
+Creation = tuple[ObservationCreate, str | None, str]
+"""A single create: the observation, its Idempotency-Key if any, and its creator."""
 
 
 def _claims(creation: Creation) -> list[tuple[int, str]]:
     """The client's id and key: two creates claiming one never go in one INSERT (it could
     not tell which of them won)."""
-    model, key = creation
+    model, key, _ = creation
     return [(n, c) for n, c in enumerate((str(model.id) if model.id else None, key)) if c]
 
 
@@ -84,12 +84,14 @@ class Creations:
             self._write, name="ingest:creations", max_items=max_items, claims=_claims
         )
 
-    async def create(self, model: ObservationCreate, idempotency_key: str | None) -> Created:
-        created = await self._groups.submit((model, idempotency_key))
+    async def create(
+        self, model: ObservationCreate, idempotency_key: str | None, creator: str
+    ) -> Created:
+        created = await self._groups.submit((model, idempotency_key, creator))
         if created is not None:
             return created
         async with self.parts.runtime.db.sessions() as session, session.begin():
-            return await self.parts.service(session).replay(model, idempotency_key)
+            return await self.parts.service(session).replay(model, idempotency_key, creator)
 
     async def _write(self, group: Sequence[Creation]) -> list[Created | None]:
         async with self.parts.runtime.db.sessions() as session, session.begin():
