@@ -19,7 +19,13 @@ from c4c.ingest.settings import IngestSettings
 from c4c.mobis.app import create_app
 from c4c.mobis.remote import IngestOverHttp
 from c4c.mobis.settings import MobisSettings
-from c4c.shared.auth import PRINCIPAL_HEADER, Principal, ensure_principal_secret, sign_principal
+from c4c.shared.auth import (
+    PRINCIPAL_HEADER,
+    Kind,
+    Principal,
+    ensure_principal_secret,
+    sign_principal,
+)
 
 PASSWORD = "correct horse battery"
 INGEST_SECRET = b"the secret ingest shares with the gateway in these tests"
@@ -66,25 +72,27 @@ async def ingest_app(tmp_path: Path) -> AsyncIterator[FastAPI]:
         yield app
 
 
+def _ingest_as(app: FastAPI, kind: Kind, principal_id: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    principal = Principal(kind, principal_id, scopes=frozenset({"*"}))
+    return httpx.AsyncClient(
+        transport=transport,
+        base_url="http://ingest.test",
+        auth=SignedAs(principal, INGEST_SECRET),
+    )
+
+
 @pytest.fixture
 async def ingest_client(ingest_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """Ingest as MOBIS calls it: as the service "mobis"."""
-    transport = httpx.ASGITransport(app=ingest_app, raise_app_exceptions=False)
-    mobis = SignedAs(Principal("service", "mobis", scopes=frozenset({"*"})), INGEST_SECRET)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://ingest.test", auth=mobis
-    ) as client:
+    async with _ingest_as(ingest_app, "service", "mobis") as client:
         yield client
 
 
 @pytest.fixture
 async def importer(ingest_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """Ingest as another client calls it: an observatory's importer, with an API key."""
-    transport = httpx.ASGITransport(app=ingest_app)
-    key = SignedAs(Principal("api-key", "importer-key", scopes=frozenset({"*"})), INGEST_SECRET)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://ingest.test", auth=key
-    ) as client:
+    async with _ingest_as(ingest_app, "api-key", "importer-key") as client:
         yield client
 
 
