@@ -437,6 +437,33 @@ async def test_batch_repeats_of_an_id_are_judged_against_what_is_stored(
     assert event.data["version"] == 1
 
 
+async def test_the_created_event_is_the_observation_as_read_back(
+    client: httpx.AsyncClient, observation: Body, events: list[CloudEvent], eventually: Any
+) -> None:
+    """The event of a new observation is written from the values inserted, not from the row
+    read back: it must say exactly what a read says (every column, the unset ones as null)."""
+    single = await client.post(f"{API}/observations", json=observation())
+    batch = await client.post(
+        f"{API}/observations:batch",
+        json=[
+            observation(),
+            observation(
+                locationObscured=True,
+                vernacularName=None,
+                taxonRank=None,
+                degreeOfEstablishment="cultivated",
+                measurements=[{"measurementType": "PM2.5", "measurementValue": 12}],
+            ),
+        ],
+    )
+    ids = [single.json()["id"], *(o["id"] for o in batch.json()["items"])]
+    await eventually(lambda: set(created_ids(events)) == set(ids))
+    for observation_id in ids:
+        event = next(e for e in events if e.subject == f"observation/{observation_id}")
+        read = await client.get(f"{API}/observations/{observation_id}")
+        assert event.data == read.json()
+
+
 async def test_text_with_nul_characters_is_refused_on_every_database(
     client: httpx.AsyncClient, observation: Body
 ) -> None:
