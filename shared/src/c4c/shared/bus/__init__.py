@@ -1,6 +1,6 @@
 """The event bus: one port (:class:`EventBus`), two adapters with the same contract."""
 
-from c4c.shared.bus._events import CLOUDEVENTS_MEDIA_TYPE, CloudEvent, new_event
+from c4c.shared.bus._events import CLOUDEVENTS_MEDIA_TYPE, CloudEvent, event_source, new_event
 from c4c.shared.bus._inprocess import InProcessBus
 from c4c.shared.bus._port import BusOptions, DeadLetter, EventBus, Handler, PublishError
 from c4c.shared.bus._rabbitmq import RabbitMQBus
@@ -19,6 +19,7 @@ __all__ = [
     "RabbitMQBus",
     "bus_from_settings",
     "bus_options",
+    "event_source",
     "new_event",
     "topic_matches",
 ]

@@ -36,10 +36,15 @@ class CloudEvent(BaseModel):
         return cls.model_validate_json(body)
 
 
+def event_source(service: str) -> str:
+    """The ``source`` of the events ``service`` publishes."""
+    return f"/c4c/{service}"
+
+
 def new_event(service: str, type: str, data: Any, *, subject: str | None = None) -> CloudEvent:
     """An event from ``service``, carrying the request id of the work in hand."""
     return CloudEvent(
-        source=f"/c4c/{service}",
+        source=event_source(service),
         type=type,
         subject=subject,
         data=data,
