@@ -20,7 +20,7 @@ from sqlalchemy import insert, select, text, update
 from c4c.ingest import api, schemas
 from c4c.ingest.app import create_app
 from c4c.ingest.models import ObservationRow
-from c4c.ingest.schemas import ObservationCreate
+from c4c.ingest.schemas import ObservationCreate, ObservationFilter
 from c4c.ingest.service import IngestService, new_row
 from c4c.ingest.settings import IngestSettings
 from c4c.shared.auth import PRINCIPAL_HEADER, Principal, sign_principal
@@ -778,6 +778,22 @@ async def test_filters(client: httpx.AsyncClient, observation: Body) -> None:
     ):
         problem(await client.get(f"{API}/observations?{bad}"), 422)
     problem(await client.get(f"{API}/observations?cursor=garbage"), 400)
+
+
+@pytest.mark.parametrize("database", ["postgres"], indirect=True)
+async def test_the_name_filter_reads_an_index_on_postgresql(app: Any) -> None:
+    # A prefix LIKE under a collation other than C is served by pattern ops only; a plain
+    # B-tree index left the filter reading the whole table.
+    async with app.state.parts.reading() as service:
+        conditions = service.repo._conditions(ObservationFilter(name="Quer"))
+        query = select(ObservationRow.id).where(*conditions)
+        sql = query.compile(
+            dialect=service.repo.session.bind.dialect, compile_kwargs={"literal_binds": True}
+        )
+        await service.repo.session.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join((await service.repo.session.execute(text(f"EXPLAIN {sql}"))).scalars())
+    for column in ("scientific_name_lower", "vernacular_name_lower"):
+        assert f"Index Cond: ((({column})::text ~>=~ 'quer'::text)" in plan, plan
 
 
 async def test_quality_grade_filter_after_scoring(

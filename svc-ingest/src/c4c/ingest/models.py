@@ -38,10 +38,10 @@ class ObservationRow(IngestBase):
     geodetic_datum: Mapped[str] = mapped_column(String(20))
     country_code: Mapped[str | None] = mapped_column(String(2))
     scientific_name: Mapped[str | None] = mapped_column(String(500))
-    scientific_name_lower: Mapped[str | None] = mapped_column(String(500), index=True)
+    scientific_name_lower: Mapped[str | None] = mapped_column(String(500))
     taxon_rank: Mapped[str | None] = mapped_column(String(30))
     vernacular_name: Mapped[str | None] = mapped_column(String(500))
-    vernacular_name_lower: Mapped[str | None] = mapped_column(String(500), index=True)
+    vernacular_name_lower: Mapped[str | None] = mapped_column(String(500))
     basis_of_record: Mapped[str] = mapped_column(String(40))
     individual_count: Mapped[int | None] = mapped_column(Integer)
     occurrence_status: Mapped[str] = mapped_column(String(10))
@@ -66,6 +66,11 @@ class ObservationRow(IngestBase):
         Index("ix_observations_created", "created_at", "seq"),
         Index("ix_observations_event", "event_start", "seq"),
         Index("ix_observations_updated", "updated_at", "seq"),
+        # The name filter is a prefix (LIKE 'x%'): on PostgreSQL only pattern ops serve it.
+        *(
+            Index(f"ix_observations_{c}", c, postgresql_ops={c: "varchar_pattern_ops"})
+            for c in ("scientific_name_lower", "vernacular_name_lower")
+        ),
     )
 
 
