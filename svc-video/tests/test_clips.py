@@ -125,6 +125,26 @@ def test_a_scene_busy_all_along_gets_back_to_back_clips_at_the_analysis_size(
     assert 0.9 * summary.frames_analysed <= encoded <= summary.frames_analysed
 
 
+def test_an_event_reaches_the_sink_once_its_clip_is_complete(
+    test_data: Path, tmp_path: Path
+) -> None:
+    # Keyframes are encoded as their events end, but an event is handed over only when the
+    # clip its segment shares is finished: the sink can serve it at once. A clip still
+    # being written has no index yet (it goes first, "faststart", when the file is closed).
+    clip_frames: list[int] = []
+
+    def sink(event: DetectedEvent) -> None:
+        assert event.clip_path is not None
+        with av.open(str(event.clip_path)) as clip:
+            clip_frames.append(sum(1 for _ in clip.decode(video=0)))
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    analyse_file(test_data / "video" / "vtest.avi", AnalysisParams(), sink=sink, clip_dir=clips)
+    assert len(clip_frames) > 10
+    assert min(clip_frames) >= 10
+
+
 def mjpeg_copy(source: Path, target: Path, size: tuple[int, int]) -> Path:
     """``source`` as an MJPEG camera would send it: every frame a JPEG of its own."""
     with av.open(str(source)) as clip, av.open(str(target), "w") as out:

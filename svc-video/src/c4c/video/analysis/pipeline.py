@@ -307,7 +307,8 @@ class _Clip:
 class _Segment:
     """One clip file recorded while something moves; every event inside it shares it. Its
     frames, those after ``after`` (the end of the previous segment), are encoded on the
-    output thread."""
+    output thread, and so are its events, which wait in ``detections`` (touched by the
+    output thread only) until the clip is complete."""
 
     def __init__(
         self,
@@ -321,7 +322,7 @@ class _Segment:
         self.output = output
         self.start = math.inf  # the time of its first frame
         self.last_t = after
-        self.events: list[Event[Picture]] = []
+        self.detections: list[DetectedEvent] = []
         self.clip: _Clip | None = None
         output.submit(partial(self._open, fps, size))
 
@@ -484,10 +485,15 @@ class Analyzer:
             segment.write(t, clip_frame)
 
     def _attach(self, event: Event[Picture]) -> None:
-        if self.segment is not None:
-            self.segment.events.append(event)
+        """The event ended: its keyframe is encoded now, on the output thread, so that its
+        full-size frame is let go and a busy segment's keyframes are not all left for its
+        end (at the end of a clip, the other core would wait for them). It goes to the sink
+        when its segment's clip is complete, or at once without a segment."""
+        segment = self.segment
+        if segment is not None:
+            self.output.submit(partial(self._describe_into, segment, event))
         else:
-            self.output.submit(partial(self._emit, event, None))
+            self.output.submit(partial(self._emit, event))
             self.output.send()
 
     def _close_segment(self) -> None:
@@ -496,11 +502,24 @@ class Analyzer:
             return
         self.recorded_until = segment.last_t
         segment.close()
-        for event in segment.events:
-            self.output.submit(partial(self._emit, event, segment.path))
+        self.output.submit(partial(self._emit_segment, segment))
         self.output.send()  # a live stream may send no more frames for a while
 
-    def _emit(self, event: Event[Picture], clip_path: Path | None) -> None:
+    def _describe_into(self, segment: _Segment, event: Event[Picture]) -> None:
+        segment.detections.append(self._describe(event, segment.path))
+
+    def _emit_segment(self, segment: _Segment) -> None:
+        for detection in segment.detections:
+            self._sink(detection)
+
+    def _emit(self, event: Event[Picture]) -> None:
+        self._sink(self._describe(event, None))
+
+    def _sink(self, detection: DetectedEvent) -> None:
+        self.detections += 1
+        self.sink(detection)
+
+    def _describe(self, event: Event[Picture], clip_path: Path | None) -> DetectedEvent:
         ok, jpeg = cv2.imencode(
             ".jpg",
             event.keyframe.image.colour(),
@@ -508,19 +527,16 @@ class Analyzer:
         )
         if not ok:  # pragma: no cover - OpenCV encodes any uint8 BGR frame
             raise RuntimeError("could not encode a keyframe")
-        self.detections += 1
-        self.sink(
-            DetectedEvent(
-                track_id=event.track_id,
-                start=event.start.t,
-                end=event.end.t,
-                start_frame=event.start.frame,
-                end_frame=event.end.frame,
-                boxes=event.observations,
-                keyframe_box=event.keyframe.observation.box,
-                keyframe_time=event.keyframe.observation.t,
-                keyframe_jpeg=jpeg.tobytes(),
-                clip_path=clip_path,
-                frame_size=self.frame_size,
-            )
+        return DetectedEvent(
+            track_id=event.track_id,
+            start=event.start.t,
+            end=event.end.t,
+            start_frame=event.start.frame,
+            end_frame=event.end.frame,
+            boxes=event.observations,
+            keyframe_box=event.keyframe.observation.box,
+            keyframe_time=event.keyframe.observation.t,
+            keyframe_jpeg=jpeg.tobytes(),
+            clip_path=clip_path,
+            frame_size=self.frame_size,
         )

@@ -33,9 +33,6 @@ class Box:
     def diagonal(self) -> float:
         return math.hypot(self.w, self.h)
 
-    def shifted(self, dx: float, dy: float) -> Box:
-        return Box(self.x + dx, self.y + dy, self.w, self.h)
-
     def iou(self, other: Box) -> float:
         ix = max(0.0, min(self.x + self.w, other.x + other.w) - max(self.x, other.x))
         iy = max(0.0, min(self.y + self.h, other.y + other.h) - max(self.y, other.y))
@@ -64,6 +61,11 @@ class Track:
     lost: int = 0  # analysed frames since the last match
     travel: float = 0.0  # farthest the centre got from where it was first seen
     _diagonals: float = 0.0
+    # Centres of the first box and of the last two, kept by ``add``: travel and the
+    # predicted box need them at every frame (recomputing them was a third of the tracker).
+    _origin: tuple[float, float] = field(default=(0.0, 0.0), repr=False, compare=False)
+    _previous_centre: tuple[float, float] = field(default=(0.0, 0.0), repr=False, compare=False)
+    _last_centre: tuple[float, float] = field(default=(0.0, 0.0), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         observations, self.observations = self.observations, []
@@ -71,15 +73,22 @@ class Track:
             self.add(observation)
 
     def add(self, observation: Observation) -> None:
+        box = observation.box
+        centre = box.centre
         if self.observations:
-            self.travel = max(self.travel, self.first.box.distance(observation.box))
+            (ox, oy), (cx, cy) = self._origin, centre
+            self.travel = max(self.travel, math.hypot(ox - cx, oy - cy))
+        else:
+            self._origin = centre
         self.observations.append(observation)
-        self._diagonals += observation.box.diagonal
+        self._previous_centre, self._last_centre = self._last_centre, centre
+        self._diagonals += box.diagonal
 
     def restart(self) -> None:
         """Forget all but the last observation: the track goes on as a new event."""
         last = self.observations[-1]
         self.observations, self.travel, self._diagonals = [last], 0.0, last.box.diagonal
+        self._origin = self._last_centre
 
     @property
     def first(self) -> Observation:
@@ -101,17 +110,20 @@ class Track:
     def mean_diagonal(self) -> float:
         return self._diagonals / len(self.observations)
 
-    def predicted(self, frame: int) -> Box:
-        """The last box moved on by the last velocity to ``frame``."""
-        if len(self.observations) < 2:
-            return self.last.box
-        a, b = self.observations[-2], self.observations[-1]
-        steps = b.frame - a.frame
+    def predicted(self, frame: int) -> tuple[float, float, float, float]:
+        """The last box moved on by the last velocity to ``frame``, as (x0, y0, x1, y1)."""
+        observations = self.observations
+        b = observations[-1]
+        box = b.box
+        if len(observations) < 2:
+            return _corners(box)
+        steps = b.frame - observations[-2].frame
         if steps <= 0:
-            return b.box
-        (ax, ay), (bx, by) = a.box.centre, b.box.centre
+            return _corners(box)
+        (ax, ay), (bx, by) = self._previous_centre, self._last_centre
         ahead = (frame - b.frame) / steps
-        return b.box.shifted((bx - ax) * ahead, (by - ay) * ahead)
+        x0, y0 = box.x + (bx - ax) * ahead, box.y + (by - ay) * ahead
+        return x0, y0, x0 + box.w, y0 + box.h
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +176,7 @@ class Tracker:
         handful to a few dozen of each, and most pairs do not overlap at all, which two
         comparisons tell; numpy's per-call cost on such small arrays was twice this."""
         params = self.params
-        predicted = [_corners(track.predicted(frame)) for track in self.tracks]
+        predicted = [track.predicted(frame) for track in self.tracks]
         found = [_corners(box) for box in boxes]
         threshold = params.iou_threshold
         scored: list[tuple[float, int, int]] = []
