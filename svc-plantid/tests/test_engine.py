@@ -180,3 +180,19 @@ def test_gallery_names_each_candidates_closest_references_best_first() -> None:
         own = [i for i, name in enumerate(names) if name == candidate.species]
         best_first = sorted(own, key=lambda i: -closest[i])
         assert list(candidate.nearest) == best_first[:3]
+
+
+def test_gallery_names_no_references_when_asked_for_none() -> None:
+    rng = np.random.default_rng(6)
+    x, names = _clusters(rng, 4, 5)
+    gallery = Gallery.fit("v1", x, names, ["flower"] * len(x), [str(i) for i in range(len(x))])
+    with_nearest = gallery.identify(x[:1], ["flower"])
+    without = gallery.identify(x[:1], ["flower"], nearest=0)
+    assert [c.nearest for c in without.candidates] == [()] * len(without.candidates)
+    assert [(c.species, c.score) for c in without.candidates] == [
+        (c.species, c.score) for c in with_nearest.candidates
+    ]
+    assert (without.best_similarity, without.rejected) == (
+        with_nearest.best_similarity,
+        with_nearest.rejected,
+    )

@@ -8,6 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import Request, Response
+
+from c4c.plantid.api import DirectPlantNetRoute
 
 BOUNDARY = "c4c-boundary"
 MULTIPART = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
@@ -72,3 +75,15 @@ async def test_a_body_that_is_not_a_sound_multipart_form_is_400(
     error = response.json()
     assert error["statusCode"] == 400
     assert message in error["message"]
+
+
+def test_only_an_endpoint_of_the_request_and_its_path_is_called_straight() -> None:
+    async def by_path(project: str, request: Request) -> Response:
+        return Response()
+
+    async def with_query(project: str, request: Request, page: int = 1) -> Response:
+        return Response()
+
+    DirectPlantNetRoute("/identify/{project}", by_path, methods=["POST"])
+    with pytest.raises(TypeError, match="more than the request and its path"):
+        DirectPlantNetRoute("/identify/{project}", with_query, methods=["POST"])

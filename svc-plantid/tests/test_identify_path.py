@@ -234,16 +234,17 @@ async def plantid_quota_1(
 
 
 def _count_inferences(app: Any) -> list[int]:
-    """The photo counts of the inferences the engine runs from now on."""
+    """The photo counts of the inferences the engine runs from now on (each is handed to an
+    inference thread by ``start_embedding``)."""
     engine = app.state.plantid_engine
     inferred: list[int] = []
-    embed_photos = engine.embed_photos
+    start_embedding = engine.start_embedding
 
-    async def counting(photos: Any) -> Any:
+    def counting(embedder: Any, photos: Any) -> Any:
         inferred.append(len(photos))
-        return await embed_photos(photos)
+        return start_embedding(embedder, photos)
 
-    engine.embed_photos = counting
+    engine.start_embedding = counting
     return inferred
 
 

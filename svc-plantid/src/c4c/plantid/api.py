@@ -129,27 +129,62 @@ async def on_plantnet_failure(_: Request, exc: Exception) -> Response:
     return exc.response
 
 
+def _in_plantnet_shape(
+    handler: Callable[[Request], Coroutine[Any, Any, Response]],
+) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """``handler`` with its errors in Pl@ntNet's shape; invalid parameters are 400 there, not
+    422."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except RequestValidationError as exc:
+            fields = ", ".join(
+                ".".join(str(p) for p in error.get("loc", ())[1:]) or "request"
+                for error in exc.errors()
+            )
+            raise PlantNetFailure(plantnet_error(400, f"Invalid parameters: {fields}")) from exc
+        except StarletteHTTPException as exc:
+            raise PlantNetFailure(
+                plantnet_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+            ) from exc
+
+    return handle
+
+
 class PlantNetRoute(APIRoute):
-    """Errors in Pl@ntNet's shape; invalid parameters are 400 there, not 422."""
+    """Errors in Pl@ntNet's shape."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
+        return _in_plantnet_shape(super().get_route_handler())
 
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                fields = ", ".join(
-                    ".".join(str(p) for p in error.get("loc", ())[1:]) or "request"
-                    for error in exc.errors()
-                )
-                raise PlantNetFailure(plantnet_error(400, f"Invalid parameters: {fields}")) from exc
-            except StarletteHTTPException as exc:
-                raise PlantNetFailure(
-                    plantnet_error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
-                ) from exc
 
-        return handle
+class DirectPlantNetRoute(PlantNetRoute):
+    """For an endpoint that takes the request and its path parameters (strings) alone and
+    reads the rest itself: called straight, without FastAPI's request handler (parameter
+    solving, exit stacks, telemetry), which cost about 0.06 ms of the event loop's CPU per
+    identification. Its OpenAPI still comes from its signature."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        solved = self.dependant
+        path_params_only = all(param.field_info.annotation is str for param in solved.path_params)
+        if (
+            not path_params_only
+            or solved.dependencies
+            or self.body_field is not None
+            or (solved.query_params or solved.header_params or solved.cookie_params)
+        ):
+            raise TypeError(f"{endpoint.__name__} takes more than the request and its path")
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+
+        async def call(request: Request) -> Response:
+            response: Response = await endpoint(request=request, **request.path_params)
+            return response
+
+        return _in_plantnet_shape(call)
 
 
 plantnet = APIRouter(prefix="/v2", tags=["Pl@ntNet API v2"], route_class=PlantNetRoute)
@@ -290,20 +325,6 @@ def _identify_parameters() -> list[dict[str, Any]]:
     ]
 
 
-@plantnet.post(
-    "/identify/{project}",
-    response_model=schemas.IdentifyResponse,
-    response_model_exclude_none=True,
-    responses={
-        400: {"model": schemas.PlantNetError},
-        401: {"model": schemas.PlantNetError},
-        404: {"model": schemas.PlantNetError, "description": "Species not found"},
-        413: {"description": "Body over the limit (problem+json from the body limit)"},
-        429: {"model": schemas.PlantNetError, "description": "Daily quota used up"},
-    },
-    summary="Identify a plant from 1 to 5 photos (Pl@ntNet-compatible)",
-    openapi_extra={"parameters": _identify_parameters()},
-)
 async def identify(project: str, request: Request) -> Any:
     # No database session of the request's own: the identifier usually needs none (see
     # Identifier), at most a short one before inference.
@@ -347,6 +368,25 @@ async def identify(project: str, request: Request) -> Any:
         media_type="application/json",
         headers=rate_limit_headers(quota, moment),
     )
+
+
+plantnet.add_api_route(
+    "/identify/{project}",
+    identify,
+    methods=["POST"],
+    route_class_override=DirectPlantNetRoute,
+    response_model=schemas.IdentifyResponse,
+    response_model_exclude_none=True,
+    responses={
+        400: {"model": schemas.PlantNetError},
+        401: {"model": schemas.PlantNetError},
+        404: {"model": schemas.PlantNetError, "description": "Species not found"},
+        413: {"description": "Body over the limit (problem+json from the body limit)"},
+        429: {"model": schemas.PlantNetError, "description": "Daily quota used up"},
+    },
+    summary="Identify a plant from 1 to 5 photos (Pl@ntNet-compatible)",
+    openapi_extra={"parameters": _identify_parameters()},
+)
 
 
 @plantnet.get("/projects", summary="The floras (projects) one can identify against")

@@ -167,8 +167,13 @@ class Engine:
     async def embed_photos(self, photos: Sequence[bytes]) -> np.ndarray:
         """Decode (only as large as the model needs) and embed on one inference thread: one
         hop off the event loop per call."""
-        embedder = await self.embedder()
-        return await asyncio.get_running_loop().run_in_executor(
+        return await self.start_embedding(await self.embedder(), photos)
+
+    def start_embedding(
+        self, embedder: Embedder, photos: Sequence[bytes]
+    ) -> asyncio.Future[np.ndarray]:
+        """``embed_photos``, handed to an inference thread at once."""
+        return asyncio.get_running_loop().run_in_executor(
             embedder.pool, embed_photos, embedder, photos, self.settings.max_image_pixels
         )
 
@@ -610,7 +615,7 @@ class Identifier:
         early = (caller is None or (caller, utc_day(moment)) not in self._refused) and (
             classifier or self.engine.has_flora(project_id)
         )
-        inference = asyncio.ensure_future(self.engine.embed_photos(photos)) if early else None
+        inference = self.engine.start_embedding(embedder, photos) if early else None
         try:
             try:
                 key, quota = await self._admit(project_id, caller, moment, classifier)
@@ -684,7 +689,10 @@ class Identifier:
         """Against the project's gallery."""
         flora = await self.engine.flora(key, self.sessions)  # rebuilt when its version changed
         gallery = flora.gallery
-        identification = gallery.identify(vectors, organs, limit=results)
+        # The nearest references only show as related images.
+        identification = gallery.identify(
+            vectors, organs, nearest=3 if related_images else 0, limit=results
+        )
         ranked = [
             RankedSpecies(
                 candidate,

@@ -43,7 +43,8 @@ class Candidate:
     species: str
     score: float
     nearest: tuple[int, ...]
-    """Indices of this species' references closest to the query, best first."""
+    """Indices of this species' references closest to the query, best first (as many as
+    ``Gallery.identify`` was asked for)."""
 
 
 @dataclass(frozen=True)
@@ -126,21 +127,24 @@ class Gallery:
         nearest: int = 3,
         limit: int | None = None,
     ) -> Identification:
-        """The species ranked by probability (the ``limit`` most probable, else all)."""
+        """The species ranked by probability (the ``limit`` most probable, else all), each
+        with its ``nearest`` closest references (none with 0)."""
         weights = np.array([ORGAN_WEIGHTS.get(organ, 1.0) for organ in organs])
         fused = (weights[:, None] * self.scores(queries)).sum(axis=0) / weights.sum()
         probabilities = _softmax(fused / self.temperature)
         similarities = queries @ self.embeddings.T  # (photos, references)
         best_similarity = float(similarities.max())
-        closest = similarities.max(axis=0)
+        closest = similarities.max(axis=0) if nearest else None
         scores = probabilities.tolist()
         candidates = []
         for i in np.argsort(-probabilities)[:limit].tolist():
-            # Only the candidate's own references are sorted: a flora's whole gallery, per
-            # query, would cost in proportion to its size.
-            own = self._members[i]
-            order = own[np.argsort(-closest[own], kind="stable")[:nearest]]
-            candidates.append(Candidate(self.species[i], scores[i], tuple(order.tolist())))
+            order: tuple[int, ...] = ()
+            if closest is not None:
+                # Only the candidate's own references are sorted: a flora's whole gallery,
+                # per query, would cost in proportion to its size.
+                own = self._members[i]
+                order = tuple(own[np.argsort(-closest[own], kind="stable")[:nearest]].tolist())
+            candidates.append(Candidate(self.species[i], scores[i], order))
         return Identification(
             candidates=candidates,
             best_similarity=best_similarity,
