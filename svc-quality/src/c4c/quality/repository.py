@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from functools import cache
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import FromClause, Table, case, func, insert, or_, select, update
+from sqlalchemy import (
+    FromClause,
+    Select,
+    Table,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,6 +45,50 @@ _IMAGES = cast(Table, ImageRow.__table__)
 def _values(row: QualityBase, table: FromClause) -> dict[str, Any]:
     """A row's columns as a statement's parameters."""
     return {column.key: getattr(row, column.key) for column in table.columns}
+
+
+@cache
+def _images_upsert(dialect: str) -> Any:
+    """The upsert of photo analyses on ``dialect``, built once: its ``excluded`` columns
+    cost, built for every batch, about what the statement's execution does."""
+    statement = (pg_insert if dialect == "postgresql" else sqlite_insert)(_IMAGES)
+    return statement.on_conflict_do_update(
+        index_elements=[_IMAGES.c.media_id],
+        set_={c.key: statement.excluded[c.key] for c in _IMAGES.columns if not c.primary_key},
+    )
+
+
+@cache
+def _accepted_records() -> Select[Any]:
+    """Each taxon's (bound as ``taxa``) most recent (``limit``) research-grade records with
+    a position, built once: its subquery's columns cost, built for every batch, about what
+    the query does."""
+    recency = (
+        func.row_number()
+        .over(partition_by=SeenObservation.taxon, order_by=SeenObservation.updated_at.desc())
+        .label("recency")
+    )
+    ranked = (
+        select(
+            SeenObservation.taxon,
+            SeenObservation.id,
+            SeenObservation.latitude,
+            SeenObservation.longitude,
+            SeenObservation.day_of_year,
+            recency,
+        )
+        .where(
+            SeenObservation.taxon.in_(bindparam("taxa", expanding=True)),
+            SeenObservation.grade == "research",
+            SeenObservation.deleted.is_(False),
+            SeenObservation.latitude.is_not(None),
+            SeenObservation.longitude.is_not(None),
+        )
+        .subquery()
+    )
+    return select(
+        ranked.c.taxon, ranked.c.id, ranked.c.latitude, ranked.c.longitude, ranked.c.day_of_year
+    ).where(ranked.c.recency <= bindparam("limit"))
 
 
 class Repository:
@@ -94,34 +150,10 @@ class Repository:
         longitude, day of year)."""
         if not taxa:
             return {}
-        recency = (
-            func.row_number()
-            .over(partition_by=SeenObservation.taxon, order_by=SeenObservation.updated_at.desc())
-            .label("recency")
-        )
-        ranked = (
-            select(
-                SeenObservation.taxon,
-                SeenObservation.id,
-                SeenObservation.latitude,
-                SeenObservation.longitude,
-                SeenObservation.day_of_year,
-                recency,
-            )
-            .where(
-                SeenObservation.taxon.in_(taxa),
-                SeenObservation.grade == "research",
-                SeenObservation.deleted.is_(False),
-                SeenObservation.latitude.is_not(None),
-                SeenObservation.longitude.is_not(None),
-            )
-            .subquery()
-        )
-        query = select(
-            ranked.c.taxon, ranked.c.id, ranked.c.latitude, ranked.c.longitude, ranked.c.day_of_year
-        ).where(ranked.c.recency <= limit)
+        query = _accepted_records()
+        parameters = {"taxa": list(taxa), "limit": limit}
         found: dict[str, list[tuple[str, float, float, int | None]]] = {t: [] for t in taxa}
-        for taxon, id_, latitude, longitude, day in await self.session.execute(query):
+        for taxon, id_, latitude, longitude, day in await self.session.execute(query, parameters):
             found[taxon].append((id_, latitude, longitude, day))
         return found
 
@@ -228,13 +260,7 @@ class Repository:
         if not rows:
             return
         values = list({row.media_id: _values(row, _IMAGES) for row in rows}.values())
-        dialect = self.session.get_bind().dialect.name
-        statement = (pg_insert if dialect == "postgresql" else sqlite_insert)(_IMAGES)
-        statement = statement.on_conflict_do_update(
-            index_elements=[_IMAGES.c.media_id],
-            set_={c.key: statement.excluded[c.key] for c in _IMAGES.columns if not c.primary_key},
-        )
-        await self.session.execute(statement, values)
+        await self.session.execute(_images_upsert(self.session.get_bind().dialect.name), values)
 
     async def images_sharing_a_band(
         self, hashes_bands: Sequence[Sequence[int]], limit_each: int
