@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -16,10 +17,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
+from sqlalchemy import Row, create_engine, literal, select
 
 from c4c.mobis.remote import UpstreamFailed
 from c4c.mobis.repository import MEDIA, Repository, utc
-from c4c.mobis.service.observations import ShownItems, StoredMarks
+from c4c.mobis.schemas import MyObservationPage
+from c4c.mobis.service.observations import ShownItems, StoredMarks, shown_item
 from c4c.shared.bus import new_event
 
 PASSWORD = "correct horse battery"
@@ -671,9 +674,19 @@ async def test_an_upload_needs_a_live_session_of_the_media_owner(
     assert stored.json()["stored"] is True
 
 
-def _shown_row(seq: int, **changes: Any) -> dict[str, Any]:
+def _rows(*values: dict[str, Any]) -> list[Row[Any]]:
+    """Plain rows with these columns, as the repository reads them."""
+    engine = create_engine("sqlite://")
+    with engine.connect() as connection:
+        return [
+            connection.execute(select(*(literal(v).label(k) for k, v in row.items()))).one()
+            for row in values
+        ]
+
+
+def _shown_row(seq: int, **changes: Any) -> Row[Any]:
     when = datetime(2024, 5, 3, 8, 15, tzinfo=UTC)
-    return {
+    row = {
         "seq": seq,
         "id": f"00000000-0000-0000-0000-{seq:012d}",
         "project": "natusfera",
@@ -687,22 +700,45 @@ def _shown_row(seq: int, **changes: Any) -> dict[str, Any]:
         "created_at": when,
         "updated_at": when,
     } | changes
+    return _rows(row)[0]
+
+
+_MEDIA = {"id": "m", "content_type": "image/png", "size": 9, "received": 0, "stored_at": None}
 
 
 def test_shown_items_are_rendered_again_only_when_something_shown_changed() -> None:
     shown = ShownItems(size=2)
-    media = [{"id": "m", "content_type": "image/png", "size": 9, "received": 0, "stored_at": None}]
-    first = shown.item(_shown_row(1), media)
-    assert first.status == "awaiting-media"
-    assert first.observation == {"scientificName": "Bellis perennis"}
-    assert shown.item(_shown_row(1), [dict(m) for m in media]) is first
-    stored = [m | {"received": 9, "stored_at": datetime.now(UTC)} for m in media]
-    assert shown.item(_shown_row(1), stored).status == "uploaded"
+    media = _rows(_MEDIA)
+    first = shown.rendered(_shown_row(1), media)
+    assert json.loads(first)["status"] == "awaiting-media"
+    assert json.loads(first)["observation"] == {"scientificName": "Bellis perennis"}
+    assert shown.rendered(_shown_row(1), _rows(_MEDIA)) is first
+    stored = _rows(_MEDIA | {"received": 9, "stored_at": datetime.now(UTC)})
+    assert json.loads(shown.rendered(_shown_row(1), stored))["status"] == "uploaded"
     flags = '[{"code": "X", "severity": "warning", "message": "m", "tip": "Come closer."}]'
-    scored = shown.item(_shown_row(1, score=0.5, flags=flags, scored_at=datetime.now(UTC)), stored)
-    assert (scored.status, scored.quality.tips) == ("scored", ["Come closer."])
+    scored = json.loads(
+        shown.rendered(_shown_row(1, score=0.5, flags=flags, scored_at=datetime.now(UTC)), stored)
+    )
+    assert (scored["status"], scored["quality"]["tips"]) == ("scored", ["Come closer."])
     # Two kept: the least recently shown went.
-    assert shown.item(_shown_row(1), media) is not first
+    assert shown.rendered(_shown_row(1), media) is not first
+
+
+def test_a_shown_page_is_what_pydantic_renders_and_is_rendered_again_when_an_item_changed() -> None:
+    shown = ShownItems(size=10, pages=1)
+    rows = [_shown_row(2), _shown_row(1)]
+    media = {rows[0].id: _rows(_MEDIA), rows[1].id: []}
+    page = shown.page(rows, media, "bz0x")
+    expected = MyObservationPage(
+        items=[shown_item(r, media[r.id]) for r in rows], next="bz0x"
+    ).model_dump_json()
+    assert page.body == expected.encode()
+    assert shown.page([_shown_row(2), _shown_row(1)], media, "bz0x") is page
+    assert shown.page(rows, media, None).body.endswith(b',"next":null}')
+    scored = [_shown_row(2, score=0.5, scored_at=datetime.now(UTC)), rows[1]]
+    again = shown.page(scored, media, "bz0x")
+    assert again.etag != page.etag
+    assert [i["scored"] for i in json.loads(again.body)["items"]] == [True, False]
 
 
 # --- reservations a sync left ---------------------------------------------------------------
@@ -744,7 +780,7 @@ async def _reservations(app: FastAPI, ids: Sequence[str]) -> dict[str, tuple[boo
     async with app.state.parts.reads() as repo:
         rows = await repo.owned(ids)
         media = await repo.media_of(list(rows))
-    return {i: (r.confirmed, [m["id"] for m in media[i]]) for i, r in rows.items()}
+    return {i: (r.confirmed, [m.id for m in media[i]]) for i, r in rows.items()}
 
 
 def _dropped() -> float:

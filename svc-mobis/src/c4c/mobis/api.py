@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -135,10 +134,6 @@ def _answer(outcome: Tokens | ProblemError, request: Request) -> Response:
     if isinstance(outcome, ProblemError):
         return outcome.to_response(instance=request.url.path)
     return JSONResponse(outcome.model_dump(), headers={"Cache-Control": "no-store"})
-
-
-def _weak_etag(content: bytes) -> str:
-    return f'W/"{hashlib.sha256(content).hexdigest()[:32]}"'
 
 
 def _matches(request: Request, tag: str) -> bool:
@@ -349,16 +344,14 @@ def build_router(settings: MobisSettings) -> APIRouter:
         cursor: Annotated[str | None, Query(max_length=100)] = None,
         limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     ) -> Response:
+        # Rendered and tagged once per change (see ``ShownItems``): apps poll this.
         page = await observations.mine(user, cursor, limit)
-        # Serialised once, in pydantic's core, and tagged from those bytes: apps poll this.
-        body = page.model_dump_json().encode()
-        tag = _weak_etag(body)
-        headers = {"ETag": tag, "Cache-Control": "private, no-cache"}
-        if _matches(request, tag):
+        headers = {"ETag": page.etag, "Cache-Control": "private, no-cache"}
+        if _matches(request, page.etag):
             return Response(status_code=304, headers=headers)
         if page.next:
             headers["Link"] = f'<{request.url.include_query_params(cursor=page.next)}>; rel="next"'
-        return Response(body, media_type="application/json", headers=headers)
+        return Response(page.body, media_type="application/json", headers=headers)
 
     @router.get("/me/observations/{observation_id}", response_model=MyObservation)
     async def my_observation(

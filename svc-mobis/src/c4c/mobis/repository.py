@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -11,7 +12,7 @@ from sqlalchemy import (
     BindParameter,
     ColumnElement,
     Dialect,
-    RowMapping,
+    Row,
     Select,
     Text,
     and_,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     delete,
     false,
     func,
+    insert,
     select,
     update,
 )
@@ -59,6 +61,21 @@ AS_TEXT = frozenset({"summary", "flags", "suggestions"})
 
 StoredMark = tuple[str, int, datetime]
 """A media stored in ingest: its id, size, and when."""
+
+
+@dataclass(slots=True)
+class EventState:
+    """What events change of an owned observation (see ``Observations.apply_events``), as
+    the events of a batch leave it."""
+
+    id: str
+    user_id: str | None
+    version: int
+    scored_at: datetime | None
+    identified_at: datetime | None
+
+
+EVENT_STATE = tuple(f.name for f in fields(EventState))
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -322,6 +339,36 @@ class Repository:
         )
         return {row.id: row for row in result.scalars()}
 
+    async def event_states(self, ids: Sequence[str]) -> dict[str, EventState]:
+        """What events change of these observations, as plain values, locked until the
+        transaction ends."""
+        if not ids:
+            return {}
+        table = OwnedObservationRow.__table__
+        result = await self.session.execute(
+            select(*(table.c[name] for name in EVENT_STATE))
+            .where(table.c.id.in_(ids))
+            .with_for_update()
+        )
+        return {row.id: EventState(*row) for row in result}
+
+    async def update_owned_many(self, changes: Mapping[str, Mapping[str, Any]]) -> None:
+        """Each observation's new values (by id): one UPDATE by primary key per set of
+        columns changed, run for every observation that changed those."""
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for observation_id, values in changes.items():
+            groups.setdefault(tuple(sorted(values)), []).append(
+                {"b_id": observation_id} | {f"b_{k}": v for k, v in values.items()}
+            )
+        connection = await self.session.connection()
+        for columns, params in groups.items():
+            statement = (
+                update(OwnedObservationRow)
+                .where(OwnedObservationRow.id == bindparam("b_id"))
+                .values({c: bindparam(f"b_{c}") for c in columns})
+            )
+            await connection.execute(statement, params)
+
     async def owned_locked(self, ids: Sequence[str]) -> dict[str, OwnedObservationRow]:
         """The rows, locked until the transaction ends (events change them)."""
         if not ids:
@@ -409,10 +456,11 @@ class Repository:
 
     async def page_of(
         self, user_id: str, *, before: int | None, limit: int, only: str | None = None
-    ) -> list[RowMapping]:
+    ) -> list[Row[Any]]:
         """The user's observations, newest first, with ``seq`` below ``before`` (or just
-        ``only``), as plain rows: apps poll their list, and ORM objects cost most of a page.
-        The JSON columns (``AS_TEXT``) come as their text, decoded only where needed."""
+        ``only``), as plain rows (tuples, hashable, named): apps poll their list, and ORM
+        objects, even mappings, cost most of a page. The JSON columns (``AS_TEXT``) come as
+        their text, decoded only where needed."""
         table = OwnedObservationRow.__table__
         columns = [
             cast(table.c[name], Text).label(name) if name in AS_TEXT else table.c[name]
@@ -424,7 +472,7 @@ class Repository:
         if only is not None:
             query = query.where(table.c.id == only)
         query = query.order_by(table.c.seq.desc()).limit(limit)
-        return list((await self.session.execute(query)).mappings())
+        return list((await self.session.execute(query)).all())
 
     async def disown(self, user_id: str, pseudonym: str) -> int:
         """Hand the user's observations over to pseudonymisation; how many there were."""
@@ -470,18 +518,18 @@ class Repository:
         )
         return set((await self.session.execute(statement, list(rows))).scalars())
 
-    async def media_of(self, observation_ids: Sequence[str]) -> dict[str, list[RowMapping]]:
+    async def media_of(self, observation_ids: Sequence[str]) -> dict[str, list[Row[Any]]]:
         """The media announced for each observation, as plain rows (read only: pages of "my
-        observations" show them)."""
-        found: dict[str, list[RowMapping]] = {i: [] for i in observation_ids}
+        observations" show them; see :meth:`page_of`)."""
+        found: dict[str, list[Row[Any]]] = {i: [] for i in observation_ids}
         if not observation_ids:
             return found
         table = ExpectedMediaRow.__table__
         result = await self.session.execute(
             select(table).where(table.c.observation_id.in_(observation_ids)).order_by(table.c.id)
         )
-        for row in result.mappings():
-            found[row["observation_id"]].append(row)
+        for row in result.all():
+            found[row.observation_id].append(row)
         return found
 
     async def media(self, media_ids: Sequence[str]) -> dict[str, ExpectedMediaRow]:
@@ -528,8 +576,11 @@ class Repository:
 
     # --- notifications ----------------------------------------------------------------------
 
-    def add_notifications(self, rows: Sequence[NotificationRow]) -> None:
-        self.session.add_all(rows)
+    async def add_notifications(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Notifications, given as their columns' values, in one statement."""
+        if rows:
+            connection = await self.session.connection()
+            await connection.execute(insert(NotificationRow), list(rows))
 
     async def notifications(self, user_id: str, *, after: int, limit: int) -> list[NotificationRow]:
         result = await self.session.execute(

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from sqlalchemy import Row
 
 from c4c.mobis import metrics
-from c4c.mobis.models import ExpectedMediaRow, NotificationRow, OwnedObservationRow, UserRow
+from c4c.mobis.models import ExpectedMediaRow, OwnedObservationRow, UserRow
 from c4c.mobis.remote import Ingest, UpstreamRefused
 from c4c.mobis.repository import Repository, StoredMark, utc
 from c4c.mobis.schemas import (
@@ -31,7 +32,6 @@ from c4c.mobis.schemas import (
     MediaState,
     MissingMedia,
     MyObservation,
-    MyObservationPage,
     ObservationIdentified,
     ObservationScored,
     ObservationUpdated,
@@ -55,6 +55,8 @@ log = logging.getLogger("c4c.mobis.observations")
 READ_CHUNK = 1 << 16
 SHOWN_ITEMS = 5000
 """Items of "my observations" kept rendered: ten full pages."""
+SHOWN_PAGES = 32
+"""Pages of "my observations" kept whole (up to 500 items each: about 350 kB)."""
 
 
 class ObservationNotFound(NotFound):
@@ -211,26 +213,79 @@ class ContentRange:
         return parsed
 
 
+@dataclass(frozen=True)
+class RenderedPage:
+    """A page of "my observations" as sent: its JSON and its (weak) entity tag."""
+
+    body: bytes
+    etag: str
+    next: str | None
+
+
 class ShownItems:
-    """The items of "my observations" shown lately, by everything shown of them: apps poll
-    their list, and between two polls few of its items change, while decoding, checking
-    and advising on each cost most of a page. Whatever changes in a row or its media
-    makes another key, so an item is never shown stale; the least recently shown go."""
+    """The items of "my observations" shown lately, as JSON, by everything shown of them
+    (their rows as tuples): apps poll their list, and between two polls few of its items
+    change, while decoding, checking, advising on and serialising each cost most of a page.
+    Whatever changes in a row or its media makes another key, so an item is never shown
+    stale; the least recently shown go. The last pages are kept whole too, by the keys of
+    their items: an unchanged page is answered from the bytes and tag it had. Only bytes and
+    tuples are kept, no models: the garbage collector would walk them at every full pass."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, pages: int = SHOWN_PAGES) -> None:
         self.size = size
-        self._items: OrderedDict[Hashable, MyObservation] = OrderedDict()
+        self.pages = pages
+        self._items: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._pages: OrderedDict[Hashable, RenderedPage] = OrderedDict()
 
-    def item(self, row: Plain, media: Sequence[Plain]) -> MyObservation:
-        key = (tuple(row.values()), tuple(tuple(m.values()) for m in media))
-        item = self._items.get(key)
-        if item is None:
-            item = self._items[key] = MyObservation.model_validate(my_observation(row, media))
-            if len(self._items) > self.size:
+    def page(
+        self,
+        rows: Sequence[Row[Any]],
+        media: Mapping[str, Sequence[Row[Any]]],
+        next_cursor: str | None,
+    ) -> RenderedPage:
+        """The page of ``rows`` (with their ``media``, by observation id), ``next_cursor``
+        leading on; byte for byte what ``MyObservationPage.model_dump_json`` gives."""
+        keys = [_key(row, media[row.id]) for row in rows]
+        page_key = (tuple(keys), next_cursor)
+        page = self._pages.pop(page_key, None)
+        if page is None:
+            items = b",".join(
+                self._rendered(key, row, media[row.id]) for key, row in zip(keys, rows, strict=True)
+            )
+            body = b'{"items":[%s],"next":%s}' % (items, json.dumps(next_cursor).encode())
+            page = RenderedPage(body, _weak_etag(body), next_cursor)
+            if len(self._pages) >= self.pages:
+                self._pages.popitem(last=False)
+        self._pages[page_key] = page  # the most recently shown last
+        return page
+
+    def rendered(self, row: Row[Any], media: Sequence[Row[Any]]) -> bytes:
+        """One item's JSON, as a page shows it."""
+        return self._rendered(_key(row, media), row, media)
+
+    def _rendered(self, key: Hashable, row: Row[Any], media: Sequence[Row[Any]]) -> bytes:
+        shown = self._items.pop(key, None)
+        if shown is None:
+            shown = shown_item(row, media).model_dump_json().encode()
+            if len(self._items) >= self.size:
                 self._items.popitem(last=False)
-        else:
-            self._items.move_to_end(key)
-        return item
+        self._items[key] = shown
+        return shown
+
+
+def shown_item(row: Row[Any], media: Sequence[Row[Any]]) -> MyObservation:
+    """An item of "my observations", from the rows of :meth:`Repository.page_of` and
+    :meth:`Repository.media_of`."""
+    return MyObservation.model_validate(my_observation(row._mapping, [m._mapping for m in media]))
+
+
+def _key(row: Row[Any], media: Sequence[Row[Any]]) -> Hashable:
+    """Everything shown of an item, as plain tuples (compared in C; rows compare in Python)."""
+    return tuple(row), tuple(tuple(m) for m in media)
+
+
+def _weak_etag(content: bytes) -> str:
+    return f'W/"{hashlib.sha256(content).hexdigest()[:32]}"'
 
 
 class StoredMarks:
@@ -316,9 +371,7 @@ class Observations:
             elif row is not None and not row.confirmed:
                 creates.append((index, item, digest))  # an earlier attempt did not finish
             elif row is not None and row.body_hash == digest:
-                missing = [
-                    m["id"] for m in media_of.get(observation_id, []) if m["stored_at"] is None
-                ]
+                missing = [m.id for m in media_of.get(observation_id, []) if m.stored_at is None]
                 outcomes[index] = SyncOutcome(
                     index=index,
                     id=observation_id,
@@ -492,7 +545,7 @@ class Observations:
         version = int(answer.observation["version"])
         async with self.units() as repo:
             known = await repo.media_of([observation_id])
-            have = {m["id"] for m in known[observation_id]}
+            have = {m.id for m in known[observation_id]}
             new_media = [_media_row(observation_id, m) for m in item.media if str(m.id) not in have]
             await repo.add_media(new_media)
             await repo.update_owned(
@@ -504,7 +557,7 @@ class Observations:
                     "updated_at": datetime.now(UTC),
                 },
             )
-            missing = [m["id"] for m in known[observation_id] if m["stored_at"] is None]
+            missing = [m.id for m in known[observation_id] if m.stored_at is None]
         return SyncOutcome(
             index=index,
             id=observation_id,
@@ -515,17 +568,14 @@ class Observations:
 
     # --- my observations -------------------------------------------------------------------
 
-    async def mine(self, user: UserRow, cursor: str | None, limit: int | None) -> MyObservationPage:
+    async def mine(self, user: UserRow, cursor: str | None, limit: int | None) -> RenderedPage:
         size = min(limit or self.settings.page_size, 500)
         before = decode_cursor(cursor) if cursor else None
         async with self.reads() as repo:
             rows = await repo.page_of(user.id, before=before, limit=size + 1)
             more, rows = len(rows) > size, rows[:size]
-            media = await repo.media_of([r["id"] for r in rows])
-        return MyObservationPage(
-            items=[self.shown.item(r, media[r["id"]]) for r in rows],
-            next=encode_cursor(rows[-1]["seq"]) if more and rows else None,
-        )
+            media = await repo.media_of([r.id for r in rows])
+        return self.shown.page(rows, media, encode_cursor(rows[-1].seq) if more and rows else None)
 
     async def one(self, user: UserRow, observation_id: str) -> MyObservation:
         async with self.reads() as repo:
@@ -533,7 +583,7 @@ class Observations:
             if not rows:
                 raise ObservationNotFound(f"You have no observation {observation_id}.")
             media = await repo.media_of([observation_id])
-        return MyObservation.model_validate(my_observation(rows[0], media[observation_id]))
+        return shown_item(rows[0], media[observation_id])
 
     # --- media -----------------------------------------------------------------------------
 
@@ -621,19 +671,23 @@ class Observations:
         repo: Repository, changes: Sequence[tuple[StateChange, datetime]]
     ) -> set[str]:
         """What events told of the users' observations (scores, identifications, new
-        versions), in the order they came, with one read and one write for them all: the
-        state on each observation and a notification per score or identification; the
-        owners to tell."""
-        rows = await repo.owned_locked(sorted({_subject(change) for change, _ in changes}))
-        notifications: list[NotificationRow] = []
+        versions), in the order they came, with one read and a few statements for them all
+        (plain rows, no ORM objects: every observation brings three events): the state on
+        each observation and a notification per score or identification; the owners to
+        tell."""
+        rows = await repo.event_states(sorted({_subject(change) for change, _ in changes}))
+        changed: dict[str, dict[str, Any]] = {}
+        notifications: list[dict[str, Any]] = []
         owners: set[str] = set()
         now = datetime.now(UTC)
         for change, when in changes:
             row = rows.get(_subject(change))
             if row is None:
                 continue
+            values = changed.setdefault(row.id, {})
             if isinstance(change, ObservationUpdated):
-                row.version = max(row.version, change.version)
+                if change.version > row.version:
+                    row.version = values["version"] = change.version
                 continue
             if row.user_id is None:
                 continue
@@ -641,14 +695,14 @@ class Observations:
                 if (utc(row.scored_at) or when) > when:
                     continue  # an older assessment, late
                 flags = [f.model_dump(exclude_none=True) for f in change.flags]
-                row.score, row.grade, row.flags = change.score, change.grade, flags
-                row.scored_at = when
+                values |= {"score": change.score, "grade": change.grade, "flags": flags}
+                row.scored_at = values["scored_at"] = when
                 data: dict[str, Any] = {
                     "score": change.score,
                     "grade": change.grade,
                     "tips": tips(flags),
                 }
-                notifications.append(_notification(row, "scored", data, when))
+                kind = "scored"
             else:
                 if (utc(row.identified_at) or when) > when:
                     continue
@@ -657,13 +711,23 @@ class Observations:
                     if change.rejected
                     else [c.model_dump(exclude_none=True) for c in change.candidates]
                 )
-                row.suggestions, row.identification_rejected = suggestions, change.rejected
-                row.identified_at = when
+                values |= {"suggestions": suggestions, "identification_rejected": change.rejected}
+                row.identified_at = values["identified_at"] = when
                 data = {"rejected": change.rejected, "suggestions": suggestions[:5]}
-                notifications.append(_notification(row, "identified", data, when))
-            row.updated_at = now
+                kind = "identified"
+            values["updated_at"] = now
+            notifications.append(
+                {
+                    "user_id": row.user_id,
+                    "observation_id": row.id,
+                    "kind": kind,
+                    "data": data,
+                    "created_at": when,
+                }
+            )
             owners.add(row.user_id)
-        repo.add_notifications(notifications)
+        await repo.update_owned_many({i: v for i, v in changed.items() if v})
+        await repo.add_notifications(notifications)
         return owners
 
     # --- reservations a sync left --------------------------------------------------------
@@ -717,7 +781,7 @@ class Observations:
                 async with self.units() as repo:
                     await repo.forget_observation(row.id)
                 for m in media[row.id]:
-                    self._part(m["id"]).unlink(missing_ok=True)
+                    self._part(m.id).unlink(missing_ok=True)
                 done += 1
         return done > 0
 
@@ -766,15 +830,6 @@ def _fields(media: ExpectedMediaRow) -> dict[str, Any]:
 
 def _subject(change: StateChange) -> str:
     return change.id if isinstance(change, ObservationUpdated) else change.observation_id
-
-
-def _notification(
-    row: OwnedObservationRow, kind: str, data: dict[str, Any], when: datetime
-) -> NotificationRow:
-    assert row.user_id is not None
-    return NotificationRow(
-        user_id=row.user_id, observation_id=row.id, kind=kind, data=data, created_at=when
-    )
 
 
 async def _append(path: Path, offset: int, length: int, chunks: AsyncIterator[bytes]) -> int:
