@@ -245,7 +245,7 @@ async def test_prometheus_scrapes_every_component_up(
     async def all_up() -> bool:
         nonlocal targets
         running.check_alive()
-        with contextlib.suppress(httpx.TransportError):
+        with contextlib.suppress(httpx.TransportError, PrometheusStarting):
             targets = (await prometheus_api(running, "targets"))["activeTargets"]
         return bool(targets) and all(t["health"] == "up" for t in targets)
 
