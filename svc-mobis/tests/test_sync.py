@@ -327,6 +327,7 @@ async def test_an_observation_ingest_has_from_another_client_is_nobodys_to_claim
 
 
 async def test_forget_me_pseudonymises_observations_in_ingest(
+    app: FastAPI,
     anonymous: httpx.AsyncClient,
     signed_up: Any,
     observation: Observation,
@@ -350,6 +351,20 @@ async def test_forget_me_pseudonymises_observations_in_ingest(
     kept = (await ingest_client.get(url)).json()
     assert kept["license"] == "CC-BY"
     assert "olga" not in str(kept)
+
+    async def forgotten_here() -> bool:
+        async with app.state.runtime.db.sessions() as session:
+            return not await Repository(session).awaiting_pseudonym(10)
+
+    await eventually(forgotten_here, timeout=10)
+    # Someone with her old display name sends her public observation, id and body: it is
+    # exactly what MOBIS sent for her, and still nobody's to claim.
+    _, mallory = await signed_up("olga.personal.name@elsewhere.example")
+    answer = await anonymous.post("/mobis/v1/sync", json={"observations": [new]}, headers=mallory)
+    outcome = answer.json()["items"][0]
+    assert (outcome["status"], outcome["problem"]["status"]) == ("error", 409)
+    mine = await anonymous.get(f"/mobis/v1/me/observations/{new['id']}", headers=mallory)
+    assert mine.status_code == 404
 
 
 async def test_bad_sync_requests_are_problems(

@@ -486,18 +486,25 @@ class Repository:
     async def awaiting_pseudonym(self, limit: int) -> list[OwnedObservationRow]:
         result = await self.session.execute(
             select(OwnedObservationRow)
-            .where(OwnedObservationRow.user_id.is_(None))
+            .where(
+                OwnedObservationRow.user_id.is_(None), OwnedObservationRow.pseudonym.is_not(None)
+            )
             .order_by(OwnedObservationRow.seq)
             .limit(limit)
         )
         return list(result.scalars())
 
     async def forget_observation(self, observation_id: str) -> None:
+        """Keep of a pseudonymised observation only that its id is nobody's to claim: ingest
+        still has it, and a sync of that id and body by anyone would otherwise be taken for
+        its creator's retry (MOBIS creates every user's observations as one client)."""
         await self.session.execute(
             delete(ExpectedMediaRow).where(ExpectedMediaRow.observation_id == observation_id)
         )
         await self.session.execute(
-            delete(OwnedObservationRow).where(OwnedObservationRow.id == observation_id)
+            update(OwnedObservationRow)
+            .where(OwnedObservationRow.id == observation_id)
+            .values(pseudonym=None, body_hash="", summary={})
         )
 
     # --- expected media ---------------------------------------------------------------------

@@ -769,9 +769,9 @@ class Observations:
 
     async def pseudonymise_pending(self, batch: int = 50) -> bool:
         """Replace the deleted users' names on their observations in ingest, then forget
-        the observations here; whether any was done, and so more may be left (failures stay
-        for the next round). It resumes after a restart: the pending ones are in the
-        database."""
+        the observations here (all but their ids); whether any was done, and so more may be
+        left (failures stay for the next round). It resumes after a restart: the pending
+        ones are in the database."""
         async with self.units() as repo:
             rows = await repo.awaiting_pseudonym(batch)
             media = await repo.media_of([r.id for r in rows])
