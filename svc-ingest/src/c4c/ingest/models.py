@@ -24,9 +24,8 @@ class ObservationRow(IngestBase):
     occurrence_id: Mapped[str] = mapped_column(String(500))
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     body_hash: Mapped[str] = mapped_column(String(64))
-    # Who created it (see ``service.creator_of``): only they may retry it. None: stored
-    # before this was recorded.
-    created_by: Mapped[str | None] = mapped_column(String(300))
+    # Who created it (see ``service.creator_of``): only they may retry it.
+    created_by: Mapped[str] = mapped_column(String(300))
     dataset_id: Mapped[str] = mapped_column(String(200), index=True)
     recorded_by: Mapped[str] = mapped_column(String(200), index=True)
     event_date: Mapped[str] = mapped_column(String(80))

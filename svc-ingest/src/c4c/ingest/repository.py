@@ -70,7 +70,7 @@ class Known:
     id: str
     body_hash: str
     deleted: bool
-    created_by: str | None
+    created_by: str
 
 
 @dataclass(frozen=True)

@@ -351,12 +351,10 @@ def creator_of(principal: Principal | None) -> str:
 
 
 def _replay_or_conflict(prior: Known, digest: str, what: str, creator: str) -> None:
-    if prior.created_by is not None and prior.created_by != creator:
-        # Not a replay: answering one would tell a stranger the observation is theirs.
-        raise IdempotencyConflict(
-            f"Observation {prior.id} ({what}) was created by another client.",
-            observation_id=prior.id,
-        )
+    if prior.created_by != creator:
+        # Not a replay: answering one would tell a stranger the observation is theirs; nor
+        # does it name the observation, whose id a stranger's key would otherwise reveal.
+        raise IdempotencyConflict(f"An observation with {what} was created by another client.")
     if prior.deleted:
         raise IdempotencyConflict(
             f"Observation {prior.id} ({what}) was deleted.", observation_id=prior.id
