@@ -4,13 +4,14 @@ shared tables migrated at start-up — idempotently, and safely when replicas st
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 import pytest
-from sqlalchemy import delete, func, inspect, select, text
+from sqlalchemy import delete, event, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from c4c.shared import outbox as outbox_module
@@ -174,6 +175,52 @@ async def test_sqlite_a_connection_back_in_the_pool_with_a_transaction_open_is_r
     async with sqlite_db.engine.connect() as conn:
         assert (await conn.get_raw_connection()).driver_connection is driver
         assert not driver.in_transaction  # else it would hold the write lock for good
+
+
+async def test_sqlite_a_transaction_cancelled_while_it_begins_goes_back_to_the_pool_ended(
+    sqlite_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cancelled await (a client gone) does not stop aiosqlite's thread: the BEGIN runs
+    # there after the connection is back in the pool, and the next transaction on it fails
+    # with "cannot start a transaction within a transaction".
+    await sqlite_db.migrate([])
+    async with sqlite_db.engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection  # the pool's only one
+    beginning, resetting = asyncio.Event(), asyncio.Event()
+    execute_fetchall = driver.execute_fetchall
+
+    def sent(statement: str, *args: object) -> object:
+        if statement.startswith("BEGIN"):
+            beginning.set()
+        return execute_fetchall(statement, *args)
+
+    monkeypatch.setattr(driver, "execute_fetchall", sent)
+    event.listen(
+        sqlite_db.engine.sync_engine.pool, "reset", lambda *_: resetting.set(), insert=True
+    )
+    # Another connection holds the write lock: the session's BEGIN IMMEDIATE waits for it on
+    # aiosqlite's thread, still to run, until the lock is released.
+    lock_holder = sqlite3.connect(tmp_path / "nested" / "dir" / "demo.db", isolation_level=None)
+    try:
+        lock_holder.execute("BEGIN IMMEDIATE")
+
+        async def write() -> None:
+            async with sqlite_db.sessions() as session, session.begin():
+                await session.execute(text("SELECT 1"))
+
+        writing = asyncio.create_task(write())
+        await asyncio.wait_for(beginning.wait(), timeout=5)  # its BEGIN is on the thread
+        writing.cancel()
+        await asyncio.wait_for(resetting.wait(), timeout=5)  # on its way back to the pool
+        lock_holder.execute("COMMIT")  # the cancelled BEGIN runs now
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(writing, timeout=5)
+    finally:
+        lock_holder.close()
+    async with sqlite_db.sessions() as session, session.begin():
+        assert await session.scalar(text("SELECT 1")) == 1
+    async with sqlite_db.engine.connect() as conn:
+        assert not (await conn.get_raw_connection()).driver_connection.in_transaction
 
 
 async def test_sqlite_statements_straight_on_the_driver_fail_with_sqlalchemy_errors(

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase
-from sqlalchemy.pool import PoolResetState
+from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 from sqlalchemy.util import await_only
 
 log = logging.getLogger("c4c.db")
@@ -48,6 +48,9 @@ Utc = Annotated[datetime, AfterValidator(as_utc)]
 
 READERS = 4
 """Connections a SQLite database keeps for read-only sessions."""
+
+_BEGIN_UNSETTLED = "c4c.sqlite_begin_unsettled"
+"""Key in a pooled SQLite connection's info: its last BEGIN was sent, its outcome not seen."""
 
 
 class InfraBase(DeclarativeBase):
@@ -168,7 +171,13 @@ def _begin(conn: Connection, statement: str) -> None:
     # through the adapter takes three. The cursor lives and dies on that thread, within the
     # trip: none is left to the garbage collector to outlive its connection.
     driver: Any = conn.connection.driver_connection  # aiosqlite's, for a connection in use
-    await_only(driver.execute_fetchall(statement))
+    try:
+        await_only(driver.execute_fetchall(statement))
+    except BaseException:
+        # Cancelled (a client gone) or failed: the BEGIN may still run on aiosqlite's thread,
+        # after the connection is back in the pool, where no transaction shows yet.
+        conn.connection.info[_BEGIN_UNSETTLED] = True
+        raise
 
 
 async def sqlite_execute(
@@ -210,11 +219,18 @@ def sqlite_values(
     return values
 
 
-def _sqlite_on_reset(dbapi_connection: Any, _: Any, state: PoolResetState) -> None:
+def _sqlite_on_reset(
+    dbapi_connection: Any, record: ConnectionPoolEntry | None, state: PoolResetState
+) -> None:
     # The pool's own reset (``pool_reset_on_return``, off for SQLite) rolls back every
     # connection it takes back, most of them just committed: a trip to aiosqlite's thread
-    # each for nothing. SQLite tells without a trip whether a transaction is open.
-    if state.asyncio_safe and dbapi_connection.driver_connection.in_transaction:
+    # each for nothing. SQLite tells without a trip whether a transaction is open, unless
+    # a BEGIN is still queued on that thread (see _begin): the rollback, queued behind it,
+    # ends the transaction it opens.
+    begin_unsettled = record is not None and record.info.pop(_BEGIN_UNSETTLED, False)
+    if state.asyncio_safe and (
+        begin_unsettled or dbapi_connection.driver_connection.in_transaction
+    ):
         dbapi_connection.rollback()
 
 
