@@ -356,3 +356,29 @@ async def test_metrics_count_requests_upstream_calls_and_refusals(
     assert grew("c4c_gateway_upstream_requests_total", outcome="418") == 1
     assert grew("c4c_gateway_upstream_duration_seconds_count") == 1
     assert grew("c4c_gateway_auth_refused_total", route="/echo", reason="unauthorized") == 1
+
+
+async def test_refusals_under_plantnets_api_are_in_its_shape(
+    open_gateway: Callable[..., Any], echo_url: str, assert_problem: Callable[..., Any]
+) -> None:
+    # A Pl@ntNet client pointed at the suite reads {statusCode, error, message}, as plantid
+    # itself answers; everywhere else a refusal stays a problem document.
+    upstreams = {"/v2": [echo_url], "/echo": [echo_url]}
+    async with open_gateway(upstreams=upstreams) as (app, client):
+        _, narrow = await app.state.proxy.identity.keys.create("echo only", ["echo"])
+        del client.headers["X-API-Key"]
+        unknown = await client.post("/v2/identify/flora?api-key=c4c_made-up")
+        missing = await client.post("/v2/identify/flora")
+        forbidden = await client.get("/v2/projects", headers={"X-API-Key": narrow})
+        elsewhere = await client.get("/echo/x")
+    for response in (unknown, missing):
+        assert response.status_code == 401
+        assert response.json() == {
+            "statusCode": 401,
+            "error": "Unauthorized",
+            "message": "Invalid API key",
+        }
+    assert forbidden.status_code == 403
+    assert forbidden.json()["statusCode"] == 403
+    assert set(forbidden.json()) == {"statusCode", "error", "message"}
+    assert_problem(elsewhere, 401)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from http import HTTPStatus
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import NoReturn
 from urllib.parse import unquote_plus
@@ -23,7 +24,7 @@ from urllib.parse import unquote_plus
 from starlette.background import BackgroundTask
 from starlette.datastructures import URL, Headers
 from starlette.requests import ClientDisconnect
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -99,6 +100,20 @@ class GatewayTimeout(ProblemError):
 
 class TooManyRequests(ProblemError):
     status, code, title = 429, "rate-limited", "Too Many Requests"
+
+
+PLANTNET_PREFIX = "/v2"
+"""Pl@ntNet's API, which plantid serves: its clients read errors in Pl@ntNet's shape."""
+
+
+def _refusal(exc: ProblemError, path: str) -> Response:
+    """The gateway's own refusal: a problem document, or under Pl@ntNet's API the shape its
+    clients read (``statusCode``, ``error``, ``message``), as plantid itself answers."""
+    if path != PLANTNET_PREFIX and not path.startswith(PLANTNET_PREFIX + "/"):
+        return exc.to_response(instance=path)
+    message = "Invalid API key" if isinstance(exc, Unauthorized) else str(exc.detail)
+    body = {"statusCode": exc.status, "error": HTTPStatus(exc.status).phrase, "message": message}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
 def _hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -247,8 +262,7 @@ class Proxy:
         try:
             upstream, head, content = await self._answer(scope, receive)
         except ProblemError as exc:
-            response = exc.to_response(instance=URL(scope=scope).path)
-            await response(scope, receive, send)
+            await _refusal(exc, URL(scope=scope).path)(scope, receive, send)
             return
         if content is not None:
             await send({"type": "http.response.start", "status": upstream.status, "headers": head})
