@@ -20,7 +20,12 @@ from c4c.shared.app import ServiceRuntime, create_service_app
 from c4c.shared.bus import CloudEvent
 from c4c.shared.db import SessionDep
 from c4c.shared.http import BodyLimitMiddleware
-from c4c.shared.problems import PROBLEM_MEDIA_TYPE, Conflict, problem_response
+from c4c.shared.problems import (
+    PROBLEM_MEDIA_TYPE,
+    Conflict,
+    problem_response,
+    validation_errors,
+)
 from c4c.shared.settings import ServiceSettings
 
 LIMIT = 1024
@@ -189,6 +194,19 @@ async def test_malformed_json_is_a_422_problem_saying_so(client: httpx.AsyncClie
     [error] = body["errors"]
     assert error["code"] == "json_invalid"
     assert "JSON" in error["detail"]
+
+
+def test_invalid_json_names_its_offset_only_when_known() -> None:
+    # pydantic's own JSON parsing (model_validate_json) gives no offset, only its message.
+    errors = [
+        {"type": "json_invalid", "loc": ("body", 16), "msg": "Expecting value"},
+        {"type": "json_invalid", "loc": ("body",), "msg": "Invalid JSON: EOF at column 18"},
+    ]
+    details = [e["detail"] for e in validation_errors(errors)]
+    assert details == [
+        "The body is not valid JSON (Expecting value) at character 16.",
+        "The body is not valid JSON (Invalid JSON: EOF at column 18).",
+    ]
 
 
 async def test_malformed_json_does_not_point_at_a_field(client: httpx.AsyncClient) -> None:

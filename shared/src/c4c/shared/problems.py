@@ -149,8 +149,8 @@ def validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
                     "field": None,
                     "in": "body",
                     "pointer": "",
-                    "detail": f"The body is not valid JSON ({err.get('msg', 'invalid')}) "
-                    f"at character {loc[-1] if len(loc) > 1 else '?'}.",
+                    "detail": f"The body is not valid JSON ({err.get('msg', 'invalid')})"
+                    + (f" at character {loc[-1]}." if len(loc) > 1 else "."),
                     "code": "json_invalid",
                 }
             )
