@@ -1,5 +1,6 @@
 """Where a setting comes from: init kwargs, then the service's own section
-(``C4C_<SERVICE>_*``), then the suite-wide name (``C4C_*``), then ``.env``, then defaults."""
+(``C4C_<SERVICE>_*``), then the suite-wide name (``C4C_*``), then ``.env`` (the same two
+names, in the same order), then defaults."""
 
 from __future__ import annotations
 
@@ -96,6 +97,21 @@ def test_env_file_comes_after_the_environment(
     monkeypatch.setenv("C4C_DATABASE_URL", "postgresql+asyncpg://environment/db")
     assert DemoSettings().database_url == "postgresql+asyncpg://environment/db"
     assert DemoSettings().bus_exchange == "from.dotenv"
+
+
+def test_env_file_takes_service_sections_too(
+    monkeypatch: pytest.MonkeyPatch, clean_environment: Path
+) -> None:
+    (clean_environment / ".env").write_text(
+        "C4C_DEMO_PORT=8699\nC4C_PORT=8600\nC4C_BUS_PREFETCH=8\nC4C_DEMO_BUS_PREFETCH=16\n"
+        "C4C_OTHER_LOG_LEVEL=DEBUG\n"
+    )
+    settings = DemoSettings()
+    assert (settings.port, settings.bus_prefetch) == (8699, 16)
+    assert settings.log_level == "INFO"  # another service's section
+
+    monkeypatch.setenv("C4C_BUS_PREFETCH", "32")  # the environment beats the file
+    assert DemoSettings().bus_prefetch == 32
 
 
 @pytest.mark.parametrize(

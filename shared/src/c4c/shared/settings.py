@@ -2,8 +2,9 @@
 
 Each service subclasses :class:`ServiceSettings` and names itself with ``service_name``.
 A value is looked up first under the service's own section (``C4C_INGEST_DATABASE_URL``),
-then under the suite-wide name (``C4C_DATABASE_URL``), then in ``.env``; the defaults give
-the embedded mode: SQLite files and media under ``./data``, the in-process bus.
+then under the suite-wide name (``C4C_DATABASE_URL``), then in ``.env`` under the same two
+names in the same order; the defaults give the embedded mode: SQLite files and media under
+``./data``, the in-process bus.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -135,6 +137,7 @@ class ServiceSettings(BaseSettings):
             init_settings,
             EnvSettingsSource(settings_cls, env_prefix=section),
             env_settings,
+            DotEnvSettingsSource(settings_cls, env_prefix=section),
             dotenv_settings,
             file_secret_settings,
         )
