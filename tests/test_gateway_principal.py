@@ -1,9 +1,12 @@
 """A service trusts only the gateway: with ``require_principal`` it refuses calls without
 the gateway's signed principal (health and docs excepted), and it reads the caller from it.
-Embedded behind the gateway, every service gets the principal through the same secret."""
+Embedded behind the gateway, every service gets the principal through the same secret. Run
+alone, a service given ``api_keys`` checks them itself."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -13,11 +16,13 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
+from starlette.responses import JSONResponse, Response
 
 from c4c.gateway.app import create_app
 from c4c.gateway.settings import GatewaySettings
 from c4c.shared.app import create_service_app
 from c4c.shared.auth import PRINCIPAL_MAX_AGE, Principal, PrincipalDep, sign_principal
+from c4c.shared.problems import ProblemError
 from c4c.shared.settings import ServiceSettings
 
 SECRET = "a-secret-the-gateway-and-services-share"
@@ -27,17 +32,35 @@ class DemoSettings(ServiceSettings):
     service_name: ClassVar[str] = "demo"
 
 
-def demo_app(tmp_path: Path, **overrides: Any) -> FastAPI:
+def demo_app(
+    tmp_path: Path, refusal_shapes: dict[str, Any] | None = None, **overrides: Any
+) -> FastAPI:
     router = APIRouter()
 
     @router.get("/demo/v1/whoami")
     async def whoami(principal: PrincipalDep) -> dict[str, Any]:
         return {"kind": principal.kind, "id": principal.id} if principal else {}
 
-    settings = DemoSettings(data_dir=tmp_path, principal_secret=SECRET, **overrides)
+    settings = DemoSettings(**{"data_dir": tmp_path, "principal_secret": SECRET} | overrides)
     return create_service_app(
-        settings, title="Demo", description="", version="0", prefixes=["/demo"], routers=[router]
+        settings,
+        title="Demo",
+        description="",
+        version="0",
+        prefixes=["/demo"],
+        routers=[router],
+        refusal_shapes=refusal_shapes,
     )
+
+
+@contextlib.asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://demo") as client,
+    ):
+        yield client
 
 
 @pytest.fixture
@@ -95,6 +118,66 @@ async def test_a_lenient_service_serves_anonymous_calls(tmp_path: Path) -> None:
         httpx.AsyncClient(transport=transport, base_url="http://demo") as client,
     ):
         assert (await client.get("/demo/v1/whoami")).json() == {}
+
+
+async def test_a_service_without_the_secret_refuses_the_gateways_principal(
+    tmp_path: Path,
+) -> None:
+    """A gateway in front that does not share its secret: its callers are refused, loudly,
+    rather than all taken for anonymous (whose retries would replay each other's creates)."""
+    header = {"X-C4C-Principal": sign_principal(ALICE, SECRET.encode())}
+    async with serving(demo_app(tmp_path, principal_secret=None)) as client:
+        refused = await client.get("/demo/v1/whoami", headers=header)
+        health = await client.get("/healthz", headers=header)
+        anonymous = await client.get("/demo/v1/whoami")
+    assert refused.status_code == 401
+    assert refused.json()["type"] == "urn:c4c:problem:invalid-principal"
+    assert "C4C_PRINCIPAL_SECRET" in refused.json()["detail"]
+    assert health.status_code == 200
+    assert anonymous.json() == {}
+
+
+KEYS = ["first-key-of-a-self-hosted-service", "second-key-of-a-self-hosted-service"]
+
+
+def key_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+async def test_a_service_run_alone_checks_its_own_api_keys(tmp_path: Path) -> None:
+    async with serving(demo_app(tmp_path, api_keys=KEYS)) as client:
+        for headers, params in [({}, {}), ({"X-API-Key": "wrong"}, {}), ({}, {"api-key": ""})]:
+            refused = await client.get("/demo/v1/whoami", headers=headers, params=params)
+            assert refused.status_code == 401, (headers, params)
+            assert refused.json()["type"] == "urn:c4c:problem:invalid-api-key"
+        by_header = await client.get("/demo/v1/whoami", headers={"X-API-Key": KEYS[0]})
+        by_query = await client.get("/demo/v1/whoami", params={"api-key": KEYS[1]})
+        through_gateway = await client.get(
+            "/demo/v1/whoami", headers={"X-C4C-Principal": sign_principal(ALICE, SECRET.encode())}
+        )
+        health = await client.get("/demo/healthz")
+    assert by_header.json() == {"kind": "api-key", "id": key_id(KEYS[0])}
+    assert by_query.json() == {"kind": "api-key", "id": key_id(KEYS[1])}
+    assert through_gateway.json() == {"kind": "user", "id": "alice"}
+    assert health.status_code == 200
+
+
+def legacy_shape(exc: ProblemError) -> Response:
+    return JSONResponse({"legacy": exc.status_code}, status_code=exc.status_code)
+
+
+async def test_middleware_refusals_take_the_shape_of_their_prefix(tmp_path: Path) -> None:
+    app = demo_app(
+        tmp_path, refusal_shapes={"/demo/legacy": legacy_shape}, api_keys=KEYS, max_body_bytes=10
+    )
+    key = {"X-API-Key": KEYS[0]}
+    async with serving(app) as client:
+        no_key = await client.get("/demo/legacy/identify")
+        too_large = await client.post("/demo/legacy/identify", content=b"x" * 11, headers=key)
+        elsewhere = await client.get("/demo/v1/whoami")
+    assert (no_key.status_code, no_key.json()) == (401, {"legacy": 401})
+    assert (too_large.status_code, too_large.json()) == (413, {"legacy": 413})
+    assert elsewhere.headers["content-type"] == "application/problem+json"
 
 
 async def test_embedded_services_requiring_it_get_it_through_the_gateway(

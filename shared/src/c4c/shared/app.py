@@ -33,6 +33,8 @@ from c4c.shared.logs import configure_logging
 from c4c.shared.metrics import metrics_endpoint
 from c4c.shared.outbox import Outbox
 from c4c.shared.problems import (
+    Refusals,
+    RefusalShape,
     document_problems,
     install_problem_handlers,
     problem_response,
@@ -242,6 +244,7 @@ def create_service_app(
     body_limits: Mapping[str, int] | None = None,
     docs: bool = True,
     accept_principal: bool = True,
+    refusal_shapes: Mapping[str, RefusalShape] | None = None,
 ) -> FastAPI:
     """A service's FastAPI app: its routers, under ``prefixes`` by convention, plus
     ``/healthz``, ``/readyz``, ``/metrics`` and the OpenAPI document at the root and under
@@ -250,8 +253,11 @@ def create_service_app(
     limits by path prefix) and the principal the gateway vouches for (see ``auth``).
 
     The gateway itself passes ``docs=False`` (it serves the merged documents) and
-    ``accept_principal=False`` (it makes principals, it does not receive them)."""
+    ``accept_principal=False`` (it makes principals, it does not receive them).
+    ``refusal_shapes``: the error shape, by path prefix, of what that middleware refuses
+    (see :class:`~c4c.shared.problems.Refusals`); problem documents elsewhere."""
     runtime = ServiceRuntime(settings, bus=bus, migrations=migrations, consumers=consumers)
+    refusals = Refusals(refusal_shapes)
     middleware = [
         Middleware(
             RequestContextMiddleware,
@@ -263,9 +269,18 @@ def create_service_app(
         operations = ["/healthz", "/readyz", "/metrics", "/openapi.json"]
         public = [*operations, "/docs", "/docs/oauth2-redirect", "/redoc"]
         public += [prefix + path for prefix in prefixes[:1] for path in operations]
-        middleware.append(Middleware(PrincipalMiddleware, settings=settings, public_paths=public))
+        middleware.append(
+            Middleware(
+                PrincipalMiddleware, settings=settings, public_paths=public, refusals=refusals
+            )
+        )
     middleware.append(
-        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, per_prefix=body_limits)
+        Middleware(
+            BodyLimitMiddleware,
+            max_bytes=settings.max_body_bytes,
+            per_prefix=body_limits,
+            refusals=refusals,
+        )
     )
     app = FastAPI(
         title=title,

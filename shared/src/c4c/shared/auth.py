@@ -4,8 +4,10 @@ The gateway authenticates a caller (API key or MOBIS token) and passes the resul
 ``X-C4C-Principal`` header, HMAC-signed with a secret it shares with the services. A
 service verifies it with :class:`PrincipalMiddleware` (every service app has it) and reads
 it with :data:`PrincipalDep`; with ``require_principal`` set it refuses every call that did
-not come through the gateway. API keys are high-entropy random strings, so a plain SHA-256
-of the key is a safe stored form (a slow password hash would only cost time per request).
+not come through the gateway. A service run alone (self-hosted, no gateway in front) checks
+API keys itself when given ``api_keys``. API keys are high-entropy random strings, so a
+plain SHA-256 of the key is a safe stored form (a slow password hash would only cost time
+per request).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, Request
+from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from c4c.shared.problems import ProblemError
+from c4c.shared.problems import ProblemError, Refusals
 from c4c.shared.settings import ServiceSettings
 
 PRINCIPAL_HEADER = "X-C4C-Principal"
@@ -59,6 +62,10 @@ class Principal:
 
 class InvalidPrincipal(ProblemError):
     status, code, title = 401, "invalid-principal", "Not called through the gateway"
+
+
+class InvalidApiKey(ProblemError):
+    status, code, title = 401, "invalid-api-key", "Invalid API key"
 
 
 def new_api_key() -> str:
@@ -150,8 +157,11 @@ def ensure_principal_secret(settings: ServiceSettings) -> bytes:
 
 class PrincipalMiddleware:
     """Verifies the gateway's principal header and keeps the principal in the request
-    state. A forged or stale header is refused (401); a missing one too when ``require``
-    is set, except on ``public_paths`` (health, metrics, docs)."""
+    state. A forged or stale header is refused (401), and so is any header when this service
+    has no secret to check it with (a gateway in front that does not share its secret: its
+    callers would all pass for anonymous). Without the header, a service given ``api_keys``
+    (run alone) takes one of them instead, and with ``require_principal`` refuses the call;
+    ``public_paths`` (health, metrics, docs) are open to all."""
 
     def __init__(
         self,
@@ -159,11 +169,14 @@ class PrincipalMiddleware:
         *,
         settings: ServiceSettings,
         public_paths: Collection[str] = (),
+        refusals: Refusals | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
         self.require = settings.require_principal
+        self.keys = [key.get_secret_value().encode() for key in settings.api_keys]
         self.public_paths = frozenset(public_paths)
+        self.refusals = refusals or Refusals()
         self._secret: bytes | None = None
 
     def _get_secret(self) -> bytes | None:
@@ -179,18 +192,37 @@ class PrincipalMiddleware:
             return
         header = PRINCIPAL_HEADER.lower().encode()
         value = next((v for k, v in scope["headers"] if k == header), None)
-        secret = self._get_secret() if value is not None or self.require else None
+        public = scope["path"] in self.public_paths
         principal: Principal | None = None
         try:
-            if value is not None and secret is not None:
-                principal = verify_principal(value.decode("latin-1"), secret)
-            elif self.require and scope["path"] not in self.public_paths:
+            if value is not None:
+                secret = self._get_secret()
+                if secret is not None:
+                    principal = verify_principal(value.decode("latin-1"), secret)
+                elif not public:
+                    raise InvalidPrincipal(
+                        f"This service has no secret to check the gateway's {PRINCIPAL_HEADER} "
+                        "with: give it the gateway's C4C_PRINCIPAL_SECRET."
+                    )
+            elif not public and self.keys:
+                principal = self._key_holder(scope)
+            elif self.require and not public:
                 raise InvalidPrincipal("Call this service through the gateway.")
-        except InvalidPrincipal as exc:
-            await exc.to_response(instance=scope["path"])(scope, receive, send)
+        except ProblemError as exc:
+            await self.refusals.response(exc, scope["path"])(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
+
+    def _key_holder(self, scope: Scope) -> Principal:
+        key = api_key_of(Headers(scope=scope), QueryParams(scope["query_string"]))
+        if key is None or not any(hmac.compare_digest(key.encode(), k) for k in self.keys):
+            raise InvalidApiKey(
+                f"Send one of this service's API keys ({API_KEY_HEADER} header or "
+                f"{API_KEY_QUERY} query parameter)."
+            )
+        # Named by its hash: ingest records it as the creator, plantid counts its quota.
+        return Principal("api-key", hash_api_key(key)[:32], scopes=frozenset({ALL_SCOPES}))
 
 
 def current_principal(request: Request) -> Principal | None:

@@ -10,7 +10,6 @@ import time
 from collections.abc import Mapping
 
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +19,8 @@ from c4c.shared.problems import (
     BadRequest,
     BodyTooLarge,
     LengthRequired,
+    ProblemError,
+    Refusals,
     problem_response,
     problem_type,
 )
@@ -147,10 +148,16 @@ class BodyLimitMiddleware:
     sets other limits under path prefixes (the longest matching prefix wins)."""
 
     def __init__(
-        self, app: ASGIApp, *, max_bytes: int, per_prefix: Mapping[str, int] | None = None
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        per_prefix: Mapping[str, int] | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.refusals = refusals or Refusals()
         self.per_prefix = sorted(
             (per_prefix or {}).items(), key=lambda item: len(item[0]), reverse=True
         )
@@ -168,20 +175,16 @@ class BodyLimitMiddleware:
         max_bytes = self._limit(scope["path"])
         length = _header(scope, b"content-length")
         chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
-        error: Response | None = None
+        error: ProblemError | None = None
         if length is not None:
             if not (length.isascii() and length.isdigit()):
-                error = problem_response(
-                    400, detail="Content-Length is not a number.", instance=scope.get("path")
-                )
+                error = BadRequest("Content-Length is not a number.")
             elif int(length) > max_bytes:
-                error = _too_large(max_bytes).to_response(instance=scope.get("path"))
+                error = _too_large(max_bytes)
         elif not chunked and scope["method"] in _BODY_METHODS:
-            error = LengthRequired("Send a Content-Length or a chunked body.").to_response(
-                instance=scope.get("path")
-            )
+            error = LengthRequired("Send a Content-Length or a chunked body.")
         if error is not None:
-            await error(scope, receive, send)
+            await self.refusals.response(error, scope["path"])(scope, receive, send)
             return
 
         received = 0
@@ -199,7 +202,7 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, send)
         except BodyTooLarge as exc:
             # Raised from receive() where no exception handler caught it (plain ASGI apps).
-            await exc.to_response(instance=scope.get("path"))(scope, receive, send)
+            await self.refusals.response(exc, scope["path"])(scope, receive, send)
 
 
 def _too_large(max_bytes: int) -> BodyTooLarge:

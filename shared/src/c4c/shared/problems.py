@@ -6,7 +6,7 @@ turn every error — ours, FastAPI's validation errors, Starlette's HTTP errors 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -59,6 +59,25 @@ class ProblemError(StarletteHTTPException):
             headers=self.headers,
             **self.extensions,
         )
+
+
+RefusalShape = Callable[[ProblemError], Response]
+"""Renders a refusal in the error shape of another API a service speaks under some prefix."""
+
+
+class Refusals:
+    """How the middleware a service shares (identity, body limits) answers a refusal: a
+    problem document, or under a path prefix of ``shapes`` that prefix's own error shape (a
+    Pl@ntNet client reads ``{statusCode, error, message}`` under ``/v2``)."""
+
+    def __init__(self, shapes: Mapping[str, RefusalShape] | None = None) -> None:
+        self.shapes = sorted((shapes or {}).items(), key=lambda item: len(item[0]), reverse=True)
+
+    def response(self, exc: ProblemError, path: str) -> Response:
+        for prefix, render in self.shapes:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return render(exc)
+        return exc.to_response(instance=path)
 
 
 class BadRequest(ProblemError):

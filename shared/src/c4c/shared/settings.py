@@ -82,6 +82,12 @@ class ServiceSettings(BaseSettings):
         "services verify it with; unset = the file <data_dir>/principal-secret, which the "
         "gateway creates.",
     )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="API keys this service accepts when run alone, without the gateway (JSON "
+        'list, e.g. ["a-long-random-key"]): a call must then send one (X-API-Key header or '
+        "api-key query parameter), except health, metrics and docs; empty = open to all.",
+    )
     require_principal: bool = Field(
         False,
         description="Refuse calls that did not come through the gateway (no valid "

@@ -8,7 +8,6 @@ Pl@ntNet (``{"statusCode", "error", "message"}``) so that Pl@ntNet clients read 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -27,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from c4c.plantid import schemas
-from c4c.plantid.errors import InvalidApiKey, InvalidQuery, SpeciesNotFound
+from c4c.plantid.errors import InvalidQuery, SpeciesNotFound
 from c4c.plantid.imports import SpeciesInfo
 from c4c.plantid.repository import Repository
 from c4c.plantid.service import (
@@ -40,8 +39,9 @@ from c4c.plantid.service import (
     rate_limit_headers,
 )
 from c4c.plantid.settings import PlantidSettings
-from c4c.shared.auth import api_key_of, current_principal
+from c4c.shared.auth import InvalidApiKey, current_principal
 from c4c.shared.db import SessionDep
+from c4c.shared.problems import ProblemError
 from c4c.shared.responses import FileResponse
 from c4c.shared.storage import BlobNotFound
 from c4c.shared.text import STORABLE
@@ -84,28 +84,20 @@ async def _service(session: SessionDep, request: Request) -> PlantidService:
 
 
 async def _caller(request: Request) -> str:
-    """Who is identifying (the quota's key): the principal the gateway vouched for, else the
-    API key — required when ``api_keys`` is set — else 'anonymous'. Async, as every
-    dependency of the identify route: FastAPI runs a plain function in a worker thread."""
+    """Who is identifying (the quota's key): the principal the gateway vouched for, or the
+    API key this service took when run alone with ``api_keys``, else 'anonymous'. Async, as
+    every dependency of the identify route: FastAPI runs a plain function in a worker
+    thread."""
     principal = current_principal(request)
     if principal is not None:
         return f"{principal.kind}:{principal.id}"
-    settings = _settings(request)
-    key = api_key_of(request.headers, request.query_params)
-    if settings.api_keys:
-        if key is None or not any(
-            hmac.compare_digest(key.encode(), allowed.get_secret_value().encode())
-            for allowed in settings.api_keys
-        ):
-            raise InvalidApiKey("Invalid API key")
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
     return "anonymous"
 
 
 ServiceDep = Annotated[PlantidService, Depends(_service)]
 CallerDep = Annotated[str, Depends(_caller)]
 
-router = APIRouter(prefix="/plantid/v1", tags=["plantid"], dependencies=[Depends(_caller)])
+router = APIRouter(prefix="/plantid/v1", tags=["plantid"])
 
 
 # --- Pl@ntNet API v2 ------------------------------------------------------------------------
@@ -114,6 +106,13 @@ router = APIRouter(prefix="/plantid/v1", tags=["plantid"], dependencies=[Depends
 def plantnet_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     body = {"statusCode": status, "error": HTTPStatus(status).phrase, "message": message}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def plantnet_refusal(exc: ProblemError) -> Response:
+    """What the shared middleware refuses under ``/v2`` (no or a wrong API key, a body over
+    the limit), in Pl@ntNet's shape and words."""
+    message = "Invalid API key" if isinstance(exc, InvalidApiKey) else str(exc.detail)
+    return plantnet_error(exc.status_code, message, dict(exc.headers or {}))
 
 
 class PlantNetFailure(Exception):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from c4c.plantid.api import VERSION, PlantNetFailure, on_plantnet_failure, plantnet, router
+from c4c.plantid.api import (
+    VERSION,
+    PlantNetFailure,
+    on_plantnet_failure,
+    plantnet,
+    plantnet_refusal,
+    router,
+)
 from c4c.plantid.consumers import plantid_consumers
 from c4c.plantid.service import Engine, Fetch, Identifier, ImportRunner
 from c4c.plantid.settings import PlantidSettings
@@ -48,6 +55,7 @@ def create_app(settings: PlantidSettings | None = None, bus: EventBus | None = N
             "/v2/identify": settings.identify_max_bytes,
             "/plantid/v1/projects": settings.identify_max_bytes,
         },
+        refusal_shapes={"/v2": plantnet_refusal},
     )
     runtime: ServiceRuntime = app.state.runtime
     app.add_exception_handler(PlantNetFailure, on_plantnet_failure)

@@ -3,10 +3,6 @@
 from c4c.shared.problems import BadRequest, NotFound, ProblemError
 
 
-class InvalidApiKey(ProblemError):
-    status, code, title = 401, "invalid-api-key", "Invalid API key"
-
-
 class QuotaExceeded(ProblemError):
     status, code, title = 429, "quota-exceeded", "Daily identification quota exceeded"
 

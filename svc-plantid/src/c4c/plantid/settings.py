@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 
 from c4c.shared.settings import ServiceSettings
 
@@ -14,10 +14,6 @@ class PlantidSettings(ServiceSettings):
     service_name: ClassVar[str] = "plantid"
 
     port: int = 8004
-    api_keys: list[SecretStr] = Field(
-        default_factory=list,
-        description="API keys accepted when the service runs alone (JSON list); empty = open.",
-    )
     daily_quota: int = Field(
         500, ge=0, description="Identifications per API key (or anonymous caller) per UTC day."
     )
