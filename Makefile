@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPONENTS := shared gateway svc-ingest svc-quality svc-video svc-plantid svc-mobis
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up test lint format pytest bench clean
+.PHONY: install run up key test lint format pytest bench clean
 
 install: $(STAMP)
 
@@ -22,8 +22,14 @@ run: install
 	$(PY) -m c4c.gateway
 
 ## Distributed mode: one process per service, RabbitMQ and PostgreSQL (see README).
+## UP_ENV: honcho env files, comma-separated, later ones win (UP_ENV=$(UP_ENV),mine.env).
+UP_ENV ?= deploy/local/distributed.env
 up: install
-	$(VENV)/bin/honcho --procfile deploy/local/Procfile --env deploy/local/distributed.env start
+	$(VENV)/bin/honcho --procfile deploy/local/Procfile --env $(UP_ENV) start
+
+## An API key for the suite `make up` runs (in its gateway's database), printed once.
+key: install
+	$(VENV)/bin/honcho --env $(UP_ENV) run deploy/local/run python -m c4c.gateway keys create --name "$${NAME:-$$USER}" --scopes '*'
 
 lint: install
 	$(VENV)/bin/ruff check .

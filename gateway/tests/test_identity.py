@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from c4c.gateway.models import ApiKey
+from c4c.gateway.settings import GatewaySettings
 from c4c.shared.auth import Principal, hash_api_key, sign_principal, verify_principal
 
 KID = "mobis-2026-11"
@@ -382,3 +383,17 @@ async def test_refusals_under_plantnets_api_are_in_its_shape(
     assert forbidden.json()["statusCode"] == 403
     assert set(forbidden.json()) == {"statusCode", "error", "message"}
     assert_problem(elsewhere, 401)
+
+
+def test_mobis_tokens_are_checked_against_the_keys_mobis_publishes_by_default() -> None:
+    """Distributed mode needs no JWKS setting: MOBIS' upstream says where its keys are."""
+    mobis = {"/mobis": ["http://mobis:8005/", "http://mobis-2:8005"]}
+    assert (
+        GatewaySettings(upstreams=mobis).jwks_url
+        == "http://mobis:8005/mobis/v1/.well-known/jwks.json"
+    )
+    explicit = "https://keys.example.org/jwks.json"
+    assert GatewaySettings(upstreams=mobis, jwks_url=explicit).jwks_url == explicit
+    assert GatewaySettings(upstreams={"/ingest": ["http://ingest:8001"]}).jwks_url is None
+    embedded = GatewaySettings(port=8600)
+    assert embedded.jwks_url == "http://127.0.0.1:8600/mobis/v1/.well-known/jwks.json"

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from fastapi import FastAPI
+from sqlalchemy import make_url
 
 from c4c.gateway.app import MIGRATIONS, create_app
 from c4c.gateway.service import ApiKeys, InvalidScope, KeyRecord
@@ -60,7 +61,12 @@ def _row(key: KeyRecord) -> dict[str, object]:
 
 
 async def _keys(args: argparse.Namespace, settings: GatewaySettings) -> int:
-    db = Database(settings.resolved_database_url, schema=settings.resolved_database_schema)
+    url = settings.resolved_database_url
+    # Said every time: a key made in another database than the running gateway's (settings
+    # not loaded in this shell) is unknown to it.
+    shown = make_url(url).render_as_string(hide_password=True)
+    print(f"gateway database: {shown}", file=sys.stderr)
+    db = Database(url, schema=settings.resolved_database_schema)
     try:
         await db.migrate([MIGRATIONS])
         keys = ApiKeys(db)

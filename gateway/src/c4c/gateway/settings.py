@@ -20,7 +20,8 @@ PUBLIC_ROUTES = [
     "/mobis/v1/.well-known/jwks.json",
     "/mobis/v1/apps/*/config",
 ]
-MOBIS_JWKS_PATH = "/mobis/v1/.well-known/jwks.json"
+MOBIS_PREFIX = "/mobis"
+MOBIS_JWKS_PATH = MOBIS_PREFIX + "/v1/.well-known/jwks.json"
 
 
 class RouteOptions(BaseModel):
@@ -91,7 +92,10 @@ class GatewaySettings(ServiceSettings):
         description="Proxied paths served without credentials; * matches one segment.",
     )
     jwks_url: str | None = Field(
-        None, description="MOBIS' published keys (JWKS); unset = bearer tokens are refused."
+        None,
+        description="MOBIS' published keys (JWKS); unset = MOBIS' own address for them: in "
+        "process in embedded mode, else the first upstream of /mobis (without one, bearer "
+        "tokens are refused).",
     )
     jwt_audience: str = Field("c4c", description="The audience every token must name.")
     jwt_issuer: str | None = Field(None, description="The issuer tokens must name, if set.")
@@ -123,10 +127,16 @@ class GatewaySettings(ServiceSettings):
     )
 
     @model_validator(mode="after")
-    def _embedded_jwks(self) -> "GatewaySettings":
-        """Embedded mode runs MOBIS in this process: verify its tokens against its keys,
-        fetched through this gateway on loopback, unless a JWKS URL is given."""
-        if not self.upstreams and self.jwks_url is None:
+    def _mobis_jwks(self) -> "GatewaySettings":
+        """Verify MOBIS' tokens against the keys MOBIS publishes, unless a JWKS URL is given:
+        straight from its first upstream, or in embedded mode (MOBIS in this process) through
+        this gateway on loopback."""
+        if self.jwks_url is not None:
+            return self
+        mobis = self.upstreams.get(MOBIS_PREFIX)
+        if mobis:
+            self.jwks_url = mobis[0].rstrip("/") + MOBIS_JWKS_PATH
+        elif not self.upstreams:
             host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(  # noqa: S104
                 self.host, self.host
             )
