@@ -376,8 +376,7 @@ async def distributed_suite(
     urls = {name: run.url(name) for name in run.components}
     env = run.environment(
         C4C_OUTBOX_POLL_INTERVAL="0.1",
-        C4C_GATEWAY_RATE_LIMIT_PER_SECOND="0",
-        C4C_GATEWAY_JWKS_URL=f"{urls['mobis']}/mobis/v1/.well-known/jwks.json",
+        C4C_GATEWAY_RATE_LIMIT_PER_SECOND="0",  # no JWKS URL: the /mobis upstream's is used
         **FAST_HASHING,
     )
     processes = Processes(run.components, env, tmp_path)
