@@ -87,3 +87,21 @@ def test_only_an_endpoint_of_the_request_and_its_path_is_called_straight() -> No
     DirectPlantNetRoute("/identify/{project}", by_path, methods=["POST"])
     with pytest.raises(TypeError, match="more than the request and its path"):
         DirectPlantNetRoute("/identify/{project}", with_query, methods=["POST"])
+
+
+async def test_the_documented_body_is_the_one_identify_reads(
+    plantid: tuple[httpx.AsyncClient, Any],
+) -> None:
+    """The route reads its body itself, so FastAPI cannot describe it: the OpenAPI document
+    does, or /docs could not send a photo."""
+    client, _ = plantid
+    operation = (await client.get("/openapi.json")).json()["paths"]["/v2/identify/{project}"][
+        "post"
+    ]
+    form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["images"]
+    assert form["properties"]["images"]["items"]["format"] == "binary"
+    assert "flower" in form["properties"]["organs"]["items"]["enum"]
+    assert operation["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/PlantNetError"
+    )

@@ -315,6 +315,36 @@ def _identify_options(request: Request) -> IdentifyOptions:
         ) from exc
 
 
+IDENTIFY_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["images"],
+                "properties": {
+                    "images": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "minItems": 1,
+                        "maxItems": MAX_IMAGES,
+                        "description": "1 to 5 photos of one plant (JPEG or PNG)",
+                    },
+                    "organs": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": [*ORGANS, *SECONDARY_ORGANS]},
+                        "description": "One per image, in the same order; default auto",
+                    },
+                },
+            },
+            "encoding": {"images": {"contentType": "image/jpeg, image/png"}},
+        }
+    },
+}
+"""The identify route reads its body itself (see :class:`DirectPlantNetRoute`): described
+here so that the docs can send photos."""
+
+
 def _identify_parameters() -> list[dict[str, Any]]:
     """``IdentifyOptions`` as OpenAPI query parameters."""
     schema = IdentifyOptions.model_json_schema(by_alias=True)
@@ -380,11 +410,11 @@ plantnet.add_api_route(
         400: {"model": schemas.PlantNetError},
         401: {"model": schemas.PlantNetError},
         404: {"model": schemas.PlantNetError, "description": "Species not found"},
-        413: {"description": "Body over the limit (problem+json from the body limit)"},
+        413: {"model": schemas.PlantNetError, "description": "Body over the limit"},
         429: {"model": schemas.PlantNetError, "description": "Daily quota used up"},
     },
     summary="Identify a plant from 1 to 5 photos (Pl@ntNet-compatible)",
-    openapi_extra={"parameters": _identify_parameters()},
+    openapi_extra={"parameters": _identify_parameters(), "requestBody": IDENTIFY_BODY},
 )
 
 
