@@ -100,7 +100,7 @@ async def test_the_documented_body_is_the_one_identify_reads(
     ]
     form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["required"] == ["images"]
-    assert form["properties"]["images"]["items"]["format"] == "binary"
+    assert form["properties"]["images"]["items"]["contentMediaType"] == "application/octet-stream"
     assert "flower" in form["properties"]["organs"]["items"]["enum"]
     assert operation["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/PlantNetError"

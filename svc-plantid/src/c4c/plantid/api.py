@@ -325,7 +325,11 @@ IDENTIFY_BODY = {
                 "properties": {
                     "images": {
                         "type": "array",
-                        "items": {"type": "string", "format": "binary"},
+                        # As FastAPI describes an UploadFile (OpenAPI 3.1).
+                        "items": {
+                            "type": "string",
+                            "contentMediaType": "application/octet-stream",
+                        },
                         "minItems": 1,
                         "maxItems": MAX_IMAGES,
                         "description": "1 to 5 photos of one plant (JPEG or PNG)",
@@ -337,7 +341,6 @@ IDENTIFY_BODY = {
                     },
                 },
             },
-            "encoding": {"images": {"contentType": "image/jpeg, image/png"}},
         }
     },
 }
