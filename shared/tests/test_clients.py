@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -19,7 +20,13 @@ from fastapi.responses import Response
 from c4c.shared.app import create_service_app, run_together
 from c4c.shared.auth import current_principal
 from c4c.shared.bus import InProcessBus
-from c4c.shared.clients import FetchFailed, ServiceClients, ServiceUnreachable, URLRefused
+from c4c.shared.clients import (
+    LIMITS,
+    FetchFailed,
+    ServiceClients,
+    ServiceUnreachable,
+    URLRefused,
+)
 from c4c.shared.context import request_id_var
 from c4c.shared.problems import BodyTooLarge
 from c4c.shared.settings import ServiceSettings
@@ -158,6 +165,70 @@ async def test_distributed_call_goes_over_http_to_the_configured_url(tmp_path: P
     assert answer.status_code == 200, answer.text
     assert answer.json()["id"] == "beta"
     assert data == BLOB
+
+
+async def test_calls_over_http_reuse_their_connections(tmp_path: Path) -> None:
+    """Thirty calls at once, twice: the second round goes out on the first's connections (httpx's
+    own pool kept twenty and opened ten anew for every such round), and an idle connection is
+    let go before the server's keep-alive would close it under a request."""
+    ports: list[set[int]] = []
+    all_in = asyncio.Barrier(30)
+    app = FastAPI()
+
+    @app.get("/slow")
+    async def slow(request: Request) -> dict[str, int]:
+        assert request.client is not None
+        ports[-1].add(request.client.port)
+        await all_in.wait()  # all thirty in flight at once
+        return {"port": request.client.port}
+
+    async with serving(app) as url:
+        clients = ServiceClients(
+            BetaSettings(data_dir=tmp_path, principal_secret=SECRET, service_urls={"alpha": url})
+        )
+        try:
+            client = clients.client("alpha")
+            for _ in range(2):
+                ports.append(set())
+                answers = await asyncio.gather(*(client.get("/slow") for _ in range(30)))
+                assert [a.status_code for a in answers] == [200] * 30
+        finally:
+            await clients.aclose()
+    assert len(ports[0]) == 30
+    assert ports[1] <= ports[0]
+    assert LIMITS.keepalive_expiry is not None
+    assert LIMITS.keepalive_expiry < uvicorn.Config(app).timeout_keep_alive
+
+
+async def test_a_service_answering_other_than_http_is_a_transport_error(tmp_path: Path) -> None:
+    """A wrong address in C4C_SERVICE_URLS (here a broker's port) fails as httpx fails, which
+    callers handle; not with an aiohttp error no caller expects."""
+
+    async def amqp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"AMQP\x00\x00\x09\x01")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(amqp, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    clients = ServiceClients(
+        BetaSettings(
+            data_dir=tmp_path,
+            principal_secret=SECRET,
+            service_urls={"alpha": f"http://127.0.0.1:{port}"},
+            public_url="http://suite.test",
+        )
+    )
+    try:
+        with pytest.raises(httpx.TransportError, match="Bad status line"):
+            await clients.client("alpha").get("/")
+        with pytest.raises(FetchFailed, match="could not be fetched"):
+            await clients.fetch("http://suite.test/alpha/media/1", max_bytes=100)
+    finally:
+        await clients.aclose()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_service_without_an_address_is_a_clear_error(tmp_path: Path) -> None:

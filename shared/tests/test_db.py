@@ -423,3 +423,32 @@ async def test_postgres_replicas_migrating_a_fresh_schema_together(
                 await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
             for replica in replicas:
                 await replica.dispose()
+
+
+async def test_postgres_keeps_the_connections_load_opened(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """Twelve sessions at once, twice: the second round opens no connection (SQLAlchemy's
+    default pool closed all but five, so each round forked seven server processes anew)."""
+    db = Database(postgres_url, schema=postgres_schema)
+    opened = 0
+
+    def on_connect(*_: object) -> None:
+        nonlocal opened
+        opened += 1
+
+    event.listen(db.engine.sync_engine, "connect", on_connect)
+    all_in = asyncio.Barrier(12)
+
+    async def one() -> None:
+        async with db.sessions() as session, session.begin():
+            await session.execute(text("SELECT 1"))
+            await all_in.wait()  # all twelve hold a connection at once
+
+    try:
+        await asyncio.gather(*(one() for _ in range(12)))
+        assert opened == 12
+        await asyncio.gather(*(one() for _ in range(12)))
+        assert opened == 12
+    finally:
+        await db.dispose()

@@ -48,6 +48,8 @@ Utc = Annotated[datetime, AfterValidator(as_utc)]
 
 READERS = 4
 """Connections a SQLite database keeps for read-only sessions."""
+POSTGRES_POOL, POSTGRES_OVERFLOW = 12, 3
+"""Connections a PostgreSQL pool keeps once opened, and opens beyond them only for a while."""
 
 _BEGIN_UNSETTLED = "c4c.sqlite_begin_unsettled"
 """Key in a pooled SQLite connection's info: its last BEGIN was sent, its outcome not seen."""
@@ -74,8 +76,14 @@ class Database:
                 # up to 100 ms and starves the unlucky (seconds at p99 under load).
                 options.update(pool_size=1, max_overflow=0, pool_timeout=30)
             options.update(connect_args={"timeout": 30}, pool_reset_on_return=None)
-        elif self.is_postgres and self.schema:
-            options["connect_args"] = {"server_settings": {"search_path": self.schema}}
+        elif self.is_postgres:
+            # Keep what load opened: SQLAlchemy's default (5 kept, 10 more closed as soon as
+            # they are given back) made a service under load open a connection per request
+            # beyond five — a server process forked, authenticated, its type codecs looked
+            # up, its statements prepared again. Still at most 15 a process, as before.
+            options.update(pool_size=POSTGRES_POOL, max_overflow=POSTGRES_OVERFLOW)
+            if self.schema:
+                options["connect_args"] = {"server_settings": {"search_path": self.schema}}
         self.engine: AsyncEngine = create_async_engine(self.url, **options)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_on_connect)
