@@ -3,6 +3,8 @@ output thread that encodes them and hands events on."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -12,7 +14,13 @@ import numpy as np
 import pytest
 
 from c4c.video.analysis.pictures import ArrayPicture, DecodedPicture
-from c4c.video.analysis.pipeline import AnalysisParams, Analyzer, DetectedEvent, OutputThread
+from c4c.video.analysis.pipeline import (
+    OUTPUT_NICENESS,
+    AnalysisParams,
+    Analyzer,
+    DetectedEvent,
+    OutputThread,
+)
 
 
 def scene(width: int = 64, height: int = 48) -> np.ndarray:
@@ -100,6 +108,18 @@ def test_the_output_thread_takes_tasks_in_batches_or_when_sent() -> None:
     output.send()  # ...or to be sent
     assert ran.wait(10)
     output.join()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_the_output_thread_yields_the_cores_to_the_analysis() -> None:
+    output = OutputThread("test-output")
+    niceness: list[int] = []
+    output.submit(
+        lambda: niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    )
+    output.join()
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert niceness == [min(19, ours + OUTPUT_NICENESS)]  # 19: the lowest priority there is
 
 
 def test_a_live_event_goes_out_when_its_clip_ends_not_when_the_stream_does(

@@ -4,9 +4,12 @@ worker thread (OpenCV releases the GIL in its heavy calls), never on the event l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import queue
+import sys
 import threading
 import uuid
 from collections import deque
@@ -38,6 +41,10 @@ CLIP_CODEC: Final = "libx264"
 CLIP_OPTIONS = {"preset": "ultrafast", "crf": "28"}
 CLIP_SUFFIX = ".mp4"
 CLIP_CONTENT_TYPE = "video/mp4"
+# Evidence can wait, analysis cannot (a live stream behind real time drops frames): the output
+# thread runs at this niceness, in the gaps the decode and analysis threads leave on a busy
+# machine, and its bounded queue holds the analysis back before it falls far behind.
+OUTPUT_NICENESS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +279,7 @@ class OutputThread:
             raise error
 
     def _run(self) -> None:
+        _lower_priority(OUTPUT_NICENESS)
         while (tasks := self.tasks.get()) is not None:
             for task in tasks:
                 if self.error is None:  # after a failure the rest is skipped, not run
@@ -279,6 +287,17 @@ class OutputThread:
                         task()
                     except BaseException as exc:
                         self.error = exc
+
+
+def _lower_priority(niceness: int) -> None:
+    """Raise the calling thread's niceness by ``niceness``. Linux alone gives each thread a
+    nice value of its own (elsewhere the whole process would be slowed): a no-op there."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):  # a sandbox may refuse it: run at normal priority
+            thread = threading.get_native_id()
+            os.setpriority(
+                os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + niceness
+            )
 
 
 class _Clip:
