@@ -55,6 +55,24 @@ async def test_a_photo_of_several_megabytes_is_identified(
     assert response.json()["bestMatch"].startswith("Viola")
 
 
+async def test_organs_comma_joined_in_one_part_pair_with_the_images(
+    meadow: httpx.AsyncClient, plants: Path
+) -> None:
+    """As /docs (Swagger UI) sends an array in a form: one part, comma-joined."""
+    photos = sorted((plants / "Viola_sp").glob("*.jpg"))[10:12]
+    images = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
+    joined = await meadow.post(
+        "/v2/identify/meadow?no-reject=true", files=[*images, ("organs", (None, "flower, leaf"))]
+    )
+    assert joined.status_code == 200, joined.text
+    assert joined.json()["query"]["organs"] == ["flower", "leaf"]
+    short = await meadow.post(
+        "/v2/identify/meadow", files=[*images, ("organs", (None, "flower,leaf,fruit"))]
+    )
+    assert short.status_code == 400
+    assert "2 images but 3 organs" in short.json()["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "message"),
     [

@@ -269,10 +269,13 @@ async def _form_photos(request: Request) -> tuple[list[bytes], list[str], list[s
     """The repeated ``images`` and ``organs`` parts, in order; 400 when they do not pair."""
     parts = await _multipart(request)
     uploads = [(filename, data) for name, filename, data in parts if name == "images"]
+    # One organ a part, as Pl@ntNet clients send them, or several comma-joined in one part,
+    # as /docs (Swagger UI) sends an array.
     organs = [
-        data.decode("utf-8", "replace").strip().lower()
+        organ.strip().lower()
         for name, _, data in parts
         if name == "organs"
+        for organ in data.decode("utf-8", "replace").split(",")
     ]
     if not uploads:
         raise InvalidQuery("Send 1 to 5 photos as repeated 'images' parts.")
