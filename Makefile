@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 COMPONENTS := shared gateway svc-ingest svc-quality svc-video svc-plantid svc-mobis
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up key test lint format pytest bench clean
+.PHONY: install run up up-env key test lint format pytest bench clean
 
 install: $(STAMP)
 
@@ -24,12 +24,18 @@ run: install
 ## Distributed mode: one process per service, RabbitMQ and PostgreSQL (see README).
 ## UP_ENV: honcho env files, comma-separated, later ones win (UP_ENV=$(UP_ENV),mine.env).
 UP_ENV ?= deploy/local/distributed.env
+up_env_missing = $(filter-out $(wildcard $(subst $(comma), ,$(UP_ENV))),$(subst $(comma), ,$(UP_ENV)))
+comma := ,
+up key: up-env
+up-env:
+	@$(if $(up_env_missing),echo "UP_ENV names no such file: $(up_env_missing)" >&2; exit 1,true)
+
 up: install
 	$(VENV)/bin/honcho --procfile deploy/local/Procfile --env $(UP_ENV) start
 
 ## An API key for the suite `make up` runs (in its gateway's database), printed once.
 key: install
-	$(VENV)/bin/honcho --env $(UP_ENV) run deploy/local/run python -m c4c.gateway keys create --name "$${NAME:-$$USER}" --scopes '*'
+	@$(VENV)/bin/honcho --env $(UP_ENV) run deploy/local/run python -m c4c.gateway keys create --name "$${NAME:-$$USER}" --scopes '*'
 
 lint: install
 	$(VENV)/bin/ruff check .
