@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 
 import httpx
 import pytest
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
 from c4c.gateway.app import create_app
@@ -40,6 +41,10 @@ def demo_app(
     @router.get("/demo/v1/whoami")
     async def whoami(principal: PrincipalDep) -> dict[str, Any]:
         return {"kind": principal.kind, "id": principal.id} if principal else {}
+
+    @router.get("/demo/v1/query")
+    async def query(request: Request) -> dict[str, str]:
+        return dict(request.query_params)
 
     settings = DemoSettings(**{"data_dir": tmp_path, "principal_secret": SECRET} | overrides)
     return create_service_app(
@@ -156,10 +161,43 @@ async def test_a_service_run_alone_checks_its_own_api_keys(tmp_path: Path) -> No
             "/demo/v1/whoami", headers={"X-C4C-Principal": sign_principal(ALICE, SECRET.encode())}
         )
         health = await client.get("/demo/healthz")
+        document = (await client.get("/demo/openapi.json")).json()
     assert by_header.json() == {"kind": "api-key", "id": key_id(KEYS[0])}
     assert by_query.json() == {"kind": "api-key", "id": key_id(KEYS[1])}
     assert through_gateway.json() == {"kind": "user", "id": "alice"}
     assert health.status_code == 200
+    schemes = document["components"]["securitySchemes"]  # so that /docs sends a key
+    assert {(s["in"], s["name"]) for s in schemes.values()} == {
+        ("header", "X-API-Key"),
+        ("query", "api-key"),
+    }
+    assert {name for option in document["security"] for name in option} == set(schemes)
+
+
+async def test_a_key_reaches_no_handler(tmp_path: Path) -> None:
+    """Read, the api-key parameter is taken out of the query: a handler's strict parameters,
+    its links and logs never see it."""
+    async with serving(demo_app(tmp_path, api_keys=KEYS)) as client:
+        seen = await client.get("/demo/v1/query", params={"api-key": KEYS[0], "page": "2"})
+    assert seen.json() == {"page": "2"}
+
+
+async def test_a_service_behind_the_gateway_takes_no_key_instead(tmp_path: Path) -> None:
+    """require_principal wins over api_keys: it says the gateway is the only way in."""
+    app = demo_app(tmp_path, api_keys=KEYS, require_principal=True)
+    async with serving(app) as client:
+        with_key = await client.get("/demo/v1/whoami", headers={"X-API-Key": KEYS[0]})
+        through_gateway = await client.get(
+            "/demo/v1/whoami", headers={"X-C4C-Principal": sign_principal(ALICE, SECRET.encode())}
+        )
+    assert with_key.status_code == 401
+    assert with_key.json()["type"] == "urn:c4c:problem:invalid-principal"
+    assert through_gateway.json() == {"kind": "user", "id": "alice"}
+
+
+def test_a_short_api_key_is_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"at least 16 characters.*openssl rand"):
+        DemoSettings(data_dir=tmp_path, api_keys=[KEYS[0], "secret"])
 
 
 def legacy_shape(exc: ProblemError) -> Response:

@@ -33,7 +33,7 @@ SPECIES = {
 ENROLLED = 7  # per species; the photos after them are queries the gallery never saw
 QUOTA = 3
 LIMIT = 3 * 1024 * 1024
-KEYS = [f"contract-key-{i}" for i in range(12)]
+KEYS = [f"contract-test-key-{i:03}" for i in range(12)]
 NOT_FOUND = {"statusCode": 404, "error": "Not Found", "message": "Species not found"}
 
 

@@ -13,10 +13,13 @@ from typing import Any
 import httpx
 import jwt
 from fastapi import FastAPI
+from pydantic import SecretStr
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from c4c.mobis.app import create_app
 from c4c.mobis.models import RefreshTokenRow
+from c4c.mobis.remote import IngestOverHttp
 from c4c.mobis.repository import Repository
 from c4c.mobis.schemas import Tokens
 from c4c.mobis.service.accounts import Accounts
@@ -388,3 +391,24 @@ async def test_app_config_is_versioned_and_cacheable(anonymous: httpx.AsyncClien
     assert old.headers["etag"] != latest.headers["etag"]
     assert (await anonymous.get("/mobis/v1/apps/natusfera/config?version=9")).status_code == 404
     assert (await anonymous.get("/mobis/v1/apps/nope/config")).status_code == 404
+
+
+async def test_the_jwks_is_public_on_a_mobis_that_takes_the_gateway_alone(
+    settings: MobisSettings, ingest_client: httpx.AsyncClient
+) -> None:
+    """The gateway fetches the keys without a principal: a MOBIS requiring one (as deploy/
+    sets it) or keys must still give them, or every app token is refused."""
+    strict = settings.model_copy(
+        update={"require_principal": True, "api_keys": [SecretStr("k" * 32)]}
+    )
+    app = create_app(strict, ingest=IngestOverHttp(lambda: ingest_client))
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://mobis.test") as bare,
+    ):
+        keys = await bare.get("/mobis/v1/.well-known/jwks.json")
+        config = await bare.get("/mobis/v1/apps/demo/config")
+    assert keys.status_code == 200, keys.text
+    assert keys.json()["keys"][0]["alg"] == "EdDSA"
+    assert config.status_code == 401  # the rest is still the gateway's alone

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from http import HTTPStatus
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import NoReturn
-from urllib.parse import unquote_plus
 
 from starlette.background import BackgroundTask
 from starlette.datastructures import URL, Headers
@@ -47,7 +46,7 @@ from c4c.gateway._metrics import (
 )
 from c4c.gateway._ratelimit import RateLimiter, rate_limit_headers
 from c4c.gateway._upstreams import Replica, Route, RoutingTable
-from c4c.shared.auth import API_KEY_QUERY, PRINCIPAL_HEADER, Principal, sign_principal
+from c4c.shared.auth import PRINCIPAL_HEADER, Principal, query_without_key, sign_principal
 from c4c.shared.context import request_id_var
 from c4c.shared.metrics import labelled
 from c4c.shared.problems import NotFound, ProblemError
@@ -150,18 +149,6 @@ def forwarded_chain(scope: Scope, headers: Headers, trusted: Sequence[Network]) 
         while prior and _trusted(chain[0], trusted):
             chain.insert(0, prior.pop())
     return chain
-
-
-def _query_without_key(query: bytes) -> bytes:
-    """The query string less the ``api-key`` parameter: a credential goes no further."""
-    if API_KEY_QUERY.encode() not in query:
-        return query
-    kept = [
-        part
-        for part in query.split(b"&")
-        if unquote_plus(part.split(b"=", 1)[0].decode("latin-1")) != API_KEY_QUERY
-    ]
-    return b"&".join(kept)
 
 
 class _Body:
@@ -365,7 +352,7 @@ class Proxy:
         retryable = method in IDEMPOTENT or "idempotency-key" in headers
         # The path as the client sent it: decoding it would turn %2F into a separator.
         target: bytes = scope.get("raw_path") or scope["path"].encode()
-        if query := _query_without_key(scope.get("query_string", b"")):
+        if query := query_without_key(scope.get("query_string", b"")):
             target += b"?" + query
         tried: list[Replica] = []
         failed: ProblemError | None = None

@@ -13,7 +13,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from c4c.shared.auth import PrincipalMiddleware
+from c4c.shared.auth import PrincipalMiddleware, document_api_keys
 from c4c.shared.bus import CloudEvent, EventBus, Handler, bus_from_settings, new_event
 from c4c.shared.bus._topic import topic_matches
 from c4c.shared.clients import ServiceClients
@@ -245,6 +245,7 @@ def create_service_app(
     docs: bool = True,
     accept_principal: bool = True,
     refusal_shapes: Mapping[str, RefusalShape] | None = None,
+    public_paths: Collection[str] = (),
 ) -> FastAPI:
     """A service's FastAPI app: its routers, under ``prefixes`` by convention, plus
     ``/healthz``, ``/readyz``, ``/metrics`` and the OpenAPI document at the root and under
@@ -255,7 +256,9 @@ def create_service_app(
     The gateway itself passes ``docs=False`` (it serves the merged documents) and
     ``accept_principal=False`` (it makes principals, it does not receive them).
     ``refusal_shapes``: the error shape, by path prefix, of what that middleware refuses
-    (see :class:`~c4c.shared.problems.Refusals`); problem documents elsewhere."""
+    (see :class:`~c4c.shared.problems.Refusals`); problem documents elsewhere.
+    ``public_paths``: the service's own paths open to every caller, gateway or not, key or
+    not (e.g. the public keys the gateway checks tokens against)."""
     runtime = ServiceRuntime(settings, bus=bus, migrations=migrations, consumers=consumers)
     refusals = Refusals(refusal_shapes)
     middleware = [
@@ -269,6 +272,7 @@ def create_service_app(
         operations = ["/healthz", "/readyz", "/metrics", "/openapi.json"]
         public = [*operations, "/docs", "/docs/oauth2-redirect", "/redoc"]
         public += [prefix + path for prefix in prefixes[:1] for path in operations]
+        public += public_paths
         middleware.append(
             Middleware(
                 PrincipalMiddleware, settings=settings, public_paths=public, refusals=refusals
@@ -299,6 +303,8 @@ def create_service_app(
     )
     install_problem_handlers(app)
     document_problems(app)
+    if accept_principal and settings.api_keys:
+        document_api_keys(app)
     app.include_router(operations_router(runtime))
     if prefixes:
         app.include_router(operations_router(runtime), prefix=prefixes[0])

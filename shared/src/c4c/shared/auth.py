@@ -23,9 +23,10 @@ import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote_plus
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -82,6 +83,19 @@ def api_key_of(headers: Mapping[str, str], query: Mapping[str, str]) -> str | No
     """The key a caller sent, in the ``X-API-Key`` header or the ``api-key`` query parameter
     (as Pl@ntNet clients send it)."""
     return headers.get(API_KEY_HEADER) or query.get(API_KEY_QUERY) or None
+
+
+def query_without_key(query: bytes) -> bytes:
+    """The query string less the ``api-key`` parameter: a credential goes no further (not to
+    an upstream, not into a handler's parameters, links or logs)."""
+    if API_KEY_QUERY.encode() not in query:
+        return query
+    kept = [
+        part
+        for part in query.split(b"&")
+        if unquote_plus(part.split(b"=", 1)[0].decode("latin-1")) != API_KEY_QUERY
+    ]
+    return b"&".join(kept)
 
 
 def _b64(data: bytes) -> str:
@@ -159,9 +173,10 @@ class PrincipalMiddleware:
     """Verifies the gateway's principal header and keeps the principal in the request
     state. A forged or stale header is refused (401), and so is any header when this service
     has no secret to check it with (a gateway in front that does not share its secret: its
-    callers would all pass for anonymous). Without the header, a service given ``api_keys``
-    (run alone) takes one of them instead, and with ``require_principal`` refuses the call;
-    ``public_paths`` (health, metrics, docs) are open to all."""
+    callers would all pass for anonymous). Without the header, ``public_paths`` (health,
+    metrics, docs) are open to all; elsewhere a service with ``require_principal`` refuses
+    the call, whatever key it carries, and one given ``api_keys`` (run alone) takes one of
+    them instead."""
 
     def __init__(
         self,
@@ -174,7 +189,8 @@ class PrincipalMiddleware:
         self.app = app
         self.settings = settings
         self.require = settings.require_principal
-        self.keys = [key.get_secret_value().encode() for key in settings.api_keys]
+        # Digests, looked up in a set: how long a lookup takes tells only of a SHA-256.
+        self.keys = frozenset(_digest(key.get_secret_value()) for key in settings.api_keys)
         self.public_paths = frozenset(public_paths)
         self.refusals = refusals or Refusals()
         self._secret: bytes | None = None
@@ -204,10 +220,12 @@ class PrincipalMiddleware:
                         f"This service has no secret to check the gateway's {PRINCIPAL_HEADER} "
                         "with: give it the gateway's C4C_PRINCIPAL_SECRET."
                     )
-            elif not public and self.keys:
-                principal = self._key_holder(scope)
-            elif self.require and not public:
+            elif public:
+                pass
+            elif self.require:  # before keys: a service behind the gateway is reached by it alone
                 raise InvalidPrincipal("Call this service through the gateway.")
+            elif self.keys:
+                principal = self._key_holder(scope)
         except ProblemError as exc:
             await self.refusals.response(exc, scope["path"])(scope, receive, send)
             return
@@ -216,13 +234,37 @@ class PrincipalMiddleware:
 
     def _key_holder(self, scope: Scope) -> Principal:
         key = api_key_of(Headers(scope=scope), QueryParams(scope["query_string"]))
-        if key is None or not any(hmac.compare_digest(key.encode(), k) for k in self.keys):
+        if key is None or _digest(key) not in self.keys:
             raise InvalidApiKey(
                 f"Send one of this service's API keys ({API_KEY_HEADER} header or "
                 f"{API_KEY_QUERY} query parameter)."
             )
+        scope["query_string"] = query_without_key(scope["query_string"])
         # Named by its hash: ingest records it as the creator, plantid counts its quota.
         return Principal("api-key", hash_api_key(key)[:32], scopes=frozenset({ALL_SCOPES}))
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def document_api_keys(app: FastAPI) -> None:
+    """Make the app's OpenAPI document say that a call sends an API key (a service run alone
+    with ``api_keys``), so that /docs asks for one and sends it."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if not app.openapi_schema:
+            document = plain()
+            document.setdefault("components", {})["securitySchemes"] = {
+                "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
+                "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": API_KEY_QUERY},
+            }
+            document["security"] = [{"ApiKeyHeader": []}, {"ApiKeyQuery": []}]
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
 
 
 def current_principal(request: Request) -> Principal | None:

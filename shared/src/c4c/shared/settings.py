@@ -10,9 +10,9 @@ names in the same order; the defaults give the embedded mode: SQLite files and m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -20,6 +20,22 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+API_KEY_MIN_LENGTH = 16
+
+
+def _long_enough(key: SecretStr) -> SecretStr:
+    # Keys are stored and compared as plain SHA-256 (auth.py), which only a long random key
+    # makes safe against guessing.
+    if len(key.get_secret_value()) < API_KEY_MIN_LENGTH:
+        raise ValueError(
+            f"an API key must be at least {API_KEY_MIN_LENGTH} characters: make one with "
+            "`openssl rand -hex 32`"
+        )
+    return key
+
+
+ApiKey = Annotated[SecretStr, AfterValidator(_long_enough)]
 
 
 class ServiceSettings(BaseSettings):
@@ -82,16 +98,18 @@ class ServiceSettings(BaseSettings):
         "services verify it with; unset = the file <data_dir>/principal-secret, which the "
         "gateway creates.",
     )
-    api_keys: list[SecretStr] = Field(
+    api_keys: list[ApiKey] = Field(
         default_factory=list,
         description="API keys this service accepts when run alone, without the gateway (JSON "
-        'list, e.g. ["a-long-random-key"]): a call must then send one (X-API-Key header or '
-        "api-key query parameter), except health, metrics and docs; empty = open to all.",
+        "list of keys of 16 characters or more, e.g. from `openssl rand -hex 32`): a call must "
+        "then send one (X-API-Key header or api-key query parameter), except health, metrics "
+        "and docs; empty = open to all. The gateway ignores it (its keys are in its database: "
+        "make key); require_principal wins over it.",
     )
     require_principal: bool = Field(
         False,
         description="Refuse calls that did not come through the gateway (no valid "
-        "X-C4C-Principal), except health, metrics and docs.",
+        "X-C4C-Principal), except health, metrics and docs, even those with one of api_keys.",
     )
 
     public_url: str = Field(

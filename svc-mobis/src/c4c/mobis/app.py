@@ -2,7 +2,7 @@
 
 from fastapi import FastAPI
 
-from c4c.mobis.api import PREFIX, build_router
+from c4c.mobis.api import JWKS_PATH, PREFIX, build_router
 from c4c.mobis.consumers import consumers
 from c4c.mobis.remote import Ingest, PlantId
 from c4c.mobis.settings import MobisSettings
@@ -42,6 +42,8 @@ def create_app(
             f"{PREFIX}/media": settings.media_chunk_max_bytes + CHUNK_OVERHEAD,
             f"{PREFIX}/identify": settings.identify_max_bytes + CHUNK_OVERHEAD,
         },
+        # The gateway fetches it without a principal, and anyone may check a token.
+        public_paths=[JWKS_PATH],
     )
     app.state.parts = Parts(app.state.runtime, settings, ingest=ingest, plantid=plantid)
     return app
