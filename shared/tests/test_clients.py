@@ -18,10 +18,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from c4c.shared.app import create_service_app, run_together
-from c4c.shared.auth import current_principal
+from c4c.shared.auth import Principal, current_principal
 from c4c.shared.bus import InProcessBus
 from c4c.shared.clients import (
     LIMITS,
+    ON_BEHALF_OF,
     FetchFailed,
     ServiceClients,
     ServiceUnreachable,
@@ -135,6 +136,18 @@ async def test_in_process_call_is_signed_as_the_calling_service(tmp_path: Path) 
             request_id_var.reset(token)
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"kind": "service", "id": "beta", "request_id": "req-42"}
+
+
+async def test_a_call_made_for_a_user_is_signed_as_that_user(tmp_path: Path) -> None:
+    """MOBIS asking plantid for its user: plantid charges that user's quota, not one shared
+    by every user of the app."""
+    user = Principal("user", "u-1", scopes=frozenset({"mobis"}))
+    async with embedded(tmp_path) as clients:
+        client = clients.client("alpha")
+        for_user = await client.get("/alpha/v1/whoami", extensions={ON_BEHALF_OF: user})
+        own = await client.get("/alpha/v1/whoami")
+    assert (for_user.json()["kind"], for_user.json()["id"]) == ("user", "u-1")
+    assert (own.json()["kind"], own.json()["id"]) == ("service", "beta")
 
 
 async def test_media_under_the_public_url_is_fetched_from_the_owning_service(

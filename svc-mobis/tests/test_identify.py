@@ -12,20 +12,31 @@ import pytest
 from fastapi import FastAPI
 
 from c4c.mobis.app import create_app
-from c4c.mobis.remote import IngestOverHttp
+from c4c.mobis.remote import IngestOverHttp, PlantIdOverHttp
 from c4c.mobis.settings import MobisSettings
-from c4c.shared.auth import PRINCIPAL_HEADER, Principal, ensure_principal_secret, sign_principal
+from c4c.shared.auth import (
+    PRINCIPAL_HEADER,
+    Principal,
+    PrincipalDep,
+    PrincipalMiddleware,
+    ensure_principal_secret,
+    sign_principal,
+    verify_principal,
+)
+from c4c.shared.clients import ServiceClients
 
 
 class FakePlantId:
     def __init__(self) -> None:
         self.calls: list[tuple[str, bytes, str, str]] = []
+        self.users: list[str] = []
         self.answer: tuple[int, dict[str, Any]] = (200, {"results": []})
 
     async def identify(
-        self, project: str, photo: bytes, content_type: str, organ: str
+        self, project: str, photo: bytes, content_type: str, organ: str, *, user: str
     ) -> tuple[int, dict[str, Any]]:
         self.calls.append((project, photo, content_type, organ))
+        self.users.append(user)
         return self.answer
 
 
@@ -59,7 +70,7 @@ async def client(
 
 
 async def test_a_photo_is_forwarded_and_suggestions_answered(
-    client: httpx.AsyncClient, plantid: FakePlantId
+    client: httpx.AsyncClient, plantid: FakePlantId, settings: MobisSettings
 ) -> None:
     species = {
         "scientificNameWithoutAuthor": "Bellis perennis",
@@ -81,6 +92,31 @@ async def test_a_photo_is_forwarded_and_suggestions_answered(
         }
     ]
     assert plantid.calls == [("natusfera", b"\xff\xd8photo", "image/jpeg", "flower")]
+    me = verify_principal(client.headers[PRINCIPAL_HEADER], ensure_principal_secret(settings))
+    assert plantid.users == [me.id]  # its quota, not one all the app's users share
+
+
+async def test_plantid_is_asked_for_the_user(settings: MobisSettings) -> None:
+    """The HTTP adapter signs the call as the user (plantid counts quotas by principal)."""
+    seen: list[str] = []
+    stand_in = FastAPI()
+
+    @stand_in.post("/v2/identify/{project}")
+    async def identify(project: str, principal: PrincipalDep) -> dict[str, Any]:
+        assert principal is not None
+        seen.append(f"{principal.kind}:{principal.id}")
+        return {"results": []}
+
+    clients = ServiceClients(settings)
+    clients.use_in_process({"plantid": PrincipalMiddleware(stand_in, settings=settings)})
+    try:
+        answer = await PlantIdOverHttp(lambda: clients.client("plantid")).identify(
+            "natusfera", b"\xff\xd8photo", "image/jpeg", "auto", user="u-7"
+        )
+    finally:
+        await clients.aclose()
+    assert answer == (200, {"results": []})
+    assert seen == ["user:u-7"]
 
 
 async def test_not_a_plant_is_an_empty_answer_not_an_error(

@@ -83,8 +83,15 @@ class URLTooSlow(FetchFailed):
     status, code, title = 422, "url-too-slow", "The URL did not answer in time"
 
 
+ON_BEHALF_OF = "c4c.on_behalf_of"
+"""Request extension naming the :class:`Principal` a call is made for (a user of the calling
+service), signed instead of the service, so that the service called charges that user, not
+the caller's whole user base (plantid's daily quota): ``extensions={ON_BEHALF_OF: user}``."""
+
+
 class _SignedPrincipal(httpx.Auth):
-    """Signs the calling service as the principal, afresh per request (signatures expire)."""
+    """Signs the calling service as the principal (or the one the call is made for), afresh
+    per request (signatures expire)."""
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
@@ -95,7 +102,8 @@ class _SignedPrincipal(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         secret = principal_secret(self.settings)
         if secret is not None:  # read per request: in embedded mode the gateway writes it late
-            request.headers[PRINCIPAL_HEADER] = sign_principal(self.principal, secret)
+            principal = request.extensions.get(ON_BEHALF_OF, self.principal)
+            request.headers[PRINCIPAL_HEADER] = sign_principal(principal, secret)
         request_id = request_id_var.get()
         if request_id is not None:
             request.headers.setdefault(REQUEST_ID_HEADER, request_id)

@@ -470,7 +470,9 @@ def build_router(settings: MobisSettings) -> APIRouter:
         organ: Annotated[str, Query(pattern=r"^(auto|leaf|flower|fruit|bark|habit)$")] = "auto",
     ) -> Response:
         photo, content_type = await _photo(request, settings.identify_max_bytes)
-        status, body = await _parts(request).plantid.identify(project, photo, content_type, organ)
+        status, body = await _parts(request).plantid.identify(
+            project, photo, content_type, organ, user=user.id
+        )
         if status == 404 and body.get("message") == "Species not found":
             return JSONResponse({"project": project, "rejected": True, "suggestions": []})
         if status != 200:

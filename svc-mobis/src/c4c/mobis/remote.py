@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from c4c.shared.auth import Principal
+from c4c.shared.clients import ON_BEHALF_OF
 from c4c.shared.problems import ProblemError
 
 INGEST = "/ingest/v1"
@@ -63,9 +65,10 @@ class Ingest(Protocol):
 
 class PlantId(Protocol):
     async def identify(
-        self, project: str, photo: bytes, content_type: str, organ: str
+        self, project: str, photo: bytes, content_type: str, organ: str, *, user: str
     ) -> tuple[int, dict[str, Any]]:
-        """(status, body) as plant identification answered."""
+        """(status, body) as plant identification answered ``user`` (an account id: its
+        quota is charged)."""
         ...
 
 
@@ -172,7 +175,7 @@ class PlantIdOverHttp:
         self._client = client
 
     async def identify(
-        self, project: str, photo: bytes, content_type: str, organ: str
+        self, project: str, photo: bytes, content_type: str, organ: str, *, user: str
     ) -> tuple[int, dict[str, Any]]:
         try:
             response = await self._client().post(
@@ -180,6 +183,7 @@ class PlantIdOverHttp:
                 files={"images": ("photo", photo, content_type)},
                 data={"organs": organ},
                 params={"nb-results": 5},
+                extensions={ON_BEHALF_OF: Principal("user", user)},
             )
         except httpx.HTTPError as exc:
             raise _failed("Plant identification", exc) from exc
