@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 import bench
-from bench._core import Context, Result, ServiceUnavailable, services_required
+from bench._core import Context, Result, ServiceUnavailable, cpu_check, services_required
 from bench._report import table, write
 
 PREFIX = "suite_"
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in args.suites:
         print(f"== {name}", file=sys.stderr, flush=True)
-        started = time.perf_counter()
+        started, speed = time.perf_counter(), cpu_check()
         try:
             rows = asyncio.run(load(name).run(ctx))
         except ServiceUnavailable as exc:
@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{name}: CRASHED (traceback on stderr)")
             continue
         results.extend(rows)
+        notes.append(
+            f"{name}: CPU check {speed:.1f} µs before, {cpu_check():.1f} after (a fixed "
+            "pure-Python loop, lower is faster: the machine's speed, for absolute figures)"
+        )
         print(f"   done in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
     write(args.out, results, notes, quick=args.quick)
     print(table(results))

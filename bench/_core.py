@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import timeit
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -81,3 +82,11 @@ class Result:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def cpu_check() -> float:
+    """Microseconds a fixed pure-Python loop takes (best of five). The machines are shared
+    and their speed drifts (seen: 16 to 25 µs within minutes): ratios to a same-run baseline
+    hardly feel it, absolute figures (observations/s, seconds) do, so the report gives it."""
+    number = 2000
+    return min(timeit.repeat("sum(range(1000))", number=number, repeat=5)) / number * 1e6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ def test_bus_suite_reports_both_adapters_against_bare_aio_pika(
     )
     assert run.returncode == 0, run.stdout + run.stderr
 
+    report = (tmp_path / "results.md").read_text()
+    assert re.search(r"bus: CPU check \d+\.\d µs before, \d+\.\d after", report), report
     rows = json.loads((tmp_path / "results.json").read_text())
     assert isinstance(rows, list)
     for row in rows:
