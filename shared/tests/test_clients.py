@@ -21,7 +21,7 @@ from c4c.shared.app import create_service_app, run_together
 from c4c.shared.auth import Principal, current_principal
 from c4c.shared.bus import InProcessBus
 from c4c.shared.clients import (
-    LIMITS,
+    KEEPALIVE_SECONDS,
     ON_BEHALF_OF,
     FetchFailed,
     ServiceClients,
@@ -209,8 +209,88 @@ async def test_calls_over_http_reuse_their_connections(tmp_path: Path) -> None:
             await clients.aclose()
     assert len(ports[0]) == 30
     assert ports[1] <= ports[0]
-    assert LIMITS.keepalive_expiry is not None
-    assert LIMITS.keepalive_expiry < uvicorn.Config(app).timeout_keep_alive
+    assert uvicorn.Config(app).timeout_keep_alive > KEEPALIVE_SECONDS
+
+
+async def test_an_idle_connection_is_let_go_by_the_caller(tmp_path: Path) -> None:
+    """Before the server's keep-alive would end it (this server keeps it for ever: the close
+    can only be ours), so no request goes out on a connection the server is closing."""
+    closed = asyncio.Event()
+
+    async def keeping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # b"" once the caller closes the connection
+        closed.set()
+
+    server = await asyncio.start_server(keeping, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    clients = ServiceClients(
+        BetaSettings(data_dir=tmp_path, principal_secret=SECRET, service_urls={"alpha": url})
+    )
+    try:
+        assert (await clients.client("alpha").get("/ok")).text == "ok"
+        await asyncio.wait_for(closed.wait(), KEEPALIVE_SECONDS + 5)
+    finally:
+        await clients.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_transport_failures_are_httpx_errors_that_say_what_happened(
+    tmp_path: Path,
+) -> None:
+    """Refused: never sent, a ConnectError (safe to send again). Cut off in the middle of an
+    answer: a RemoteProtocolError (it may have been done). Each names its request."""
+
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(half, "127.0.0.1", 0)
+    cut = server.sockets[0].getsockname()[1]
+    urls = {"down": f"http://127.0.0.1:{free_port()}", "cut": f"http://127.0.0.1:{cut}"}
+    clients = ServiceClients(
+        BetaSettings(data_dir=tmp_path, principal_secret=SECRET, service_urls=urls)
+    )
+    try:
+        with pytest.raises(httpx.ConnectError) as refused:
+            await clients.client("down").get("/x")
+        with pytest.raises(httpx.RemoteProtocolError) as broken:
+            await clients.client("cut").get("/x")
+    finally:
+        await clients.aclose()
+        server.close()
+        await server.wait_closed()
+    assert refused.value.request.url.host == "127.0.0.1"
+    assert broken.value.request.url.path == "/x"
+
+
+async def test_no_cookie_is_kept_between_calls(tmp_path: Path) -> None:
+    """One connection pool serves every caller, users too (ON_BEHALF_OF): a cookie one
+    answer sets must not go out with the next call."""
+    app = FastAPI()
+
+    @app.get("/cookie")
+    async def cookie(request: Request) -> Response:
+        response = Response(request.headers.get("cookie", ""))
+        response.set_cookie("session", "of-someone")
+        return response
+
+    async with serving(app) as url:
+        clients = ServiceClients(
+            BetaSettings(data_dir=tmp_path, principal_secret=SECRET, service_urls={"alpha": url})
+        )
+        try:
+            first = await clients.client("alpha").get("/cookie")
+            second = await clients.client("alpha").get("/cookie")
+        finally:
+            await clients.aclose()
+    assert "session=of-someone" in first.headers["set-cookie"]
+    assert second.text == ""
 
 
 async def test_a_service_answering_other_than_http_is_a_transport_error(tmp_path: Path) -> None:

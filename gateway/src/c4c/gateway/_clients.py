@@ -23,6 +23,8 @@ import aiohttp
 import httpx
 from yarl import URL
 
+from c4c.shared.aiohttp_transport import new_session
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -136,11 +138,7 @@ def _aiohttp_errors() -> Iterator[None]:
 
 
 class NetworkClient:
-    """One replica over TCP: a keep-alive pool of up to ``max_connections``, idle
-    connections closed after ``keepalive_seconds`` (keep it below the upstream's own idle
-    timeout — uvicorn's is 5 s — so that a request never meets a connection the upstream
-    is closing). aiohttp turns Nagle off (TCP_NODELAY) on each connection: small requests
-    never wait for a delayed ACK."""
+    """One replica over TCP, on a :func:`~c4c.shared.aiohttp_transport.new_session` pool."""
 
     def __init__(self, base_url: str, *, max_connections: int, keepalive_seconds: float) -> None:
         self.base_url = base_url.rstrip("/")
@@ -151,20 +149,8 @@ class NetworkClient:
     def _open(self) -> aiohttp.ClientSession:
         # Made on first use: aiohttp binds a session to the running event loop.
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                limit_per_host=0,
-                keepalive_timeout=self._keepalive,
-                use_dns_cache=True,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                # A proxy: no cookies kept between callers, bodies as sent, no defaults added
-                # (the caller's own Accept, User-Agent… are forwarded as they are).
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
-                timeout=aiohttp.ClientTimeout(total=None),
+            self._session = new_session(
+                max_connections=self._max_connections, keepalive_seconds=self._keepalive
             )
         return self._session
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Generator, Mapping
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import urlsplit
 
-import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
 from starlette.types import ASGIApp
 
+from c4c.shared.aiohttp_transport import AiohttpTransport
 from c4c.shared.asgi import StreamingASGITransport
 from c4c.shared.auth import PRINCIPAL_HEADER, Principal, principal_secret, sign_principal
 from c4c.shared.context import REQUEST_ID_HEADER, request_id_var
@@ -38,23 +38,10 @@ from c4c.shared.urls import (
     split_url,
 )
 
-LIMITS = httpx.Limits(max_connections=100, keepalive_expiry=4.0)
+MAX_CONNECTIONS, KEEPALIVE_SECONDS = 100, 4.0
 """Connections to another service: an idle one is let go before the server's keep-alive
 (uvicorn: 5 s) ends it, so a request never goes out on a connection the server is closing at
 that moment."""
-
-
-class _Transport(AiohttpTransport):
-    """httpx's API over aiohttp's connections: httpcore's pool cost 1.8 ms of CPU a call (it
-    scans every connection, each with a poll, on every request), aiohttp's 0.5."""
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            return await super().handle_async_request(request)
-        except aiohttp.ClientError as exc:
-            # httpx-aiohttp leaves some raw (a reply that is not HTTP: ClientResponseError);
-            # callers catch httpx's errors alone.
-            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
 
 
 class ServiceUnreachable(ProblemError):
@@ -147,6 +134,7 @@ class ServiceClients:
                 base_url=f"http://{service}.internal",
                 timeout=timeout,
                 auth=self._auth,
+                cookies=_no_cookies(),
             )
         url = self.settings.service_urls.get(service)
         if url is None:
@@ -155,7 +143,13 @@ class ServiceClients:
                 f'{{"{service}": "http://{service}:8000"}}.'
             )
         return httpx.AsyncClient(
-            base_url=url, timeout=timeout, auth=self._auth, transport=_Transport(limits=LIMITS)
+            base_url=url,
+            timeout=timeout,
+            auth=self._auth,
+            transport=AiohttpTransport(
+                max_connections=MAX_CONNECTIONS, keepalive_seconds=KEEPALIVE_SECONDS
+            ),
+            cookies=_no_cookies(),
         )
 
     def _suite_target(self, url: str) -> tuple[str, str] | None:
@@ -196,7 +190,9 @@ class ServiceClients:
         # Redirects are followed by check_url, each hop checked; never blindly here.
         if self._external is None:
             self._external = httpx.AsyncClient(
-                follow_redirects=False, timeout=httpx.Timeout(self.settings.service_timeout)
+                follow_redirects=False,
+                timeout=httpx.Timeout(self.settings.service_timeout),
+                cookies=_no_cookies(),
             )
         return self._external
 
@@ -205,6 +201,12 @@ class ServiceClients:
             await client.aclose()
         self._clients.clear()
         self._external = None
+
+
+def _no_cookies() -> CookieJar:
+    """A jar that takes no cookie: one client serves every caller (users too, see
+    :data:`ON_BEHALF_OF`), and httpx would send a cookie one answer set with every later call."""
+    return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
 
 
 async def _read(client: httpx.AsyncClient, target: str, shown: str, max_bytes: int) -> bytes:
