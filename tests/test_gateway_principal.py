@@ -179,7 +179,9 @@ async def test_a_key_reaches_no_handler(tmp_path: Path) -> None:
     its links and logs never see it."""
     async with serving(demo_app(tmp_path, api_keys=KEYS)) as client:
         seen = await client.get("/demo/v1/query", params={"api-key": KEYS[0], "page": "2"})
+        encoded = await client.get(f"/demo/v1/query?api%2Dkey={KEYS[1]}&page=3")
     assert seen.json() == {"page": "2"}
+    assert encoded.json() == {"page": "3"}  # a name percent-encoded is the same name
 
 
 async def test_a_service_behind_the_gateway_takes_no_key_instead(tmp_path: Path) -> None:

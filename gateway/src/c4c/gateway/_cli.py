@@ -66,7 +66,9 @@ async def _keys(args: argparse.Namespace, settings: GatewaySettings) -> int:
     # not loaded in this shell) is unknown to it.
     shown = make_url(url).render_as_string(hide_password=True)
     print(f"gateway database: {shown}", file=sys.stderr)
-    db = Database(url, schema=settings.resolved_database_schema)
+    db = Database(
+        url, schema=settings.resolved_database_schema, pool_size=settings.database_pool_size
+    )
     try:
         await db.migrate([MIGRATIONS])
         keys = ApiKeys(db)

@@ -60,7 +60,11 @@ class ServiceRuntime:
     ) -> None:
         self.settings = settings
         self.service = settings.service_name
-        self.db = Database(settings.resolved_database_url, schema=settings.resolved_database_schema)
+        self.db = Database(
+            settings.resolved_database_url,
+            schema=settings.resolved_database_schema,
+            pool_size=settings.database_pool_size,
+        )
         self.owns_bus = bus is None
         self.bus = bus if bus is not None else bus_from_settings(settings)
         self.outbox = Outbox(
@@ -303,7 +307,7 @@ def create_service_app(
     )
     install_problem_handlers(app)
     document_problems(app)
-    if accept_principal and settings.api_keys:
+    if accept_principal and settings.api_keys and not settings.require_principal:
         document_api_keys(app)
     app.include_router(operations_router(runtime))
     if prefixes:

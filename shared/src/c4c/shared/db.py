@@ -49,7 +49,8 @@ Utc = Annotated[datetime, AfterValidator(as_utc)]
 READERS = 4
 """Connections a SQLite database keeps for read-only sessions."""
 POSTGRES_POOL, POSTGRES_OVERFLOW = 12, 3
-"""Connections a PostgreSQL pool keeps once opened, and opens beyond them only for a while."""
+"""Connections a PostgreSQL pool keeps once opened (by default), and opens beyond them only
+for a while."""
 
 _BEGIN_UNSETTLED = "c4c.sqlite_begin_unsettled"
 """Key in a pooled SQLite connection's info: its last BEGIN was sent, its outcome not seen."""
@@ -60,7 +61,9 @@ class InfraBase(DeclarativeBase):
 
 
 class Database:
-    def __init__(self, url: str, *, schema: str | None = None) -> None:
+    def __init__(
+        self, url: str, *, schema: str | None = None, pool_size: int = POSTGRES_POOL
+    ) -> None:
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         self.is_postgres = self.url.get_backend_name() == "postgresql"
@@ -80,8 +83,8 @@ class Database:
             # Keep what load opened: SQLAlchemy's default (5 kept, 10 more closed as soon as
             # they are given back) made a service under load open a connection per request
             # beyond five — a server process forked, authenticated, its type codecs looked
-            # up, its statements prepared again. Still at most 15 a process, as before.
-            options.update(pool_size=POSTGRES_POOL, max_overflow=POSTGRES_OVERFLOW)
+            # up, its statements prepared again. At most 15 a process by default, as before.
+            options.update(pool_size=pool_size, max_overflow=POSTGRES_OVERFLOW)
             if self.schema:
                 options["connect_args"] = {"server_settings": {"search_path": self.schema}}
         self.engine: AsyncEngine = create_async_engine(self.url, **options)

@@ -21,6 +21,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from c4c.shared.db import POSTGRES_POOL
+
 API_KEY_MIN_LENGTH = 16
 
 
@@ -55,6 +57,12 @@ class ServiceSettings(BaseSettings):
     database_schema: str | None = Field(
         None,
         description="PostgreSQL schema for this service's tables; unset = the service name.",
+    )
+    database_pool_size: int = Field(
+        POSTGRES_POOL,
+        ge=1,
+        description="PostgreSQL connections a process keeps once load opened them (3 more "
+        "for bursts); budget max_connections for every process and replica of the suite.",
     )
     broker_url: str | None = Field(
         None, description="AMQP URL of RabbitMQ; unset = the in-process bus."
@@ -103,8 +111,8 @@ class ServiceSettings(BaseSettings):
         description="API keys this service accepts when run alone, without the gateway (JSON "
         "list of keys of 16 characters or more, e.g. from `openssl rand -hex 32`): a call must "
         "then send one (X-API-Key header or api-key query parameter), except health, metrics "
-        "and docs; empty = open to all. The gateway ignores it (its keys are in its database: "
-        "make key); require_principal wins over it.",
+        "and docs; empty = open to all. The gateway does not use it (its keys are in its "
+        "database: make key); require_principal wins over it.",
     )
     require_principal: bool = Field(
         False,

@@ -15,7 +15,10 @@ class PlantidSettings(ServiceSettings):
 
     port: int = 8004
     daily_quota: int = Field(
-        500, ge=0, description="Identifications per API key (or anonymous caller) per UTC day."
+        500,
+        ge=0,
+        description="Identifications per caller per UTC day: an API key, an app user (through "
+        "MOBIS), or an anonymous caller.",
     )
     quota_block: int = Field(
         16,
