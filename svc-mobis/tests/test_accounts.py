@@ -24,6 +24,7 @@ from c4c.mobis.repository import Repository
 from c4c.mobis.schemas import Tokens
 from c4c.mobis.service.accounts import Accounts
 from c4c.mobis.settings import MobisSettings
+from c4c.shared.auth import PRINCIPAL_HEADER, Principal, ensure_principal_secret, sign_principal
 from c4c.shared.problems import ProblemError
 
 PASSWORD = "correct horse battery"  # the one ``signed_up`` registers with
@@ -412,3 +413,54 @@ async def test_the_jwks_is_public_on_a_mobis_that_takes_the_gateway_alone(
     assert keys.status_code == 200, keys.text
     assert keys.json()["keys"][0]["alg"] == "EdDSA"
     assert config.status_code == 401  # the rest is still the gateway's alone
+
+
+async def test_registrations_from_one_address_are_limited(
+    settings: MobisSettings, ingest_client: httpx.AsyncClient
+) -> None:
+    """Each account costs a password hash and has quotas of its own: one address makes a
+    few an hour, another address is not held back by it."""
+    app = create_app(
+        settings.model_copy(update={"registrations_per_address": 2}),
+        ingest=IngestOverHttp(lambda: ingest_client),
+    )
+    secret = ensure_principal_secret(settings)
+
+    def sent_from(address: str) -> dict[str, str]:
+        return {PRINCIPAL_HEADER: sign_principal(Principal("anonymous", address), secret)}
+
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://mobis.test"
+        ) as client,
+    ):
+
+        async def register(email: str, address: str) -> httpx.Response:
+            return await client.post(
+                "/mobis/v1/auth/register",
+                json={"email": email, "password": PASSWORD},
+                headers=sent_from(address),
+            )
+
+        first = [await register(f"u{i}@example.org", "203.0.113.9") for i in range(2)]
+        third = await register("u2@example.org", "203.0.113.9")
+        elsewhere = await register("u3@example.org", "198.51.100.20")
+        signed_in = await login(client, "u0@example.org", headers=sent_from("203.0.113.9"))
+    assert [r.status_code for r in first] == [201, 201]
+    assert third.status_code == 429, third.text
+    assert third.json()["type"].endswith("too-many-registrations")
+    assert 3500 < int(third.headers["retry-after"]) <= 3600
+    assert elsewhere.status_code == 201
+    assert signed_in.status_code == 200  # the accounts made work
+
+
+async def test_first_failed_logins_at_once_are_all_counted_refusals(
+    anonymous: httpx.AsyncClient,
+) -> None:
+    """Two first failures for one account used to insert its throttle row twice (a 500 on
+    PostgreSQL); each is a 401."""
+    answers = await asyncio.gather(
+        *(login(anonymous, "nobody@example.org", "wrong password!") for _ in range(3))
+    )
+    assert [a.status_code for a in answers] == [401] * 3, [a.text for a in answers]

@@ -153,9 +153,16 @@ def build_router(settings: MobisSettings) -> APIRouter:
             _parts(request).signer.jwks(), headers={"Cache-Control": "public, max-age=300"}
         )
 
-    @router.post("/auth/register", status_code=201, response_model=Account)
-    async def register(body: Register, accounts: AccountsDep) -> Account:
-        return await accounts.register(body)
+    @router.post(
+        "/auth/register",
+        status_code=201,
+        response_model=Account,
+        responses={429: {"description": "Too many accounts from this address: Retry-After."}},
+    )
+    async def register(
+        body: Register, request: Request, principal: PrincipalDep, accounts: AccountsDep
+    ) -> Account:
+        return await accounts.register(body, _client_address(request, principal))
 
     @router.post(
         "/auth/login",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    case,
     cast,
     delete,
     false,
@@ -317,14 +318,35 @@ class Repository:
         return list(result.scalars())
 
     async def save_throttle(self, key: str, failures: int, blocked_until: datetime) -> None:
-        row = await self.session.get(LoginThrottleRow, key)
-        if row is None:
-            self.session.add(
-                LoginThrottleRow(key=key, failures=failures, blocked_until=blocked_until)
+        # One statement: two first failures at once both inserted (a 500 on PostgreSQL).
+        values = {"key": key, "failures": failures, "blocked_until": blocked_until}
+        await self.session.execute(
+            self._insert()(LoginThrottleRow)
+            .values(values)
+            .on_conflict_do_update(index_elements=["key"], set_=values)
+        )
+
+    async def count_in_window(
+        self, key: str, now: datetime, window: timedelta
+    ) -> tuple[int, datetime]:
+        """One more under ``key`` in its window (a new window of ``window`` once the last
+        ended): the count and the window's end, in one statement, concurrent calls too."""
+        row = LoginThrottleRow
+        ended = row.blocked_until <= now
+        result = await self.session.execute(
+            self._insert()(row)
+            .values(key=key, failures=1, blocked_until=now + window)
+            .on_conflict_do_update(
+                index_elements=["key"],
+                set_={
+                    "failures": case((ended, 1), else_=row.failures + 1),
+                    "blocked_until": case((ended, now + window), else_=row.blocked_until),
+                },
             )
-        else:
-            row.failures, row.blocked_until = failures, blocked_until
-        await self.session.flush()
+            .returning(row.failures, row.blocked_until)
+        )
+        count, window_end = result.one()
+        return count, window_end.replace(tzinfo=window_end.tzinfo or UTC)  # SQLite: naive
 
     async def clear_throttle(self, key: str) -> None:
         await self.session.execute(delete(LoginThrottleRow).where(LoginThrottleRow.key == key))

@@ -50,6 +50,12 @@ class MobisSettings(ServiceSettings):
     login_free_failures_per_ip: int = Field(
         20, ge=1, description="Failed logins from one address before each try is slowed."
     )
+    registrations_per_address: int = Field(
+        50,
+        ge=0,
+        description="Accounts one address may register an hour (each costs a password hash "
+        "and has its own quotas; a bioblitz on one Wi-Fi shares an address); 0 = no limit.",
+    )
     login_max_delay_seconds: float = Field(
         900.0, gt=0, description="Longest wait imposed between tries (doubles per failure)."
     )

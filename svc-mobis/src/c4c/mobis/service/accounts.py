@@ -71,6 +71,13 @@ class TooManyAttempts(ProblemError):
         )
 
 
+class TooManyRegistrations(TooManyAttempts):
+    code, title = "too-many-registrations", "Too many accounts registered from this address"
+
+
+REGISTRATION_WINDOW = timedelta(hours=1)
+
+
 class EmailTaken(Conflict):
     code, title = "email-taken", "An account with this email exists"
 
@@ -213,8 +220,9 @@ class Accounts:
         if password.strip().lower() == email:
             raise WeakPassword("The password must not be the email address.")
 
-    async def register(self, request: Register) -> Account:
+    async def register(self, request: Register, address: str) -> Account:
         self._check_password(request.password, request.email)
+        await self._count_registration(address)
         if await self.repo.user_by_email(request.email) is not None:
             raise EmailTaken("Log in, or use another email address.")
         now = self.now()
@@ -229,6 +237,20 @@ class Accounts:
         if not await self.repo.add_user(user):  # a concurrent registration won
             raise EmailTaken("Log in, or use another email address.")
         return account(user)
+
+    async def _count_registration(self, address: str) -> None:
+        """At most ``registrations_per_address`` accounts an hour from one address: each
+        costs a password hash, and each has quotas of its own (plantid's identifications).
+        Counted in the registration's transaction: a refused one counts nothing."""
+        limit = self.settings.registrations_per_address
+        if limit == 0:
+            return
+        now = self.now()
+        count, window_end = await self.repo.count_in_window(
+            f"register:{address}", now, REGISTRATION_WINDOW
+        )
+        if count > limit:
+            raise TooManyRegistrations((window_end - now).total_seconds())
 
     def _throttles(self, email: str, address: str) -> list[Throttle]:
         return [
