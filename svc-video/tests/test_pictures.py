@@ -14,13 +14,7 @@ import numpy as np
 import pytest
 
 from c4c.video.analysis.pictures import ArrayPicture, DecodedPicture
-from c4c.video.analysis.pipeline import (
-    OUTPUT_NICENESS,
-    AnalysisParams,
-    Analyzer,
-    DetectedEvent,
-    OutputThread,
-)
+from c4c.video.analysis.pipeline import AnalysisParams, Analyzer, DetectedEvent, OutputThread
 
 
 def scene(width: int = 64, height: int = 48) -> np.ndarray:
@@ -111,15 +105,14 @@ def test_the_output_thread_takes_tasks_in_batches_or_when_sent() -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
-def test_the_output_thread_yields_the_cores_to_the_analysis() -> None:
-    output = OutputThread("test-output")
-    niceness: list[int] = []
-    output.submit(
-        lambda: niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-    )
+@pytest.mark.parametrize("niceness", [0, AnalysisParams().output_niceness])
+def test_the_output_thread_yields_the_cores_to_the_analysis(niceness: int) -> None:
+    output = OutputThread("test-output", niceness=niceness)
+    seen: list[int] = []
+    output.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
     output.join()
     ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert niceness == [min(19, ours + OUTPUT_NICENESS)]  # 19: the lowest priority there is
+    assert seen == [min(19, ours + niceness)]  # 19: the lowest priority there is
 
 
 def test_a_live_event_goes_out_when_its_clip_ends_not_when_the_stream_does(

@@ -66,6 +66,7 @@ def analysis_params(settings: VideoSettings) -> AnalysisParams:
         clip_width=settings.clip_width,
         clip_fps=settings.clip_fps,
         clip_max_seconds=settings.clip_seconds,
+        output_niceness=settings.output_niceness,
     )
 
 

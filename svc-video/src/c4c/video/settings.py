@@ -12,6 +12,13 @@ class VideoSettings(ServiceSettings):
     service_name: ClassVar[str] = "video"
 
     port: int = 8003
+    output_niceness: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much nicer (Linux) the thread that encodes clips and keyframes runs "
+        "than the analysis: evidence waits, live analysis does not fall behind; 0 = the same.",
+    )
     max_upload_bytes: int = Field(
         2 * 1024**3, ge=0, description="Largest clip upload (POST /video/v1/jobs), in bytes."
     )

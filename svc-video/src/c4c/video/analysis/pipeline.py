@@ -41,10 +41,6 @@ CLIP_CODEC: Final = "libx264"
 CLIP_OPTIONS = {"preset": "ultrafast", "crf": "28"}
 CLIP_SUFFIX = ".mp4"
 CLIP_CONTENT_TYPE = "video/mp4"
-# Evidence can wait, analysis cannot (a live stream behind real time drops frames): the output
-# thread runs at this niceness, in the gaps the decode and analysis threads leave on a busy
-# machine, and its bounded queue holds the analysis back before it falls far behind.
-OUTPUT_NICENESS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +70,11 @@ class AnalysisParams:
     clip_postroll: float = 1.0
     clip_max_seconds: float = 15.0
     jpeg_quality: int = 90
+    # Evidence can wait, analysis cannot (a live stream behind real time drops frames): the
+    # output thread runs this much nicer (Linux), in the gaps the decode and analysis threads
+    # leave on a busy machine; its bounded queue holds the analysis back before it falls far
+    # behind. 0 = the analysis' priority.
+    output_niceness: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,9 +234,10 @@ class OutputThread:
 
     A failed task stops the work: the error is raised by the next ``submit`` or ``join``."""
 
-    def __init__(self, name: str, depth: int = 64, batch: int = 8) -> None:
+    def __init__(self, name: str, depth: int = 64, batch: int = 8, niceness: int = 0) -> None:
         self.name = name
         self.batch = batch
+        self.niceness = niceness
         # At most ``depth`` queued tasks: a slow encoder or sink holds the analysis back.
         self.tasks: queue.Queue[list[Callable[[], object]] | None] = queue.Queue(
             max(1, depth // batch)
@@ -279,7 +281,8 @@ class OutputThread:
             raise error
 
     def _run(self) -> None:
-        _lower_priority(OUTPUT_NICENESS)
+        if self.niceness:
+            _lower_priority(self.niceness)
         while (tasks := self.tasks.get()) is not None:
             for task in tasks:
                 if self.error is None:  # after a failure the rest is skipped, not run
@@ -413,7 +416,7 @@ class Analyzer:
         self.segment: _Segment | None = None
         self.recorded_until = -math.inf  # the last frame of the last segment
         self.active_until = -math.inf  # the open segment records at least until then
-        self.output = OutputThread("analysis-output")
+        self.output = OutputThread("analysis-output", niceness=params.output_niceness)
         self.detections = 0
 
     def prepare(self, t: float, picture: Picture) -> Prepared:
