@@ -43,10 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from httpx_aiohttp import AiohttpTransport
 from PIL import Image, ImageDraw
 
 from bench._core import Context, Result, ServiceUnavailable
+from c4c.shared.aiohttp_transport import AiohttpTransport
+from c4c.shared.clients import KEEPALIVE_SECONDS, MAX_CONNECTIONS
 from c4c.shared.testing import LocalRun, Processes
 
 SUITE = "mobis"
@@ -451,10 +452,10 @@ async def distributed(
         # them). Both ways in, through MOBIS and straight into ingest, alike.
         async with (
             httpx.AsyncClient(
-                base_url=run.url("mobis"), timeout=60, transport=AiohttpTransport()
+                base_url=run.url("mobis"), timeout=60, transport=apps_transport()
             ) as mobis,
             httpx.AsyncClient(
-                base_url=run.url("ingest"), timeout=60, transport=AiohttpTransport()
+                base_url=run.url("ingest"), timeout=60, transport=apps_transport()
             ) as ingest,
             httpx.AsyncClient(base_url=run.url("quality"), timeout=2) as quality,
         ):
@@ -480,6 +481,10 @@ async def _ready(services: Sequence[httpx.AsyncClient], alive: Callable[[], bool
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{service.base_url} not ready")
             await asyncio.sleep(0.2)
+
+
+def apps_transport() -> AiohttpTransport:
+    return AiohttpTransport(max_connections=MAX_CONNECTIONS, keepalive_seconds=KEEPALIVE_SECONDS)
 
 
 async def _services_up(broker_url: str) -> None:

@@ -66,3 +66,14 @@ def test_bus_suite_reports_both_adapters_against_bare_aio_pika(
     for metric in ("bare aio-pika events/s", "rabbitmq events/s", "in-process events/s"):
         assert f"| bus | {metric} |" in markdown
     assert "| bus | rabbitmq events/s |" in run.stdout  # the table is printed too
+
+
+def test_every_suite_imports() -> None:
+    """A suite is run by hand, not by CI: at least each must load (one imported a package
+    the project no longer installs)."""
+    from bench.__main__ import available_suites, load
+
+    suites = available_suites()
+    assert "mobis" in suites
+    for name in suites:
+        assert callable(load(name).run), name
