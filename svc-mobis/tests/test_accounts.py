@@ -418,8 +418,8 @@ async def test_the_jwks_is_public_on_a_mobis_that_takes_the_gateway_alone(
 async def test_registrations_from_one_address_are_limited(
     settings: MobisSettings, ingest_client: httpx.AsyncClient
 ) -> None:
-    """Each account costs a password hash and has quotas of its own: one address makes a
-    few an hour, another address is not held back by it."""
+    """Each account costs a password hash and has quotas of its own: one address (an IPv6
+    host: its /64) makes a few an hour, another address is not held back by it."""
     app = create_app(
         settings.model_copy(update={"registrations_per_address": 2}),
         ingest=IngestOverHttp(lambda: ingest_client),
@@ -443,10 +443,10 @@ async def test_registrations_from_one_address_are_limited(
                 headers=sent_from(address),
             )
 
-        first = [await register(f"u{i}@example.org", "203.0.113.9") for i in range(2)]
-        third = await register("u2@example.org", "203.0.113.9")
+        first = [await register(f"u{i}@example.org", f"2001:db8:7::{i}") for i in range(2)]
+        third = await register("u2@example.org", "2001:db8:7::ffff")  # the same /64
         elsewhere = await register("u3@example.org", "198.51.100.20")
-        signed_in = await login(client, "u0@example.org", headers=sent_from("203.0.113.9"))
+        signed_in = await login(client, "u0@example.org", headers=sent_from("2001:db8:7::1"))
     assert [r.status_code for r in first] == [201, 201]
     assert third.status_code == 429, third.text
     assert third.json()["type"].endswith("too-many-registrations")
@@ -455,12 +455,15 @@ async def test_registrations_from_one_address_are_limited(
     assert signed_in.status_code == 200  # the accounts made work
 
 
-async def test_first_failed_logins_at_once_are_all_counted_refusals(
-    anonymous: httpx.AsyncClient,
-) -> None:
-    """Two first failures for one account used to insert its throttle row twice (a 500 on
-    PostgreSQL); each is a 401."""
-    answers = await asyncio.gather(
+async def test_failed_logins_at_once_are_each_counted(anonymous: httpx.AsyncClient) -> None:
+    """Sent together, failures are refused (two first ones inserted the throttle row twice:
+    a 500 on PostgreSQL) and each counted (read, then written, they counted as one: guesses
+    sent in parallel went unslowed). The fifth failure slows the account."""
+    together = await asyncio.gather(
         *(login(anonymous, "nobody@example.org", "wrong password!") for _ in range(3))
     )
-    assert [a.status_code for a in answers] == [401] * 3, [a.text for a in answers]
+    assert [a.status_code for a in together] == [401] * 3, [a.text for a in together]
+    after = [await login(anonymous, "nobody@example.org", "wrong password!") for _ in range(2)]
+    assert [a.status_code for a in after] == [401] * 2
+    slowed = await login(anonymous, "nobody@example.org", "wrong password!")
+    assert slowed.status_code == 429, slowed.text

@@ -60,7 +60,9 @@ class RefreshTokenRow(MobisBase):
 
 
 class LoginThrottleRow(MobisBase):
-    """Consecutive failed logins of one key (``account:<email>`` or ``ip:<address>``)."""
+    """Consecutive failed logins of one key (``account:<email>`` or ``ip:<address>``), or
+    accounts registered from one address in a window (``register:<address>``: ``failures``
+    counts them, ``blocked_until`` is the window's end)."""
 
     __tablename__ = "login_throttle"
 

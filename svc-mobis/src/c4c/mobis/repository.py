@@ -317,13 +317,26 @@ class Repository:
         )
         return list(result.scalars())
 
-    async def save_throttle(self, key: str, failures: int, blocked_until: datetime) -> None:
-        # One statement: two first failures at once both inserted (a 500 on PostgreSQL).
-        values = {"key": key, "failures": failures, "blocked_until": blocked_until}
+    async def add_failure(self, key: str, now: datetime) -> int:
+        """One more failed login under ``key``: the count, in one statement, so failures
+        sent at once are each counted (read, then written, they counted as one)."""
+        row = LoginThrottleRow
+        result = await self.session.execute(
+            self._insert()(row)
+            .values(key=key, failures=1, blocked_until=now)
+            .on_conflict_do_update(index_elements=["key"], set_={"failures": row.failures + 1})
+            .returning(row.failures)
+        )
+        failures: int = result.scalar_one()
+        return failures
+
+    async def block_until(self, key: str, until: datetime) -> None:
+        """Blocks ``key`` until ``until``, or later where a concurrent failure already did."""
+        row = LoginThrottleRow
         await self.session.execute(
-            self._insert()(LoginThrottleRow)
-            .values(values)
-            .on_conflict_do_update(index_elements=["key"], set_=values)
+            update(row)
+            .where(row.key == key)
+            .values(blocked_until=case((row.blocked_until < until, until), else_=row.blocked_until))
         )
 
     async def count_in_window(

@@ -9,6 +9,7 @@ refresh never makes a sign-in fresher: the family keeps the ``auth_time`` of its
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import secrets
 import uuid
@@ -69,6 +70,15 @@ class TooManyAttempts(ProblemError):
             headers={"Retry-After": str(seconds)},
             retry_after=seconds,
         )
+
+
+def _network(address: str) -> str:
+    """What one client controls: an IPv4 address, an IPv6 /64 (a host gets a whole one)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # not an address (a test client's name): itself
+        return address
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
 
 
 class TooManyRegistrations(TooManyAttempts):
@@ -247,7 +257,7 @@ class Accounts:
             return
         now = self.now()
         count, window_end = await self.repo.count_in_window(
-            f"register:{address}", now, REGISTRATION_WINDOW
+            f"register:{_network(address)}", now, REGISTRATION_WINDOW
         )
         if count > limit:
             raise TooManyRegistrations((window_end - now).total_seconds())
@@ -255,7 +265,7 @@ class Accounts:
     def _throttles(self, email: str, address: str) -> list[Throttle]:
         return [
             Throttle(f"account:{email}", self.settings.login_free_failures),
-            Throttle(f"ip:{address}", self.settings.login_free_failures_per_ip),
+            Throttle(f"ip:{_network(address)}", self.settings.login_free_failures_per_ip),
         ]
 
     async def login(
@@ -278,17 +288,10 @@ class Accounts:
         )
         if user is None or not valid:
             for throttle in throttles:
-                row = rows.get(throttle.key)
-                failures = (row.failures if row else 0) + 1
-                excess = failures - throttle.free_failures
-                delay = (
-                    0.0
-                    if excess < 0
-                    else min(2.0 ** (excess + 1), self.settings.login_max_delay_seconds)
-                )
-                await self.repo.save_throttle(
-                    throttle.key, failures, now + timedelta(seconds=delay)
-                )
+                excess = await self.repo.add_failure(throttle.key, now) - throttle.free_failures
+                if excess >= 0:
+                    delay = min(2.0 ** (excess + 1), self.settings.login_max_delay_seconds)
+                    await self.repo.block_until(throttle.key, now + timedelta(seconds=delay))
             return InvalidCredentials("Check the email address and the password.")
         for throttle in throttles:
             if throttle.key in rows:
