@@ -269,6 +269,27 @@ async def test_transport_failures_are_httpx_errors_that_say_what_happened(
     assert broken.value.request.url.path == "/x"
 
 
+async def test_a_call_goes_with_the_headers_it_was_given(tmp_path: Path) -> None:
+    """No Content-Type added to a body sent without one (aiohttp's default would)."""
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, str | None]:
+        return {"content-type": request.headers.get("content-type")}
+
+    async with serving(app) as url:
+        clients = ServiceClients(
+            BetaSettings(data_dir=tmp_path, principal_secret=SECRET, service_urls={"alpha": url})
+        )
+        try:
+            bare = await clients.client("alpha").post("/echo", content=b"raw")
+            typed = await clients.client("alpha").post("/echo", json={"a": 1})
+        finally:
+            await clients.aclose()
+    assert bare.json() == {"content-type": None}
+    assert typed.json() == {"content-type": "application/json"}
+
+
 async def test_no_cookie_is_kept_between_calls(tmp_path: Path) -> None:
     """One connection pool serves every caller, users too (ON_BEHALF_OF): a cookie one
     answer sets must not go out with the next call."""

@@ -39,7 +39,7 @@ def new_session(*, max_connections: int, keepalive_seconds: float) -> aiohttp.Cl
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
-        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
+        skip_auto_headers=("Accept", "Accept-Encoding", "Content-Type", "User-Agent"),
         timeout=aiohttp.ClientTimeout(total=None),
     )
 
@@ -112,6 +112,8 @@ class _Body(httpx.AsyncByteStream):
 def _httpx_errors(request: httpx.Request) -> Iterator[None]:
     try:
         yield
+    except aiohttp.InvalidURL as exc:  # never sent
+        raise httpx.UnsupportedProtocol(str(exc), request=request) from exc
     except aiohttp.ConnectionTimeoutError as exc:
         raise httpx.ConnectTimeout(str(exc), request=request) from exc
     except aiohttp.ClientConnectorError as exc:  # refused, unresolvable: never sent

@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from c4c.shared.settings import ServiceSettings
+from c4c.video.analysis.pipeline import OUTPUT_NICENESS
 
 
 class VideoSettings(ServiceSettings):
@@ -13,7 +14,7 @@ class VideoSettings(ServiceSettings):
 
     port: int = 8003
     output_niceness: int = Field(
-        10,
+        OUTPUT_NICENESS,
         ge=0,
         le=19,
         description="How much nicer (Linux) the thread that encodes clips and keyframes runs "

@@ -41,6 +41,10 @@ CLIP_CODEC: Final = "libx264"
 CLIP_OPTIONS = {"preset": "ultrafast", "crf": "28"}
 CLIP_SUFFIX = ".mp4"
 CLIP_CONTENT_TYPE = "video/mp4"
+# Evidence can wait, analysis cannot (a live stream behind real time drops frames): the output
+# thread runs this much nicer (Linux), in the gaps the decode and analysis threads leave on a
+# busy machine; its bounded queue holds the analysis back before it falls far behind.
+OUTPUT_NICENESS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +74,7 @@ class AnalysisParams:
     clip_postroll: float = 1.0
     clip_max_seconds: float = 15.0
     jpeg_quality: int = 90
-    # Evidence can wait, analysis cannot (a live stream behind real time drops frames): the
-    # output thread runs this much nicer (Linux), in the gaps the decode and analysis threads
-    # leave on a busy machine; its bounded queue holds the analysis back before it falls far
-    # behind. 0 = the analysis' priority.
-    output_niceness: int = 10
+    output_niceness: int = OUTPUT_NICENESS
 
 
 @dataclass(frozen=True, slots=True)
