@@ -12,6 +12,11 @@ reads of what the suite knows, every check and the grade, the answer's serialisa
   the decode, i.e. the rate with the photo ≥ 1/1.5 of the decode rate). Each item has its
   own photo URL, so nothing is analysed once for several items. The photo checks decode
   once (OpenCV, reduced grayscale); Pillow only parses the header for the EXIF;
+- the same with caches off once the service has seen a long history (``HISTORY``
+  observations of the same observers and taxa, half of them accepted), against none seen:
+  every batch reads each observer's counts and each taxon's latest accepted records, which
+  should cost the same whatever came before (until 2026-11-24 they read every record of the
+  observer and of the taxon);
 - observations scored per CPU-second through the event consumers, as ingest's events bring
   them (issue #8): bursts of ``observation.created`` without media, then each one's
   ``observation.updated`` with its photo (distinct photos), timed until every observation's
@@ -31,7 +36,7 @@ import json
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +44,11 @@ import cv2
 import httpx
 import numpy as np
 from fastapi import FastAPI
+from sqlalchemy import insert
 
 from bench._core import Context, Result, median
 from c4c.quality.app import create_app
+from c4c.quality.models import SeenObservation
 from c4c.quality.rules import RuleSet, assess
 from c4c.quality.rules.model import Context as RuleContext
 from c4c.quality.schemas import ObservationIn
@@ -58,6 +65,7 @@ IMAGE_BATCH_SIZE = 10
 EVENT_OBSERVATIONS, EVENT_OBSERVATIONS_QUICK = 100, 50
 EVENT_BURST = 50
 ROUNDS, ROUNDS_QUICK = 3, 1
+HISTORY, HISTORY_QUICK = 200_000, 20_000
 METADATA_TARGET = 2000.0
 IMAGE_TARGET = 1 / 1.5
 PHOTO_SIDE = 1280
@@ -241,6 +249,33 @@ async def event_rate(parts: Parts, count: int, run: int) -> float:
     return count / clock.cpu
 
 
+async def seed_history(parts: Parts, count: int) -> None:
+    """``count`` observations seen before, of the bench's observers and taxa, half of them
+    accepted (research grade), written straight into the service's database."""
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "id": f"seen-{i}",
+            "version": 1,
+            "project": "bench",
+            "recorded_by": f"user-{i % 50}",
+            "taxon": NAMES[i % len(NAMES)],
+            "latitude": 36.0 + (i % 997) * 0.007,
+            "longitude": -8.0 + (i % 991) * 0.011,
+            "day_of_year": 1 + i % 365,
+            "grade": "research" if i % 2 else "needs_id",
+            "body": {},
+            "measurements": [],
+            "deleted": False,
+            "updated_at": now - timedelta(seconds=i),
+        }
+        for i in range(count)
+    ]
+    async with parts.runtime.db.sessions() as session, session.begin():
+        for start in range(0, count, 5000):
+            await session.execute(insert(SeenObservation), rows[start : start + 5000])
+
+
 def decode_rate(data: bytes, count: int) -> float:
     buffer = np.frombuffer(data, dtype=np.uint8)
     with Clock() as clock:
@@ -271,15 +306,23 @@ async def run(ctx: Context) -> list[Result]:
     images_n = IMAGES_QUICK if ctx.quick else IMAGES
     rounds = ROUNDS_QUICK if ctx.quick else ROUNDS
     events_n = EVENT_OBSERVATIONS_QUICK if ctx.quick else EVENT_OBSERVATIONS
+    history_n = HISTORY_QUICK if ctx.quick else HISTORY
     photo = photo_1280()
     photos = [photo_1280(i) for i in range(rounds * events_n)]
     metadata, walls, uncached, scoring, image_rates, decode_rates = [], [], [], [], [], []
+    with_history: list[float] = []
     event_rates: list[float] = []
-    with tempfile.TemporaryDirectory() as cached_dir, tempfile.TemporaryDirectory() as bare_dir:
+    with (
+        tempfile.TemporaryDirectory() as cached_dir,
+        tempfile.TemporaryDirectory() as bare_dir,
+        tempfile.TemporaryDirectory() as history_dir,
+    ):
         async with (
             service(cached_dir, photo) as (client, parts),
             service(bare_dir, photo, context_ttl_s=0) as (uncached_client, _),
+            service(history_dir, photo, context_ttl_s=0) as (history_client, history_parts),
         ):
+            await seed_history(history_parts, history_n)
             # Interleaved, so that the machine's other load falls on every variant alike.
             for _ in range(rounds):
                 cpu, wall = await batch_rate(client, observation, metadata_n, BATCH_SIZE)
@@ -287,6 +330,9 @@ async def run(ctx: Context) -> list[Result]:
                 walls.append(wall)
                 uncached.append(
                     (await batch_rate(uncached_client, observation, metadata_n, BATCH_SIZE))[0]
+                )
+                with_history.append(
+                    (await batch_rate(history_client, observation, metadata_n, BATCH_SIZE))[0]
                 )
                 scoring.append(await scoring_rate(parts.knowledge, metadata_n))
                 decode_rates.append(decode_rate(photo, images_n))
@@ -317,6 +363,16 @@ async def run(ctx: Context) -> list[Result]:
             baseline=rate,
             baseline_name="the same with caches",
             detail="context_ttl_s=0: every batch reads observers, taxa, machine ids in bulk",
+        ),
+        Result.against(
+            SUITE,
+            f"the same, caches off, after {history_n:,} observations seen",
+            median(with_history),
+            "1/s",
+            baseline=median(uncached),
+            baseline_name="caches off, none seen",
+            detail="of the same 50 observers and 12 taxa, half accepted: every batch reads "
+            "each observer's counts and each taxon's latest 2,000 accepted records",
         ),
         Result.against(
             SUITE,

@@ -68,9 +68,10 @@ def test_bus_suite_reports_both_adapters_against_bare_aio_pika(
     assert "| bus | rabbitmq events/s |" in run.stdout  # the table is printed too
 
 
-def test_every_suite_imports() -> None:
+def test_every_suite_imports(monkeypatch: pytest.MonkeyPatch) -> None:
     """A suite is run by hand, not by CI: at least each must load (one imported a package
     the project no longer installs)."""
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/ is run from the checkout, not installed
     from bench.__main__ import available_suites, load
 
     suites = available_suites()
