@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache, lru_cache
 from typing import Any, NamedTuple, cast
 
@@ -13,7 +13,6 @@ from sqlalchemy import (
     Select,
     Table,
     bindparam,
-    case,
     func,
     insert,
     or_,
@@ -31,6 +30,7 @@ from c4c.quality.models import (
     AssessmentRow,
     ImageRow,
     MachineIdRow,
+    ObserverCount,
     QualityBase,
     RuleSetRow,
     SeenObservation,
@@ -45,6 +45,7 @@ class IndexedPhoto(NamedTuple):
 
 
 _IMAGES = cast(Table, ImageRow.__table__)
+_COUNTS = cast(Table, ObserverCount.__table__)
 
 
 def _values(row: QualityBase, table: FromClause) -> dict[str, Any]:
@@ -61,6 +62,35 @@ def _images_upsert(dialect: str) -> Any:
         index_elements=[_IMAGES.c.media_id],
         set_={c.key: statement.excluded[c.key] for c in _IMAGES.columns if not c.primary_key},
     )
+
+
+@cache
+def _counts_upsert(dialect: str) -> Any:
+    """The observers' counts moved by deltas (rows of the observer, total and research
+    changes) on ``dialect``, built once (as :func:`_images_upsert`)."""
+    statement = (pg_insert if dialect == "postgresql" else sqlite_insert)(_COUNTS)
+    return statement.on_conflict_do_update(
+        index_elements=[_COUNTS.c.recorded_by],
+        set_={
+            "total": _COUNTS.c.total + statement.excluded.total,
+            "research": _COUNTS.c.research + statement.excluded.research,
+        },
+    )
+
+
+def _count_deltas(
+    removed: Iterable[SeenObservation], added: Iterable[SeenObservation]
+) -> dict[str, tuple[int, int]]:
+    """How the observers' (total, research) move when these snapshots are replaced by those
+    (deleted ones count for nobody)."""
+    deltas: dict[str, tuple[int, int]] = {}
+    for sign, rows in ((-1, removed), (1, added)):
+        for row in rows:
+            if row.recorded_by is not None and not row.deleted:
+                total, research = deltas.get(row.recorded_by, (0, 0))
+                research += sign if row.grade == "research" else 0
+                deltas[row.recorded_by] = (total + sign, research)
+    return {observer: delta for observer, delta in deltas.items() if delta != (0, 0)}
 
 
 @lru_cache(maxsize=128)
@@ -151,22 +181,43 @@ class Repository:
             query = query.with_for_update()
         return {row.id: row for row in (await self.session.execute(query)).scalars()}
 
-    async def save_seen(self, row: SeenObservation) -> None:
-        await self.session.merge(row)
-
     async def save_seen_many(
-        self, rows: Sequence[SeenObservation], existing: Collection[str]
+        self, rows: Sequence[SeenObservation], prior: Mapping[str, SeenObservation]
     ) -> None:
-        """Snapshots in two statements: those of ``existing`` ids (read and locked in this
-        transaction) updated, the others inserted: a row another replica inserted meanwhile
-        fails the transaction (to be read again), it is not overwritten."""
+        """Snapshots in two statements: those seen before (``prior``: read and locked in this
+        transaction) updated, the others inserted (a row another replica inserted meanwhile
+        fails the transaction, to be read again, it is not overwritten); their observers'
+        counts moved with them."""
         table = SeenObservation.__table__
-        old = [_values(row, table) for row in rows if row.id in existing]
-        new = [_values(row, table) for row in rows if row.id not in existing]
+        # Before the update: it refreshes the prior rows of this session in place.
+        deltas = _count_deltas([prior[row.id] for row in rows if row.id in prior], rows)
+        old = [_values(row, table) for row in rows if row.id in prior]
+        new = [_values(row, table) for row in rows if row.id not in prior]
         if old:
             await self.session.execute(update(SeenObservation), old)
         if new:
             await self.session.execute(insert(SeenObservation), new)
+        await self._count(deltas)
+
+    async def delete_seen(self, row: SeenObservation) -> None:
+        """Mark a snapshot (read and locked in this transaction) deleted; it no longer counts
+        for its observer."""
+        deltas = _count_deltas([row], [])
+        row.deleted = True
+        await self.session.merge(row)
+        await self._count(deltas)
+
+    async def _count(self, deltas: Mapping[str, tuple[int, int]]) -> None:
+        """Observers' counts moved, in one statement, in the observers' order (two replicas
+        moving the same ones wait for each other, never deadlock)."""
+        if not deltas:
+            return
+        values = [
+            {"recorded_by": observer, "total": total, "research": research}
+            for observer, (total, research) in sorted(deltas.items())
+        ]
+        dialect = self.session.get_bind().dialect.name
+        await self.session.execute(_counts_upsert(dialect), values)
 
     async def counted(
         self, observation_ids: Sequence[str]
@@ -198,17 +249,10 @@ class Repository:
         """(observations, research grade) of each observer, deleted ones aside."""
         if not observers:
             return {}
-        research = func.coalesce(
-            func.sum(case((SeenObservation.grade == "research", 1), else_=0)), 0
-        )
-        query = (
-            select(SeenObservation.recorded_by, func.count(), research)
-            .where(SeenObservation.recorded_by.in_(observers), SeenObservation.deleted.is_(False))
-            .group_by(SeenObservation.recorded_by)
-        )
+        query = select(ObserverCount).where(ObserverCount.recorded_by.in_(observers))
         counts = dict.fromkeys(observers, (0, 0))
-        for observer, total, researched in await self.session.execute(query):
-            counts[observer] = (int(total), int(researched))
+        for row in (await self.session.execute(query)).scalars():
+            counts[row.recorded_by] = (row.total, row.research)
         return counts
 
     async def recent_measurements(

@@ -782,7 +782,7 @@ class QualityService:
                     created_at=created_at,
                 )
             )
-        await self.repo.save_seen_many(snapshots, seen.keys())
+        await self.repo.save_seen_many(snapshots, seen)
         await self.repo.add_assessments(assessments)
         if self.events is not None:
             await self.events.emit_many(
@@ -793,7 +793,7 @@ class QualityService:
         prior = await self.repo.seen(observation_id, for_update=True)
         if prior is not None:
             self.cache.changed([prior.recorded_by], [prior.taxon])
-            await self.repo.save_seen(replace_row(prior, deleted=True))
+            await self.repo.delete_seen(prior)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -845,12 +845,6 @@ class QualityService:
         )
         self.cache.rulesets.forget(project)
         return await self.ruleset(project)
-
-
-def replace_row(row: SeenObservation, **values: Any) -> SeenObservation:
-    for key, value in values.items():
-        setattr(row, key, value)
-    return row
 
 
 def assessment_of(row: AssessmentRow) -> dict[str, Any]:
