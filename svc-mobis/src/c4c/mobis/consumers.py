@@ -1,7 +1,8 @@
 """Bus handlers (thin): scores, identifications and new versions of the users'
 observations. The bus hands events to many concurrent handlers; they are gathered into
 batches (:class:`Batcher`), and each batch is applied in one short transaction that records
-its event ids with the effects (once per event id), then wakes the owners' live streams
+its event ids with the effects (once per event id; events of observations no app synced are
+let go unrecorded), then wakes the owners' live streams
 (after the commit, so the streams find the notifications). A batch lingers a moment
 (``event_linger_seconds``): the events of an upload trickle in (a new version, then a score)
 and would each take a transaction of their own."""
@@ -12,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from c4c.mobis.schemas import ObservationIdentified, ObservationScored, ObservationUpdated
-from c4c.mobis.service.observations import Observations, StateChange
+from c4c.mobis.service.observations import Observations, StateChange, subject_of
 from c4c.mobis.wiring import Parts
 from c4c.shared.app import Consumers, ServiceRuntime
 from c4c.shared.bus import CloudEvent
@@ -33,11 +34,16 @@ def consumer_of(event: CloudEvent) -> str:
 def consumers(parts: Callable[[], Parts]) -> Callable[[ServiceRuntime], Consumers]:
     def make(runtime: ServiceRuntime) -> Consumers:
         async def apply(events: Sequence[CloudEvent]) -> None:
+            change = {id(e): HANDLED[e.type][1](e.data) for e in events}
             async with parts().unit() as repo:
-                todo = await unhandled(repo.session, events, consumer_of, service=runtime.service)
+                rows = await Observations.event_states(repo, list(change.values()))
+                # Events of observations no app synced change nothing here: no record kept.
+                ours = [e for e in events if subject_of(change[id(e)]) in rows]
+                todo = await unhandled(repo.session, ours, consumer_of, service=runtime.service)
                 await claim(repo.session, todo, consumer_of)
-                changes = [(HANDLED[e.type][1](e.data), e.time) for e in todo]
-                owners = await Observations.apply_events(repo, changes)
+                owners = await Observations.apply_events(
+                    repo, rows, [(change[id(e)], e.time) for e in todo]
+                )
             for owner in owners:
                 parts().notifier.wake(owner)
 

@@ -26,7 +26,7 @@ from sqlalchemy import Row
 from c4c.mobis import metrics
 from c4c.mobis.models import ExpectedMediaRow, OwnedObservationRow, UserRow
 from c4c.mobis.remote import Ingest, UpstreamRefused
-from c4c.mobis.repository import Repository, StoredMark, utc
+from c4c.mobis.repository import EventState, Repository, StoredMark, utc
 from c4c.mobis.schemas import (
     MAX_INT,
     MediaState,
@@ -667,21 +667,30 @@ class Observations:
     # --- events ----------------------------------------------------------------------------
 
     @staticmethod
+    async def event_states(
+        repo: Repository, changes: Sequence[StateChange]
+    ) -> dict[str, EventState]:
+        """The state of the observations these changes are about, locked until the
+        transaction ends; those MOBIS does not hold (not synced by an app) are absent."""
+        return await repo.event_states(sorted({subject_of(change) for change in changes}))
+
+    @staticmethod
     async def apply_events(
-        repo: Repository, changes: Sequence[tuple[StateChange, datetime]]
+        repo: Repository,
+        rows: Mapping[str, EventState],
+        changes: Sequence[tuple[StateChange, datetime]],
     ) -> set[str]:
         """What events told of the users' observations (scores, identifications, new
-        versions), in the order they came, with one read and a few statements for them all
-        (plain rows, no ORM objects: every observation brings three events): the state on
-        each observation and a notification per score or identification; the owners to
-        tell."""
-        rows = await repo.event_states(sorted({_subject(change) for change, _ in changes}))
+        versions), in the order they came, onto their ``rows`` (:meth:`event_states`) with a
+        few statements for them all (plain rows, no ORM objects: every observation brings
+        three events): the state on each observation and a notification per score or
+        identification; the owners to tell."""
         changed: dict[str, dict[str, Any]] = {}
         notifications: list[dict[str, Any]] = []
         owners: set[str] = set()
         now = datetime.now(UTC)
         for change, when in changes:
-            row = rows.get(_subject(change))
+            row = rows.get(subject_of(change))
             if row is None:
                 continue
             values = changed.setdefault(row.id, {})
@@ -828,7 +837,7 @@ def _fields(media: ExpectedMediaRow) -> dict[str, Any]:
     }
 
 
-def _subject(change: StateChange) -> str:
+def subject_of(change: StateChange) -> str:
     return change.id if isinstance(change, ObservationUpdated) else change.observation_id
 
 
