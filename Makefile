@@ -6,16 +6,28 @@ PY := $(VENV)/bin/python
 COMPONENTS := shared gateway svc-ingest svc-quality svc-video svc-plantid svc-mobis
 STAMP := $(VENV)/.installed
 
-.PHONY: install run up up-env key test lint format pytest bench clean
+.PHONY: install lock run up up-env key test lint format pytest bench clean
 
 install: $(STAMP)
 
-# Re-install when any component's dependencies change.
-$(STAMP): $(foreach c,$(COMPONENTS),$(c)/pyproject.toml) requirements-dev.txt
+# Re-install when any component's dependencies change. Every release is the one
+# constraints.txt names: each clone, CI and image gets the set the tests passed with.
+$(STAMP): $(foreach c,$(COMPONENTS),$(c)/pyproject.toml) requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt $(foreach c,$(COMPONENTS),-e ./$(c))
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements-dev.txt $(foreach c,$(COMPONENTS),-e ./$(c))
 	touch $@
+
+## constraints.txt anew: the newest releases the components' and dev requirements allow,
+## resolved in a new venv. Run it to take upgrades, then `make test`, then commit the file.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet -r requirements-dev.txt $(foreach c,$(COMPONENTS),-e ./$(c))
+	{ echo "# Made by \`make lock\` ($$($(LOCK_VENV)/bin/python -V), $$(uname -m)); \`make install\` and the images install these."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > constraints.txt
+	rm -rf $(LOCK_VENV)
 
 ## Embedded mode: gateway + all services in one process, SQLite, in-process bus, ./data.
 run: install
