@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, insert, select, text
 
 from c4c.gateway._ratelimit import (
     DAY,
@@ -21,7 +21,9 @@ from c4c.gateway._ratelimit import (
 )
 from c4c.gateway.app import MIGRATIONS
 from c4c.gateway.models import RateLimitBucket, RateLimitWindow
+from c4c.gateway.repository import ended_windows, idle_buckets
 from c4c.shared.db import Database
+from c4c.shared.testing import query_plan
 
 BURST = Policy("burst", 3, 3.0)  # 3 tokens, one more each second
 NOW = 1_800_000_000.0
@@ -113,6 +115,28 @@ async def test_ended_daily_windows_are_pruned(database: Database) -> None:
     assert await _rows(database, RateLimitWindow) == 3
     assert await backend.prune(tomorrow, bucket_window=BURST.window) is False
     assert await _rows(database, RateLimitWindow) == 1  # yesterday's others are gone
+
+
+async def test_pruning_deletes_rows_by_their_address(database: Database) -> None:
+    """Never by a join over every bucket or window (PostgreSQL planned ``key IN (SELECT key
+    … LIMIT n)`` so: 53 ms at 300,000 rows, 3 ms by row address)."""
+    dialect = database.engine.dialect.name
+    async with database.engine.begin() as conn:
+        await conn.execute(
+            insert(RateLimitBucket),
+            [{"key": f"b{i}", "tokens": 1.0, "at": NOW - i, "allowed": True} for i in range(5000)],
+        )
+        await conn.execute(
+            insert(RateLimitWindow),
+            [{"key": f"w{i}", "used": 1, "start": int(NOW) - i} for i in range(5000)],
+        )
+        await conn.execute(text("ANALYZE"))
+        plans = [
+            await query_plan(conn, idle_buckets(dialect, NOW - 100, 100)),
+            await query_plan(conn, ended_windows(dialect, int(NOW) - 100, 100)),
+        ]
+    for plan in plans:
+        assert ("Join" not in plan) if dialect == "postgresql" else ("rowid=?" in plan), plan
 
 
 async def test_the_gateway_prunes_in_the_background(

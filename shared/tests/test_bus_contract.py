@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Integer, String, func, insert, select, text
+from sqlalchemy import Integer, String, Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -25,9 +25,10 @@ from c4c.shared.bus import (
     new_event,
 )
 from c4c.shared.context import request_id_var
-from c4c.shared.db import Database
+from c4c.shared.db import Database, delete_some
 from c4c.shared.inbox import ProcessedEvent, idempotent, prune_processed
 from c4c.shared.outbox import Outbox, OutboxRow, RelayPass
+from c4c.shared.testing import query_plan
 
 MakeBus = Callable[..., Awaitable[EventBus]]
 
@@ -283,6 +284,32 @@ async def test_handled_ids_are_forgotten_after_the_retention_only(database: Data
         left = (await session.execute(select(ProcessedEvent.consumer))).scalars().all()
     assert left == ["a"]
     assert await prune_processed(database, timedelta(days=7)) == 0
+
+
+async def test_pruning_finds_old_ids_by_their_index(database: Database) -> None:
+    """Through the index on their age (with none old, no id is read: 46 ms at 300,000 on
+    PostgreSQL without it), each deleted by its address, never by a join over every id
+    (101 ms at 300,000 with old ones; 1.6 so)."""
+    now = datetime.now(UTC)
+    rows = [
+        {"consumer": "c", "event_id": str(i), "processed_at": now - timedelta(minutes=i)}
+        for i in range(5000)
+    ]
+    table = ProcessedEvent.__table__
+    assert isinstance(table, Table)
+    dialect = database.engine.dialect.name
+    async with database.engine.begin() as conn:
+        await conn.execute(insert(table), rows)
+        await conn.execute(text("ANALYZE"))
+        none_old, most_old = [
+            await query_plan(
+                conn, delete_some(table, table.c.processed_at < now - age, 100, dialect)
+            )
+            for age in (timedelta(days=30), timedelta(minutes=10))
+        ]
+    assert "ix_c4c_processed_events_processed_at" in none_old, none_old
+    for plan in (none_old, most_old):
+        assert ("Join" not in plan) if dialect == "postgresql" else ("rowid=?" in plan), plan
 
 
 class CrashAfterPublish(EventBus):

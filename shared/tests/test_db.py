@@ -20,7 +20,7 @@ from c4c.shared.db import Database, as_utc, sqlite_execute
 from c4c.shared.outbox import Outbox, OutboxRow, RelayPass
 
 SHARED_TABLES = {"c4c_outbox", "c4c_processed_events", "c4c_shared_version"}
-HEAD = "c4c_shared_0002"
+HEAD = "c4c_shared_0003"
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from c4c.quality.repository import (
     _recent_measurements,
 )
 from c4c.shared.bus import CloudEvent, new_event
+from c4c.shared.testing import query_plan
 
 NOW = datetime(2026, 11, 24, tzinfo=UTC)
 
@@ -169,13 +170,7 @@ async def test_history_is_read_through_its_indexes(app: FastAPI) -> None:
     async with db.engine.begin() as conn:
         await conn.execute(text("ANALYZE"))
         for statement, parameters in statements:
-            sql = str(
-                statement.params(**parameters).compile(
-                    dialect=db.engine.dialect, compile_kwargs={"literal_binds": True}
-                )
-            )
-            explain = "EXPLAIN QUERY PLAN " if db.is_sqlite else "EXPLAIN "
-            plan = " ".join(str(row[-1]) for row in await conn.execute(text(explain + sql)))
+            plan = await query_plan(conn, statement.params(**parameters))
             wanted = (
                 "ix_observations_accepted"
                 if statement is statements[0][0]

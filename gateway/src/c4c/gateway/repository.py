@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import Delete, Table, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from c4c.gateway.models import ApiKey, RateLimitBucket, RateLimitWindow
+from c4c.shared.db import delete_some
 
 
 def add_key(session: AsyncSession, key: ApiKey) -> None:
@@ -42,7 +43,11 @@ async def revoke_key(session: AsyncSession, key_id: str, when: datetime) -> bool
 
 def _insert(session: AsyncSession) -> Any:
     """INSERT … ON CONFLICT DO UPDATE for the session's database (PostgreSQL or SQLite)."""
-    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
+    return (postgresql if _dialect(session) == "postgresql" else sqlite).insert
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
 
 
 async def take_token(
@@ -96,15 +101,23 @@ async def count_request(session: AsyncSession, key: str, *, quota: int, start: i
 
 async def prune_buckets(session: AsyncSession, *, idle_before: float, limit: int) -> int:
     """Delete up to ``limit`` buckets last taken from before ``idle_before``; how many."""
-    bucket = RateLimitBucket.__table__.c
-    idle = select(bucket.key).where(bucket.at < idle_before).limit(limit)
-    result = await session.execute(delete(RateLimitBucket).where(bucket.key.in_(idle)))
+    result = await session.execute(idle_buckets(_dialect(session), idle_before, limit))
     return int(getattr(result, "rowcount", 0))
 
 
 async def prune_windows(session: AsyncSession, *, started_before: int, limit: int) -> int:
     """Delete up to ``limit`` windows that began before ``started_before``; how many."""
-    window = RateLimitWindow.__table__.c
-    ended = select(window.key).where(window.start < started_before).limit(limit)
-    result = await session.execute(delete(RateLimitWindow).where(window.key.in_(ended)))
+    result = await session.execute(ended_windows(_dialect(session), started_before, limit))
     return int(getattr(result, "rowcount", 0))
+
+
+def idle_buckets(dialect: str, idle_before: float, limit: int) -> Delete:
+    table = RateLimitBucket.__table__
+    assert isinstance(table, Table)
+    return delete_some(table, table.c.at < idle_before, limit, dialect)
+
+
+def ended_windows(dialect: str, started_before: int, limit: int) -> Delete:
+    table = RateLimitWindow.__table__
+    assert isinstance(table, Table)
+    return delete_some(table, table.c.start < started_before, limit, dialect)

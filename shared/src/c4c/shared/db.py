@@ -18,7 +18,20 @@ from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from fastapi import Depends, Request
 from pydantic import AfterValidator
-from sqlalchemy import Connection, FromClause, event, text
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Delete,
+    FromClause,
+    Table,
+    any_,
+    delete,
+    event,
+    func,
+    literal_column,
+    select,
+    text,
+)
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import (
@@ -36,6 +49,21 @@ log = logging.getLogger("c4c.db")
 
 SHARED_MIGRATIONS = "c4c.shared:migrations"
 """The suite's own tables (outbox, processed events), versioned apart from the service's."""
+
+
+def delete_some(table: Table, where: ColumnElement[bool], limit: int, dialect: str) -> Delete:
+    """A DELETE of up to ``limit`` rows that match ``where`` (pruning in short transactions),
+    found by their address: PostgreSQL's ``ctid`` in an array, SQLite's ``rowid``. PostgreSQL
+    plans a ``key IN (SELECT key … LIMIT n)`` as a join over the whole table (53 ms at
+    300,000 rows against 3 ms). ``where`` is checked again on each row, so one changed since
+    it was chosen is left for the next pass."""
+    address: ColumnElement[Any] = literal_column("ctid" if dialect == "postgresql" else "rowid")
+    chosen = select(address).select_from(table).where(where).limit(limit)
+    if dialect == "postgresql":
+        found = address == any_(func.array(chosen.scalar_subquery()))
+    else:
+        found = address.in_(chosen)
+    return delete(table).where(found, where)
 
 
 def as_utc(moment: datetime) -> datetime:

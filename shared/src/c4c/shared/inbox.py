@@ -9,14 +9,14 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import DateTime, String, delete, select, tuple_
+from sqlalchemy import DateTime, Index, String, Table, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from c4c.shared.batching import GroupCommit
 from c4c.shared.bus import CloudEvent, Handler
-from c4c.shared.db import Database, InfraBase
+from c4c.shared.db import Database, InfraBase, delete_some
 from c4c.shared.metrics import EVENTS_DUPLICATE
 
 log = logging.getLogger("c4c.inbox")
@@ -28,6 +28,8 @@ ConsumerOf = Callable[[CloudEvent], str]
 
 class ProcessedEvent(InfraBase):
     __tablename__ = "c4c_processed_events"
+    # What pruning finds the old ids by (c4c_shared_0003).
+    __table_args__ = (Index("ix_c4c_processed_events_processed_at", "processed_at"),)
 
     consumer: Mapped[str] = mapped_column(String(100), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -131,16 +133,13 @@ async def prune_processed(db: Database, retention: timedelta, *, batch: int = 50
     transaction (SQLite has one writer); how many went. A duplicate comes from a redelivery
     or an outbox replay, both far shorter than any sane retention."""
     cutoff = datetime.now(UTC) - retention
-    key = tuple_(ProcessedEvent.consumer, ProcessedEvent.event_id)
-    oldest = (
-        select(ProcessedEvent.consumer, ProcessedEvent.event_id)
-        .where(ProcessedEvent.processed_at < cutoff)
-        .limit(batch)
-    )
+    table = ProcessedEvent.__table__
+    assert isinstance(table, Table)
+    oldest = delete_some(table, table.c.processed_at < cutoff, batch, db.engine.dialect.name)
     total = 0
     while True:
         async with db.sessions() as session, session.begin():
-            result = await session.execute(delete(ProcessedEvent).where(key.in_(oldest)))
+            result = await session.execute(oldest)
         pruned = int(getattr(result, "rowcount", 0) or 0)
         total += pruned
         if pruned < batch:

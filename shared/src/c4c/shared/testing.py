@@ -3,6 +3,7 @@
 Each run gets its own names on the shared RabbitMQ and PostgreSQL (exchange, queues, one
 schema per component) so that runs never see each other, and ``forget`` removes them after.
 Components are started as ``python -m c4c.<name>``, configured only by the environment.
+And :func:`query_plan`, for tests that check a query is served by its index.
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import ClauseElement, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 GATEWAY = "gateway"
+
+
+async def query_plan(conn: AsyncConnection, statement: ClauseElement) -> str:
+    """The plan the database makes for ``statement`` (its values inlined), in one line, as
+    SQLite's EXPLAIN QUERY PLAN or PostgreSQL's EXPLAIN prints it."""
+    sql = str(statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    explain = "EXPLAIN QUERY PLAN " if conn.dialect.name == "sqlite" else "EXPLAIN "
+    return " ".join(str(row[-1]) for row in await conn.execute(text(explain + sql)))
 
 
 def free_ports(count: int) -> list[int]:
