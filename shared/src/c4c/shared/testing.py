@@ -15,22 +15,51 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import ClauseElement, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import ClauseElement, event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 GATEWAY = "gateway"
 
 
-async def query_plan(conn: AsyncConnection, statement: ClauseElement) -> str:
-    """The plan the database makes for ``statement`` (its values inlined), in one line, as
+async def query_plan(
+    conn: AsyncConnection, statement: ClauseElement | str, parameters: Any = ()
+) -> str:
+    """The plan the database makes for ``statement`` (its values inlined; or SQL as the
+    driver takes it, with its ``parameters``: see :func:`statements_sent`), in one line, as
     SQLite's EXPLAIN QUERY PLAN or PostgreSQL's EXPLAIN prints it."""
-    sql = str(statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
     explain = "EXPLAIN QUERY PLAN " if conn.dialect.name == "sqlite" else "EXPLAIN "
-    return " ".join(str(row[-1]) for row in await conn.execute(text(explain + sql)))
+    if isinstance(statement, str):
+        rows = await conn.exec_driver_sql(explain + statement, parameters)
+    else:
+        literal = {"literal_binds": True}
+        rows = await conn.execute(
+            text(explain + str(statement.compile(dialect=conn.dialect, compile_kwargs=literal)))
+        )
+    return " ".join(str(row[-1]) for row in rows)
+
+
+@contextlib.asynccontextmanager
+async def statements_sent(session: AsyncSession) -> AsyncIterator[list[tuple[str, Any]]]:
+    """The SQL that ``session`` sends to the database within the block, with its parameters,
+    as the driver gets them: what a repository method really runs, for :func:`query_plan`."""
+    connection = (await session.connection()).sync_connection
+    assert connection is not None
+    sent: list[tuple[str, Any]] = []
+
+    def record(conn: Any, _cursor: Any, sql: str, parameters: Any, *_: Any) -> None:
+        if conn is connection:
+            sent.append((sql, parameters))
+
+    event.listen(connection.engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(connection.engine, "before_cursor_execute", record)
 
 
 def free_ports(count: int) -> list[int]:

@@ -84,6 +84,14 @@ class OwnedObservationRow(MobisBase):
             postgresql_where=text("confirmed = false"),
             sqlite_where=text("confirmed = 0"),
         ),
+        # Just those of deleted accounts still to pseudonymise (the forgotten ones pile up).
+        Index(
+            "ix_owned_awaiting_pseudonym",
+            "user_id",
+            "seq",
+            postgresql_where=text("pseudonym IS NOT NULL"),
+            sqlite_where=text("pseudonym IS NOT NULL"),
+        ),
     )
 
     seq: Mapped[int] = mapped_column(Sequence, primary_key=True, autoincrement=True)
@@ -126,7 +134,17 @@ class ExpectedMediaRow(MobisBase):
 
 class NotificationRow(MobisBase):
     __tablename__ = "notifications"
-    __table_args__ = (Index("ix_notifications_user_seq", "user_id", "seq"),)
+    __table_args__ = (
+        Index("ix_notifications_user_seq", "user_id", "seq"),
+        # A user's unread ones, counted with every page and marked read, not all they had.
+        Index(
+            "ix_notifications_unread",
+            "user_id",
+            "seq",
+            postgresql_where=text("read_at IS NULL"),
+            sqlite_where=text("read_at IS NULL"),
+        ),
+    )
 
     seq: Mapped[int] = mapped_column(Sequence, primary_key=True, autoincrement=True)
     user_id: Mapped[str] = mapped_column(String(36))
