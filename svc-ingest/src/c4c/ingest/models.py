@@ -65,6 +65,7 @@ class ObservationRow(IngestBase):
         Index("ix_observations_created", "created_at", "seq"),
         Index("ix_observations_event", "event_start", "seq"),
         Index("ix_observations_updated", "updated_at", "seq"),
+        Index("ix_observations_position", "latitude", "longitude"),  # the bbox filter
         # The name filter is a prefix (LIKE 'x%'): on PostgreSQL only pattern ops serve it.
         *(
             Index(f"ix_observations_{c}", c, postgresql_ops={c: "varchar_pattern_ops"})

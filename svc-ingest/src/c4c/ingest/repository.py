@@ -325,12 +325,6 @@ class Repository:
             .values(public_key=key, public_sha256=sha256)
         )
 
-    async def key_in_use(self, key: str) -> bool:
-        query = select(func.count()).where(
-            or_(MediaRow.storage_key == key, MediaRow.public_key == key)
-        )
-        return bool(await self.session.scalar(query))
-
     async def add_identification(self, row: IdentificationRow) -> None:
         self.session.add(row)
         await self.session.flush()
