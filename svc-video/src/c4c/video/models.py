@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    desc,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -33,13 +44,18 @@ class StreamRow(Base):
 
 class JobRow(Base):
     __tablename__ = "video_jobs"
+    # The listing's order, all jobs or those of a status (which the claim reads too).
+    __table_args__ = (
+        Index("ix_video_jobs_created", desc("created_at"), "id"),
+        Index("ix_video_jobs_status_created", "status", desc("created_at"), "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     filename: Mapped[str | None] = mapped_column(String(300))
     media_name: Mapped[str] = mapped_column(String(200))
     content_type: Mapped[str | None] = mapped_column(String(200))
     size_bytes: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # queued running succeeded failed
+    status: Mapped[str] = mapped_column(String(16))  # queued running succeeded failed
     reason: Mapped[str | None] = mapped_column(Text)
     progress: Mapped[float] = mapped_column(Float)
     frames_declared: Mapped[int | None] = mapped_column(Integer)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from c4c.video.models import DetectionRow, JobRow, StreamRow
@@ -85,6 +85,25 @@ def _claimable(now: datetime) -> Any:
     )
 
 
+def oldest_claimable(now: datetime) -> Select[tuple[str]]:
+    """The oldest queued job and the oldest one whose worker died, each found along the
+    status index, then the older of the two: one condition with OR walked the jobs in age
+    order, finished ones included, until it met a claimable one."""
+    arms = [
+        select(JobRow.id, JobRow.created_at)
+        .where(*condition)
+        .order_by(JobRow.created_at)
+        .limit(1)
+        .subquery()
+        for condition in (
+            (JobRow.status == "queued",),
+            (JobRow.status == "running", JobRow.lease_until < now),
+        )
+    ]
+    both = union_all(*(select(arm.c.id, arm.c.created_at) for arm in arms)).subquery()
+    return select(both.c.id).order_by(both.c.created_at).limit(1)
+
+
 async def abandoned_jobs(session: AsyncSession, now: datetime, max_attempts: int) -> list[JobRow]:
     """Running jobs whose worker went silent and that were started too often already."""
     query = select(JobRow).where(
@@ -98,9 +117,7 @@ async def claim_job(
 ) -> JobRow | None:
     """The oldest queued job (or one whose worker died), now ours; None when there is none.
     The condition is checked again in the UPDATE, so two replicas never take the same job."""
-    candidate = await session.scalar(
-        select(JobRow.id).where(_claimable(now)).order_by(JobRow.created_at).limit(1)
-    )
+    candidate = await session.scalar(oldest_claimable(now))
     if candidate is None:
         return None
     result = await session.execute(
