@@ -10,6 +10,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -49,11 +50,15 @@ class SpeciesRow(Base):
 
 class ReferenceRow(Base):
     __tablename__ = "plantid_references"
-    __table_args__ = (UniqueConstraint("project_id", "sha256", name="uq_plantid_ref_image"),)
+    __table_args__ = (
+        UniqueConstraint("project_id", "sha256", name="uq_plantid_ref_image"),
+        # A project's references in the listing's order, by species (plantid_0002).
+        Index("ix_plantid_references_listing", "project_id", "scientific_name", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     project_id: Mapped[str] = mapped_column(
-        String(64), ForeignKey("plantid_projects.id", ondelete="CASCADE"), index=True
+        String(64), ForeignKey("plantid_projects.id", ondelete="CASCADE")
     )
     scientific_name: Mapped[str] = mapped_column(
         String(300), ForeignKey("plantid_species.scientific_name")

@@ -95,11 +95,14 @@ class Repository:
             rows = await self.session.execute(_GALLERY_VERSION, {"project_id": project_id})
         return {row.id: row.gallery_version for row in rows}
 
-    async def species_counts(self) -> dict[str, int]:
+    async def species_counts(self, project_ids: Sequence[str]) -> dict[str, int]:
+        """How many species each of these projects has references of (none: absent)."""
+        if not project_ids:
+            return {}
         rows = await self.session.execute(
-            select(
-                ReferenceRow.project_id, func.count(func.distinct(ReferenceRow.scientific_name))
-            ).group_by(ReferenceRow.project_id)
+            select(ReferenceRow.project_id, func.count(func.distinct(ReferenceRow.scientific_name)))
+            .where(ReferenceRow.project_id.in_(project_ids))
+            .group_by(ReferenceRow.project_id)
         )
         return {project: int(count) for project, count in rows.all()}
 

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,6 +119,32 @@ class Flora:
     """By gallery index."""
 
 
+class SpeciesCounts:
+    """How many species each project has references of, counted again only once its
+    gallery version moved (every change to its references moves it): counting reads all of
+    a project's references (295 ms for all projects at 300,000), and apps list the projects
+    (``/v2/projects``) often."""
+
+    def __init__(self) -> None:
+        self._counted: dict[str, tuple[Hashable, int]] = {}
+        """Project → (gallery version, species)."""
+
+    async def of(
+        self,
+        versions: Mapping[str, Hashable],
+        count: Callable[[Sequence[str]], Awaitable[Mapping[str, int]]],
+    ) -> dict[str, int]:
+        """Of the projects at these gallery versions (read before ``count`` runs: a count
+        newer than its version is only counted again once more)."""
+        stale = [p for p, v in versions.items() if self._counted.get(p, (None, 0))[0] != v]
+        if stale:
+            counted = await count(stale)
+            self._counted.update({p: (versions[p], counted.get(p, 0)) for p in stale})
+        for gone in self._counted.keys() - versions.keys():
+            del self._counted[gone]
+        return {p: self._counted[p][1] for p in versions}
+
+
 class Engine:
     """The model and the galleries built with it, shared by every request of the process.
     The model is built (first start) and loaded on first use, in a worker thread; a gallery
@@ -137,6 +163,7 @@ class Engine:
         """Gallery version by project, with when it was read (monotonic seconds)."""
         self.version_epoch = 0
         """Counts the edits committed here: a version read across one is not kept."""
+        self.species_counts = SpeciesCounts()
         self.tasks: set[asyncio.Task[None]] = set()
 
     def _spec(self) -> ModelSpec:
@@ -333,7 +360,11 @@ class PlantidService:
         return row
 
     async def projects(self) -> tuple[Sequence[ProjectRow], dict[str, int]]:
-        return await self.repo.list_projects(), await self.repo.species_counts()
+        """The projects, and how many species each has references of."""
+        rows = await self.repo.list_projects()
+        # A project deleted and made anew starts its versions again: its creation tells.
+        versions = {row.id: (row.created_at, row.gallery_version) for row in rows}
+        return rows, await self.engine.species_counts.of(versions, self.repo.species_counts)
 
     async def delete_project(self, project_id: str) -> None:
         await self.project(project_id)
