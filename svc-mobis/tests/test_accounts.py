@@ -5,6 +5,7 @@ slowed per account and per address, and deletion refusing the account's tokens."
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -467,3 +468,35 @@ async def test_failed_logins_at_once_are_each_counted(anonymous: httpx.AsyncClie
     assert [a.status_code for a in after] == [401] * 2
     slowed = await login(anonymous, "nobody@example.org", "wrong password!")
     assert slowed.status_code == 429, slowed.text
+
+
+async def test_refresh_tokens_expired_a_lifetime_ago_are_forgotten(
+    app: FastAPI, anonymous: httpx.AsyncClient, signed_up: User, settings: MobisSettings
+) -> None:
+    """Every rotation leaves a token behind for good: once expired a whole lifetime ago it
+    is deleted, in batches; one expired lately stays (its reuse still ends its family), and
+    the live session goes on. (test_indexes: found by index.)"""
+    await signed_up("eve@example.org")
+    tokens = [(await login(anonymous, "eve@example.org")).json()["refresh_token"] for _ in range(4)]
+    lifetime = timedelta(days=settings.refresh_token_days)
+    now = datetime.now(UTC)
+    ages = [lifetime + timedelta(minutes=1), lifetime + timedelta(days=3), timedelta(days=1)]
+    db = app.state.runtime.db
+    async with db.sessions() as session, session.begin():
+        for token, age in zip(tokens, ages, strict=False):  # the last one stays live
+            await session.execute(
+                update(RefreshTokenRow)
+                .where(RefreshTokenRow.token_hash == hashlib.sha256(token.encode()).hexdigest())
+                .values(expires_at=now - age)
+            )
+    passes = []
+    for _ in range(3):
+        async with db.sessions() as session, session.begin():
+            passes.append(await app.state.parts.accounts(session).prune_refresh_tokens(1))
+    assert passes == [True, True, False]  # a full batch each: more may be left
+    async with db.sessions() as session:
+        left = set((await session.scalars(select(RefreshTokenRow.token_hash))).all())
+    assert left == {hashlib.sha256(t.encode()).hexdigest() for t in tokens[2:]}
+    forgotten = await refresh_with(anonymous, tokens[0])
+    assert forgotten.json()["type"] == "urn:c4c:problem:invalid-refresh-token"
+    assert (await refresh_with(anonymous, tokens[3])).status_code == 200

@@ -49,7 +49,7 @@ class RefreshTokenRow(MobisBase):
     device_id: Mapped[str | None] = mapped_column(String(100))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     issued_at: Mapped[datetime] = mapped_column(When)
-    expires_at: Mapped[datetime] = mapped_column(When)
+    expires_at: Mapped[datetime] = mapped_column(When, index=True)  # pruning (mobis_0007)
     used_at: Mapped[datetime | None] = mapped_column(When)
     revoked_at: Mapped[datetime | None] = mapped_column(When)
     parent_id: Mapped[str | None] = mapped_column(String(36), index=True)

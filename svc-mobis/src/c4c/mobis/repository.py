@@ -14,6 +14,7 @@ from sqlalchemy import (
     Dialect,
     Row,
     Select,
+    Table,
     Text,
     and_,
     bindparam,
@@ -39,7 +40,7 @@ from c4c.mobis.models import (
     RefreshTokenRow,
     UserRow,
 )
-from c4c.shared.db import sqlite_execute
+from c4c.shared.db import delete_some, sqlite_execute
 
 SHOWN = (
     "seq",
@@ -255,6 +256,15 @@ class Repository:
             .values(used_at=when)
         )
         return bool(getattr(result, "rowcount", 0))
+
+    async def prune_refresh_tokens(self, expired_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` refresh tokens that expired before ``expired_before``; how
+        many went."""
+        table = RefreshTokenRow.__table__
+        assert isinstance(table, Table)
+        dialect = self.session.get_bind().dialect.name
+        expired = delete_some(table, table.c.expires_at < expired_before, limit, dialect)
+        return int(getattr(await self.session.execute(expired), "rowcount", 0))
 
     async def revoke_family(self, family_id: str, when: datetime) -> None:
         await self.session.execute(

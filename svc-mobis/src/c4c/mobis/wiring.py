@@ -1,6 +1,7 @@
 """How the service's parts meet, made once per app: the signing key, the ports to ingest
 and plant identification, the OpenID Connect provider if configured, units of work,
-live-stream wake-ups, background work."""
+live-stream wake-ups, background work (pseudonymisation, settling reservations, pruning
+refresh tokens)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Parts:
         self.pseudonymise_now = runtime.add_periodic(
             "pseudonymisation", self.observations.pseudonymise_pending, interval=30.0
         )
+        runtime.add_periodic("refresh-token-pruning", self._prune_refresh_tokens, interval=3600.0)
         runtime.add_periodic(
             "reservation-settling",
             self.observations.settle_reservations,
@@ -65,6 +67,10 @@ class Parts:
         and no writer waits for them."""
         async with self.runtime.db.readers() as session, session.begin():
             yield Repository(session)
+
+    async def _prune_refresh_tokens(self) -> bool:
+        async with self.unit() as repo:
+            return await self._accounts_in(repo).prune_refresh_tokens()
 
     def accounts(self, session: AsyncSession) -> Accounts:
         return self._accounts_in(Repository(session))

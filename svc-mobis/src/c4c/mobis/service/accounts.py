@@ -450,6 +450,14 @@ class Accounts:
             expires_at=utc(successor.expires_at),
         )
 
+    async def prune_refresh_tokens(self, batch: int = 1000) -> bool:
+        """Forget refresh tokens that expired a whole lifetime ago (each rotation leaves one
+        behind for good); whether a full batch went, so more may be left. Kept that long, a
+        token used again soon after it expired still ends its family as a reuse; later it
+        is refused as unknown, which ends nothing: an old stolen token no longer says much."""
+        lifetime = timedelta(days=self.settings.refresh_token_days)
+        return await self.repo.prune_refresh_tokens(self.now() - lifetime, batch) >= batch
+
     async def logout(self, user: UserRow, token: str | None, everywhere: bool) -> None:
         now = self.now()
         if everywhere:
