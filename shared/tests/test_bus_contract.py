@@ -310,6 +310,8 @@ async def test_pruning_finds_old_ids_by_their_index(database: Database) -> None:
     assert "ix_c4c_processed_events_processed_at" in none_old, none_old
     for plan in (none_old, most_old):
         assert ("Join" not in plan) if dialect == "postgresql" else ("rowid=?" in plan), plan
+    if dialect == "postgresql":
+        assert "Tid Scan" in most_old, most_old
 
 
 class CrashAfterPublish(EventBus):

@@ -5,7 +5,8 @@ often and counting reads all their references (295 ms at 300,000)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy import insert, text
 from c4c.plantid.app import create_app
 from c4c.plantid.models import ProjectRow, ReferenceRow, SpeciesRow
 from c4c.plantid.repository import Repository
-from c4c.plantid.service import PlantidService
+from c4c.plantid.service import PlantidService, SpeciesCounts
 from c4c.plantid.settings import PlantidSettings
 from c4c.shared.testing import query_plan, statements_sent
 
@@ -107,3 +108,26 @@ async def test_species_are_counted_again_only_when_a_gallery_changed(app: FastAP
     assert after == {"big": 50, "small": 4}
     assert len(counted) == 1
     assert "big" not in str(counted[0][1])  # only the changed one counted
+
+
+async def test_overlapping_listings_each_answer_what_they_read() -> None:
+    """A listing waiting on its count while another, which no longer sees a project, ends:
+    each answers for its own projects (the first one failed with a KeyError)."""
+    counts = SpeciesCounts()
+    counting = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow(projects: Sequence[str]) -> dict[str, int]:
+        counting.set()
+        await go_on.wait()
+        return dict.fromkeys(projects, 7)
+
+    async def quick(projects: Sequence[str]) -> dict[str, int]:
+        return dict.fromkeys(projects, 2)
+
+    assert await counts.of({"gone": 1}, quick) == {"gone": 2}
+    first = asyncio.create_task(counts.of({"gone": 1, "new": 1}, slow))  # counts "new" only
+    await counting.wait()
+    assert await counts.of({"new": 1}, quick) == {"new": 2}  # "gone" was deleted meanwhile
+    go_on.set()
+    assert await first == {"gone": 2, "new": 7}

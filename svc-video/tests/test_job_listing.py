@@ -15,8 +15,17 @@ from c4c.video.models import JobRow
 
 from .test_api import build
 
-STATUSES = ("succeeded", "failed", "queued", "running")
 DAY = timedelta(days=1)
+LEASES = {4800: timedelta(0), **dict.fromkeys(range(4890, 4900), 2 * DAY)}
+"""Running jobs' leases (from the start): one whose worker died before the claim (at one
+day), ten at work."""
+
+
+def status_of(i: int) -> str:
+    """The old ones done, a few at work, some newer ones waiting: a service that keeps up."""
+    if i >= 4900:
+        return "queued"
+    return "running" if i in LEASES else ("succeeded", "failed")[i % 2]
 
 
 def by_age(job: dict[str, Any]) -> datetime:
@@ -33,8 +42,8 @@ async def test_jobs_are_listed_along_their_indexes(
             "id": f"j{i:05}",
             "media_name": f"j{i}.mp4",
             "size_bytes": 1,
-            # The old ones done, some newer ones waiting, as in a service that keeps up.
-            "status": STATUSES[i % 7 % 4] if i < 4900 else "queued",
+            "status": status_of(i),
+            "lease_until": start + LEASES[i] if i in LEASES else None,
             "progress": 0.0,
             "frames_decoded": 0,
             "frames_analysed": 0,
@@ -66,6 +75,9 @@ async def test_jobs_are_listed_along_their_indexes(
     assert "ix_video_jobs_status_created" in failed, failed
     for plan in (every, failed):
         assert not any(sort in plan for sort in ("Sort", "TEMP B-TREE")), plan
-    # The oldest waiting job, found along the status index, not past every finished one.
-    assert claimable == min((j for j in jobs if j["status"] == "queued"), key=by_age)["id"]
+    # The oldest claimable job, queued or abandoned, found along the status index (twice),
+    # not past every finished one.
+    abandoned = [j for j in jobs if j["status"] == "running" and j["lease_until"] < start + DAY]
+    queued = [j for j in jobs if j["status"] == "queued"]
+    assert claimable == min(abandoned + queued, key=by_age)["id"] == "j04800"
     assert claim.count("ix_video_jobs_status_created") == 2, claim

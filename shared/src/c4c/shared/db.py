@@ -57,6 +57,7 @@ def delete_some(table: Table, where: ColumnElement[bool], limit: int, dialect: s
     plans a ``key IN (SELECT key … LIMIT n)`` as a join over the whole table (53 ms at
     300,000 rows against 3 ms). ``where`` is checked again on each row, so one changed since
     it was chosen is left for the next pass."""
+    assert table.dialect_options["sqlite"].get("with_rowid", True), "a table without rowid"
     address: ColumnElement[Any] = literal_column("ctid" if dialect == "postgresql" else "rowid")
     chosen = select(address).select_from(table).where(where).limit(limit)
     if dialect == "postgresql":

@@ -135,14 +135,15 @@ class SpeciesCounts:
         count: Callable[[Sequence[str]], Awaitable[Mapping[str, int]]],
     ) -> dict[str, int]:
         """Of the projects at these gallery versions (read before ``count`` runs: a count
-        newer than its version is only counted again once more)."""
-        stale = [p for p, v in versions.items() if self._counted.get(p, (None, 0))[0] != v]
+        newer than its version is only counted again once more). The answer is made of what
+        this call read and counted: a concurrent call may replace what is kept meanwhile."""
+        known = {p: c for p in versions if (c := self._counted.get(p)) and c[0] == versions[p]}
+        stale = [p for p in versions if p not in known]
         if stale:
             counted = await count(stale)
-            self._counted.update({p: (versions[p], counted.get(p, 0)) for p in stale})
-        for gone in self._counted.keys() - versions.keys():
-            del self._counted[gone]
-        return {p: self._counted[p][1] for p in versions}
+            known |= {p: (versions[p], counted.get(p, 0)) for p in stale}
+        self._counted = known  # projects gone are forgotten
+        return {p: species for p, (_, species) in known.items()}
 
 
 class Engine:
