@@ -20,9 +20,11 @@ from fastapi import Depends, Request
 from pydantic import AfterValidator
 from sqlalchemy import (
     ColumnElement,
+    CompoundSelect,
     Connection,
     Delete,
     FromClause,
+    Select,
     Table,
     any_,
     delete,
@@ -31,6 +33,7 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
+    union_all,
 )
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -65,6 +68,19 @@ def delete_some(table: Table, where: ColumnElement[bool], limit: int, dialect: s
     else:
         found = address.in_(chosen)
     return delete(table).where(found, where)
+
+
+def union_of_limited(
+    arms: Sequence[Select[*tuple[Any, ...]]],
+) -> CompoundSelect[Any] | Select[Any]:
+    """The rows of every arm, each arm ordered and limited on its own (a few rows from each
+    of several index ranges: each read stops at its limit, where one query with OR or IN
+    over them all reads them whole). SQLite takes an arm's ORDER BY and LIMIT only inside a
+    subquery."""
+    if len(arms) == 1:
+        return arms[0]
+    subqueries = [arm.subquery() for arm in arms]
+    return union_all(*(select(*sub.c) for sub in subqueries))
 
 
 def as_utc(moment: datetime) -> datetime:

@@ -18,7 +18,6 @@ from sqlalchemy import (
     or_,
     select,
     text,
-    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -35,6 +34,7 @@ from c4c.quality.models import (
     RuleSetRow,
     SeenObservation,
 )
+from c4c.shared.db import union_of_limited
 
 
 class IndexedPhoto(NamedTuple):
@@ -100,7 +100,7 @@ def _accepted_records(taxa: int) -> CompoundSelect[Any] | Select[Any]:
     first from the partial index of accepted records and stopped at the limit (a window
     over every record of the taxa read them all: 63 ms for a taxon with 50,000). Built
     once for each number of taxa: building costs about what the query does."""
-    return _union(
+    return union_of_limited(
         [
             select(
                 SeenObservation.taxon,
@@ -127,7 +127,7 @@ def _recent_measurements(observers: int) -> CompoundSelect[Any] | Select[Any]:
     """Each of ``observers`` observers' (bound as ``observer0``…) latest (at most
     ``limit``) observations with measurements, newest first from the observer's index, built
     once for each number of observers (as :func:`_accepted_records`)."""
-    return _union(
+    return union_of_limited(
         [
             select(
                 SeenObservation.recorded_by,
@@ -146,15 +146,6 @@ def _recent_measurements(observers: int) -> CompoundSelect[Any] | Select[Any]:
             for k in range(observers)
         ]
     )
-
-
-def _union(arms: Sequence[Select[*tuple[Any, ...]]]) -> CompoundSelect[Any] | Select[Any]:
-    """The rows of every arm, each arm limited on its own (SQLite takes an arm's ORDER BY
-    and LIMIT only inside a subquery)."""
-    if len(arms) == 1:
-        return arms[0]
-    subqueries = [arm.subquery() for arm in arms]
-    return union_all(*(select(*sub.c) for sub in subqueries))
 
 
 class Repository:

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, union_all, update
+from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from c4c.shared.db import union_of_limited
 from c4c.video.models import DetectionRow, JobRow, StreamRow
 
 # Streams
@@ -90,17 +91,13 @@ def oldest_claimable(now: datetime) -> Select[tuple[str]]:
     status index, then the older of the two: one condition with OR walked the jobs in age
     order, finished ones included, until it met a claimable one."""
     arms = [
-        select(JobRow.id, JobRow.created_at)
-        .where(*condition)
-        .order_by(JobRow.created_at)
-        .limit(1)
-        .subquery()
+        select(JobRow.id, JobRow.created_at).where(*condition).order_by(JobRow.created_at).limit(1)
         for condition in (
             (JobRow.status == "queued",),
             (JobRow.status == "running", JobRow.lease_until < now),
         )
     ]
-    both = union_all(*(select(arm.c.id, arm.c.created_at) for arm in arms)).subquery()
+    both = union_of_limited(arms).subquery()
     return select(both.c.id).order_by(both.c.created_at).limit(1)
 
 
